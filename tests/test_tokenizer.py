@@ -1,0 +1,88 @@
+"""The BPE tokenizer against ids OpenAI CLIP's SimpleTokenizer gives, and its batching rules."""
+
+import numpy as np
+import pytest
+
+from clip_jax import tokenizer as tokenizer_lib
+
+SOT, EOT = 49406, 49407
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer_lib.Tokenizer()
+
+
+def test_vocab_size_and_special_ids(tok):
+    assert (tok.vocab_size, tok.sot_token, tok.eot_token) == (49408, SOT, EOT)
+
+
+@pytest.mark.parametrize("text, ids", [
+    ("a photo of a cat", [320, 1125, 539, 320, 2368]),
+    ("a diagram", [320, 22697]),
+])
+def test_known_ids_match_openai_clip(text, ids):
+    row = tokenizer_lib.tokenize(text)[0]
+    expected = np.zeros(77, np.int32)
+    expected[:len(ids) + 2] = [SOT, *ids, EOT]
+    np.testing.assert_array_equal(row, expected)
+
+
+def test_cleaning_unescapes_html_collapses_whitespace_and_lowercases(tok):
+    assert tok.encode("A  Photo\tof\n a CAT") == tok.encode("a photo of a cat")
+    assert tok.encode("Caf&amp;eacute; &lt;3") == tok.encode("café <3")
+
+
+@pytest.mark.parametrize("text, decoded", [
+    ("a photo of a cat", "a photo of a cat"),
+    ("Two DOGS playing in the snow", "two dogs playing in the snow"),
+    ("Café déjà vu!", "café déjà vu !"),
+    ("It's 2021, isn't it?", "it 's 2 0 2 1 , isn 't it ?"),
+    ("東京 at night: 3 lights", "東京 at night : 3 lights"),
+])
+def test_decode_inverts_encode_up_to_word_spacing(tok, text, decoded):
+    assert tok.decode(tok.encode(text)) == decoded
+
+
+def test_decode_drops_special_tokens(tok):
+    assert tok.decode([SOT, *tok.encode("a cat"), EOT]) == "a cat"
+
+
+def test_long_text_is_truncated_to_end_in_eot(tok):
+    text = " ".join(f"word{i}" for i in range(200))
+    rows = tok(text, context_length=16)
+    assert rows.shape == (1, 16)
+    assert rows[0, 0] == SOT and rows[0, -1] == EOT
+    np.testing.assert_array_equal(rows[0, 1:-1], tok.encode(text)[:14])
+
+
+def test_batch_is_zero_padded_int32(tok):
+    texts = ["a cat", "a photo of a dog on the grass", ""]
+    rows = tok(texts, context_length=12)
+    assert rows.shape == (3, 12) and rows.dtype == np.int32
+    for row, text in zip(rows, texts):
+        ids = [SOT, *tok.encode(text), EOT]
+        np.testing.assert_array_equal(row[:len(ids)], ids)
+        assert not row[len(ids):].any()
+
+
+def test_single_string_gives_one_row(tok):
+    assert tok("a cat", context_length=10).shape == (1, 10)
+
+
+@pytest.mark.parametrize("context_length", [0, 1])
+def test_context_length_below_two_raises(tok, context_length):
+    with pytest.raises(ValueError, match="context_length"):
+        tok("a cat", context_length=context_length)
+
+
+def test_word_cache_does_not_change_ids(tok):
+    text = "a photo of a cat chasing a cat photo"
+    warm = [tok.encode(text), tok.encode(text)]
+    cold = tokenizer_lib.Tokenizer().encode(text)
+    assert warm[0] == warm[1] == cold
+
+
+def test_tokenize_uses_one_cached_default_tokenizer(tok):
+    np.testing.assert_array_equal(tokenizer_lib.tokenize(["a cat"], 8), tok(["a cat"], 8))
+    assert tokenizer_lib.default_tokenizer() is tokenizer_lib.default_tokenizer()
