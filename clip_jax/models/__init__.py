@@ -1,0 +1,3 @@
+"""CLIP towers in Flax linen."""
+
+from clip_jax.models.clip import CLIP, l2_normalize

@@ -1,0 +1,75 @@
+"""The two-tower CLIP model: image and text encoders, linear projections into a
+shared space, and a learned temperature (Radford et al. 2021, Figure 3)."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from clip_jax.models.resnet import ModifiedResNet
+from clip_jax.models.text import TextTransformer
+from clip_jax.models.vit import VisionTransformer
+
+
+def l2_normalize(x, eps=1e-12):
+    """Rows of x scaled to unit L2 norm; [N, D] -> [N, D]."""
+    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _vit(image, embed_dim, activation, mlp_ratio, dtype):
+    return VisionTransformer(
+        image_size=image.image_size, patch_size=image.patch_size, width=image.width,
+        layers=image.layers, heads=image.heads, embed_dim=embed_dim, activation=activation,
+        mlp_ratio=mlp_ratio, dtype=dtype, name="visual")
+
+
+def _resnet(image, embed_dim, activation, mlp_ratio, dtype):
+    del activation, mlp_ratio  # convolutional tower: ReLU, no MLP blocks
+    return ModifiedResNet(image_size=image.image_size, stage_layers=tuple(image.stage_layers),
+                          width=image.width, heads=image.heads, embed_dim=embed_dim, dtype=dtype,
+                          name="visual")
+
+
+# config.model.image.kind -> builder of the image tower.
+IMAGE_TOWERS = {"vit": _vit, "resnet": _resnet}
+
+
+class CLIP(nn.Module):
+    """`__call__(images [B,H,W,3], tokens [B,L])` -> (image [B,E], text [B,E] unit
+    embeddings, logit_scale scalar); `encode_image`/`encode_text` give the
+    unnormalised projected embeddings [B, E]."""
+
+    config: ml_collections.ConfigDict  # config.model
+
+    def setup(self):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        kind = cfg.image.kind
+        if kind not in IMAGE_TOWERS:
+            raise ValueError(f"config.model.image.kind={kind!r} is unknown; "
+                             f"choose one of {', '.join(IMAGE_TOWERS)}")
+        self.visual = IMAGE_TOWERS[kind](cfg.image, cfg.embed_dim, cfg.activation, cfg.mlp_ratio, dtype)
+        self.text = TextTransformer(
+            context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
+            width=cfg.text.width, layers=cfg.text.layers, heads=cfg.text.heads,
+            embed_dim=cfg.embed_dim, activation=cfg.activation, mlp_ratio=cfg.mlp_ratio,
+            dtype=dtype)
+        # Stored as log(1/temperature) so the update is scale-free; init 1/0.07.
+        self.logit_scale = self.param(
+            "logit_scale",
+            nn.with_logical_partitioning(nn.initializers.constant(cfg.logit_scale_init), ()), ())
+
+    def encode_image(self, images, train=False):
+        """`train` only matters for BatchNorm towers (batch statistics vs running)."""
+        return self.visual(images, train=train)
+
+    def encode_text(self, tokens):
+        return self.text(tokens)
+
+    def temperature_scale(self):
+        """exp(logit_scale), clipped at logit_scale_max (100) as in the paper."""
+        return jnp.exp(jnp.minimum(self.logit_scale, jnp.log(self.config.logit_scale_max)))
+
+    def __call__(self, images, tokens, train=False):
+        image_embeddings = l2_normalize(self.encode_image(images, train))
+        text_embeddings = l2_normalize(self.encode_text(tokens))
+        return image_embeddings, text_embeddings, self.temperature_scale()

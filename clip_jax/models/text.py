@@ -1,0 +1,44 @@
+"""CLIP's causal text Transformer, pooled at the end-of-text token."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clip_jax.models.transformer import LayerNorm, Transformer, normal
+
+
+class TextTransformer(nn.Module):
+    """Token ids [B, L] (int32, zero-padded) -> projected embeddings [B, embed_dim].
+
+    The representation is the final LayerNorm's output at the end-of-text token,
+    which is the highest id in each row (CLIP's tokenizer gives it id
+    vocab_size - 1), so argmax finds it without a separate length input.
+    """
+
+    context_length: int
+    vocab_size: int
+    width: int
+    layers: int
+    heads: int
+    embed_dim: int
+    activation: str
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        if tokens.shape[1] != self.context_length:
+            raise ValueError(f"tokens of shape {tokens.shape} do not match "
+                             f"context_length={self.context_length}")
+        token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
+                                     (self.vocab_size, self.width))
+        positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
+                               (self.context_length, self.width))
+        x = (token_embedding[tokens] + positions).astype(self.dtype)  # [B, L, D]
+        x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
+                        mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="transformer")(x)
+        x = LayerNorm(name="ln_final")(x)
+        end_positions = jnp.argmax(tokens, axis=-1)  # [B]
+        pooled = jnp.take_along_axis(x, end_positions[:, None, None], axis=1)[:, 0]  # [B, D]
+        projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
+                                (self.width, self.embed_dim))
+        return pooled.astype(jnp.float32) @ projection

@@ -1,0 +1,126 @@
+"""Pre-LayerNorm Transformer shared by CLIP's image and text towers.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`) so that the
+config's sharding rules place them; no mesh axes appear here.
+"""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's GELU approximation; its released weights were trained with it."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "quick_gelu": quick_gelu}
+
+
+def activation_fn(name: str) -> Callable:
+    """Looks up an activation by config name."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def normal(stddev, names):
+    """Normal initialiser with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+def zeros(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros, names)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over `embed`, computed in float32 for stability under bf16."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm(
+            epsilon=1e-5, dtype=jnp.float32,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            bias_init=zeros(("embed",)),
+        )(x.astype(jnp.float32))
+        return y.astype(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; [B, T, D] -> [B, T, D]."""
+
+    heads: int
+    causal: bool
+    in_std: float
+    out_std: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        head_dim = width // self.heads
+
+        def project(name):
+            return nn.DenseGeneral(
+                (self.heads, head_dim), dtype=self.dtype, name=name,
+                kernel_init=normal(self.in_std, ("embed", "heads", "kv")),
+                bias_init=zeros(("heads", "kv")),
+            )(x)
+
+        query, key, value = project("query"), project("key"), project("value")  # [B, T, N, H]
+        attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
+        return nn.DenseGeneral(
+            width, axis=(-2, -1), dtype=self.dtype, name="out",
+            kernel_init=normal(self.out_std, ("heads", "kv", "embed")),
+            bias_init=zeros(("embed",)),
+        )(attended)
+
+
+class ResidualBlock(nn.Module):
+    """x + attn(ln_1(x)), then + mlp(ln_2(x)), as in CLIP's ResidualAttentionBlock."""
+
+    heads: int
+    layers: int  # depth of the whole stack, for the residual-branch init scale
+    causal: bool
+    activation: str
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        hidden = int(width * self.mlp_ratio)
+        # CLIP's init: residual-branch outputs shrink with depth so the stream stays O(1).
+        attn_std = width ** -0.5
+        proj_std = attn_std * (2 * self.layers) ** -0.5
+        fc_std = (2 * width) ** -0.5
+
+        x = x + SelfAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
+                              name="attn")(LayerNorm(name="ln_1")(x))
+        h = nn.Dense(hidden, dtype=self.dtype, name="c_fc",
+                     kernel_init=normal(fc_std, ("embed", "mlp")), bias_init=zeros(("mlp",)))(
+            LayerNorm(name="ln_2")(x))
+        h = activation_fn(self.activation)(h)
+        h = nn.Dense(width, dtype=self.dtype, name="c_proj",
+                     kernel_init=normal(proj_std, ("mlp", "embed")), bias_init=zeros(("embed",)))(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    """A stack of `layers` residual blocks; [B, T, D] -> [B, T, D]."""
+
+    layers: int
+    heads: int
+    causal: bool
+    activation: str
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            x = ResidualBlock(self.heads, self.layers, self.causal, self.activation,
+                              self.mlp_ratio, self.dtype, name=f"resblocks_{i}")(x)
+        return x

@@ -1,0 +1,54 @@
+"""CLIP's Vision Transformer image tower (Radford et al. 2021, section 2.4)."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clip_jax.models.transformer import LayerNorm, Transformer, normal
+
+
+class VisionTransformer(nn.Module):
+    """Images [B, H, W, 3] (CLIP-normalised) -> projected embeddings [B, embed_dim].
+
+    Patch conv without bias, class token, learned positions, an extra LayerNorm
+    before the Transformer (CLIP's one change to ViT), LayerNorm on the class
+    token, and a bias-free linear projection into the joint space.
+    """
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    embed_dim: int
+    activation: str
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train=False):
+        del train  # no dropout or batch statistics
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(f"images of shape {images.shape} do not match image_size={self.image_size}")
+        scale = self.width ** -0.5
+        patches = nn.Conv(
+            self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, use_bias=False,
+            padding="VALID", dtype=self.dtype, name="conv1",
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")),
+        )(images.astype(self.dtype))
+        batch = patches.shape[0]
+        tokens = patches.reshape(batch, -1, self.width)  # [B, grid*grid, D]
+
+        class_embedding = self.param("class_embedding", normal(scale, ("embed",)), (self.width,))
+        class_tokens = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, self.width))
+        tokens = jnp.concatenate([class_tokens, tokens], axis=1)  # [B, 1 + grid*grid, D]
+        positions = self.param("positional_embedding", normal(scale, (None, "embed")),
+                               tokens.shape[1:])
+        tokens = tokens + positions.astype(self.dtype)
+
+        tokens = LayerNorm(name="ln_pre")(tokens)
+        tokens = Transformer(self.layers, self.heads, causal=False, activation=self.activation,
+                             mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="transformer")(tokens)
+        pooled = LayerNorm(name="ln_post")(tokens[:, 0])  # [B, D]
+        proj = self.param("proj", normal(scale, ("embed", "joint")), (self.width, self.embed_dim))
+        return pooled.astype(jnp.float32) @ proj
