@@ -1,0 +1,79 @@
+"""Mesh construction and the mapping from logical axis names to mesh axes.
+
+Models name their parameter axes (`embed`, `mlp`, `heads`, `vocab`, ...); the
+config's `sharding_rules` say which mesh axis each name is split over. This is
+the one place where logical names meet devices.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch dimension is split over these axes (pure data parallel plus FSDP).
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, num_devices):
+    """Resolves config.mesh (one size may be -1) into {axis: size} for num_devices."""
+    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    unknown = [axis for axis, size in sizes.items() if size == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1, got {sizes}")
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"config.mesh: sizes must be positive or -1, got {sizes}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if unknown:
+        if num_devices % known:
+            raise ValueError(f"config.mesh={sizes}: {num_devices} devices are not divisible by {known}")
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"config.mesh={sizes} needs {math.prod(sizes.values())} devices, "
+                         f"but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(mesh_config, devices=None):
+    """A jax Mesh over `devices` (default: all) with axes data, fsdp, tensor."""
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape(mesh_config, len(devices))
+    # Auto axes: flax's logical constraints and jit's sharding propagation need them.
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def data_parallel_size(mesh):
+    """How many ways the batch is split."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def batch_sharding(mesh):
+    """Sharding of a batch array: leading dimension over the batch axes."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def logical_shardings(boxed_tree, mesh, rules):
+    """NamedShardings for a tree of nn.LogicallyPartitioned (abstract) values."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, [tuple(rule) for rule in rules])
+
+
+def sharding_table(params, shardings):
+    """One line per parameter: path, shape, and mesh placement, for start-up logs."""
+    rows = []
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, value), sharding in zip(flat_params, flat_shardings):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        rows.append(f"  {name:<60} {str(tuple(value.shape)):<18} {sharding.spec}")
+    total = sum(int(np.prod(v.shape)) for _, v in flat_params)
+    rows.append(f"  total parameters: {total:,}")
+    return "\n".join(rows)
