@@ -6,6 +6,7 @@ the one place where logical names meet devices.
 """
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -67,13 +68,18 @@ def logical_shardings(boxed_tree, mesh, rules):
 
 
 def sharding_table(params, shardings):
-    """One line per parameter: path, shape, and mesh placement, for start-up logs."""
-    rows = []
+    """Compact start-up table: one line per parameter kind (repeated Transformer
+    blocks folded into one line with a count), its shape and mesh placement."""
     flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    rows = {}  # folded name -> [shape, spec, count]
     for (path, value), sharding in zip(flat_params, flat_shardings):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        rows.append(f"  {name:<60} {str(tuple(value.shape)):<18} {sharding.spec}")
+        folded = re.sub(r"(resblocks|layer\d)_\d+", r"\1_*", name)
+        row = rows.setdefault((folded, tuple(value.shape), str(sharding.spec)), 0)
+        rows[(folded, tuple(value.shape), str(sharding.spec))] = row + 1
+    lines = [f"  {name + (f' (x{count})' if count > 1 else ''):<56} {str(shape):<16} {spec}"
+             for (name, shape, spec), count in rows.items()]
     total = sum(int(np.prod(v.shape)) for _, v in flat_params)
-    rows.append(f"  total parameters: {total:,}")
-    return "\n".join(rows)
+    lines.append(f"  total parameters: {total:,}")
+    return "\n".join(lines)

@@ -36,15 +36,21 @@ def zeros(names):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over `embed`, computed in float32 for stability under bf16."""
+    """LayerNorm over `embed` with params `scale` and `bias`, computed in float32
+    for stability under bf16; returns the input dtype."""
+
+    epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x):
-        y = nn.LayerNorm(
-            epsilon=1e-5, dtype=jnp.float32,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            bias_init=zeros(("embed",)),
-        )(x.astype(jnp.float32))
+        width = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (width,))
+        bias = self.param("bias", zeros(("embed",)), (width,))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        variance = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon) * scale + bias
         return y.astype(x.dtype)
 
 
