@@ -1,0 +1,30 @@
+"""AdamW with linear warmup and cosine decay, as CLIP and OpenCLIP train."""
+
+import jax
+import optax
+
+
+def learning_rate_schedule(opt_config, total_steps):
+    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to 0."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt_config.lr, warmup_steps=opt_config.warmup_steps,
+        decay_steps=max(total_steps, opt_config.warmup_steps + 1), end_value=0.0)
+
+
+def decay_mask(params):
+    """True for parameters that get weight decay: matrices and kernels only.
+
+    Gains, biases, 1-D embeddings and the temperature (ndim < 2) are exempt, as in
+    OpenCLIP; decaying the temperature would fight the loss.
+    """
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(opt_config, total_steps):
+    """optax AdamW (+ optional global-norm clipping) driven by the schedule."""
+    adamw = optax.adamw(
+        learning_rate_schedule(opt_config, total_steps), b1=opt_config.b1, b2=opt_config.b2,
+        eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask)
+    if opt_config.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), adamw)
+    return adamw

@@ -1,0 +1,77 @@
+"""The CLIP towers: reference sizes, causality, pooling, temperature."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax.models import CLIP
+from clip_jax.train_step import dummy_inputs
+from configs.clip import get_config
+from tests.conftest import small_config
+
+
+def param_count(model_config):
+    model = CLIP(model_config)
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model_config))))["params"]
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def test_vit_b32_has_openai_parameter_count():
+    # OpenAI's ViT-B/32 CLIP (both towers and logit_scale): 151,277,313 parameters.
+    assert param_count(get_config("vit_b32").model) == 151_277_313
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    config = small_config()
+    model = CLIP(config.model)
+    variables = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(config.model)))
+    return config, model, variables
+
+
+def test_every_parameter_has_logical_axis_names():
+    config = small_config()
+    model = CLIP(config.model)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config.model)))
+    leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == len(leaf.value.shape)
+
+
+def test_text_is_pooled_at_end_token_and_causal(model_and_params):
+    config, model, variables = model_and_params
+    encode = lambda tokens: model.apply(variables, jnp.asarray(tokens), method=model.encode_text)
+    tokens = np.zeros((1, config.model.text.context_length), np.int32)
+    tokens[0, :4] = [49406, 320, 1125, 49407]
+    after_end = tokens.copy()
+    after_end[0, 5:] = 999  # content after the end token must not matter (causal mask)
+    before_end = tokens.copy()
+    before_end[0, 2] = 2368
+    np.testing.assert_allclose(encode(after_end), encode(tokens), rtol=1e-6)
+    assert not np.allclose(encode(before_end), encode(tokens), rtol=1e-3)
+
+
+def test_outputs_are_unit_vectors_and_temperature_is_clipped(model_and_params):
+    config, model, variables = model_and_params
+    images, tokens = dummy_inputs(config.model)
+    tokens = tokens.at[:, 0].set(49407)
+    image, text, scale = model.apply(variables, images + 0.5, tokens)
+    np.testing.assert_allclose(jnp.linalg.norm(image, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(text, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(scale, 1 / 0.07, rtol=1e-5)  # paper's init
+    hot = {"params": dict(variables["params"], logit_scale=jnp.float32(10.0))}
+    assert float(model.apply(hot, images, tokens)[2]) == pytest.approx(100.0)
+
+
+def test_wrong_image_size_is_a_clear_error(model_and_params):
+    config, model, variables = model_and_params
+    with pytest.raises(ValueError, match="image_size=16"):
+        model.apply(variables, jnp.zeros((1, 32, 32, 3)), method=model.encode_image)
+
+
+def test_rn50_has_openai_parameter_count():
+    # OpenAI's RN50 CLIP: 102,007,137 parameters (BatchNorm running stats are buffers).
+    assert param_count(get_config("rn50").model) == 102_007_137
