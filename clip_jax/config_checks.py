@@ -1,0 +1,97 @@
+"""Validation of a training config before anything is built or compiled.
+
+Each problem is reported as one line naming the key, its value and the fix.
+"""
+
+import jax.numpy as jnp
+
+from clip_jax import sharding
+from clip_jax.models.clip import IMAGE_TOWERS
+from clip_jax.models.transformer import ACTIVATIONS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is the one-line diagnosis."""
+
+
+def _require(condition, message):
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive(config, *keys):
+    for key in keys:
+        value = _lookup(config, key)
+        _require(value > 0, f"config.{key}={value!r} must be positive")
+
+
+def _non_negative(config, *keys):
+    for key in keys:
+        value = _lookup(config, key)
+        _require(value >= 0, f"config.{key}={value!r} must be >= 0")
+
+
+def _lookup(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def check_config(config, num_devices):
+    """Raises ConfigError for the first invalid value, given the device count."""
+    _positive(config, "batch_size", "total_steps", "log_every", "optimizer.eps",
+              "data.shuffle_buffer", "zeroshot.batch_size", "model.embed_dim",
+              "model.logit_scale_max", "model.mlp_ratio")
+    _non_negative(config, "eval_every", "checkpoint_every", "optimizer.lr",
+                  "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
+                  "data.prefetch")
+    for key in ("optimizer.b1", "optimizer.b2"):
+        value = _lookup(config, key)
+        _require(0 <= value < 1, f"config.{key}={value!r} must be in [0, 1)")
+
+    try:
+        mesh = sharding.mesh_shape(config.mesh, num_devices)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    data_parallel = mesh["data"] * mesh["fsdp"]
+    for key in ("batch_size", "zeroshot.batch_size"):
+        value = _lookup(config, key)
+        _require(value % data_parallel == 0,
+                 f"config.{key}={value} is not divisible by the data-parallel size "
+                 f"{data_parallel} (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']})")
+
+    model = config.model
+    _require(model.image.kind in IMAGE_TOWERS,
+             f"config.model.image.kind={model.image.kind!r} is unknown; "
+             f"choose one of {', '.join(IMAGE_TOWERS)}")
+    _require(model.activation in ACTIVATIONS,
+             f"config.model.activation={model.activation!r} is unknown; "
+             f"choose one of {', '.join(ACTIVATIONS)}")
+    try:
+        jnp.dtype(model.dtype)
+    except TypeError:
+        raise ConfigError(f"config.model.dtype={model.dtype!r} is not a dtype name") from None
+    if model.image.kind == "vit":
+        _positive(config, "model.image.patch_size", "model.image.layers")
+        _require(model.image.image_size % model.image.patch_size == 0,
+                 f"config.model.image.image_size={model.image.image_size} is not divisible by "
+                 f"patch_size={model.image.patch_size}")
+    for tower in ("image", "text"):
+        width, heads = model[tower].width, model[tower].heads
+        _require(heads > 0 and width % heads == 0,
+                 f"config.model.{tower}.width={width} is not divisible by heads={heads}")
+    _require(model.text.context_length >= 2,
+             f"config.model.text.context_length={model.text.context_length} must be >= 2 "
+             "(start and end tokens)")
+    _require(model.text.vocab_size >= 49408,
+             f"config.model.text.vocab_size={model.text.vocab_size} is smaller than the CLIP "
+             "tokenizer's 49408 ids")
+    rule_names = [rule[0] for rule in config.sharding_rules]
+    for rule in config.sharding_rules:
+        axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+        for axis in axes:
+            _require(axis is None or axis in sharding.MESH_AXES,
+                     f"config.sharding_rules: {rule[0]!r} -> {axis!r} is not a mesh axis "
+                     f"({', '.join(sharding.MESH_AXES)})")
+    _require(len(set(rule_names)) == len(rule_names),
+             f"config.sharding_rules names a logical axis twice: {rule_names}")

@@ -1,0 +1,165 @@
+r"""Trains CLIP: config -> mesh -> sharded state -> input -> jitted step -> metrics.
+
+  python -m clip_jax.train --config configs/clip.py:tiny --workdir /tmp/clip_tiny
+
+Re-running with the same --workdir resumes from its latest checkpoint.
+"""
+
+import os
+import re
+import sys
+import time
+
+import jax
+import tensorflow as tf
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from clip_jax import checkpoint, losses, optim, sharding
+from clip_jax.config_checks import ConfigError, check_config
+from clip_jax.data import pipeline
+from clip_jax.metrics import MetricWriter
+from clip_jax.models import CLIP
+from clip_jax.train_step import create_train_state, jit_train_step, make_train_step, state_shardings
+from clip_jax.zeroshot import ZeroShotEvaluator
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "clip.py")
+
+
+def _define_flags():
+    """--config (with --config.key=value overrides) and --workdir.
+
+    ml_collections applies the overrides while defining the flag, so an unknown
+    key surfaces here as a KeyError/AttributeError: turn it into one line.
+    """
+    try:
+        config = config_flags.DEFINE_config_file(
+            "config", f"{_DEFAULT_CONFIG}:tiny",
+            "Config file and variant, e.g. configs/clip.py:tiny.", lock_config=True)
+    except (AttributeError, KeyError) as error:
+        message = str(error).replace("\\", "")
+        key = re.search(r"'(\w+)'", message)
+        key = key.group(1) if key else message
+        suggestion = re.search(r'Did you mean "(\w+)"', message)
+        flag = next((a for a in sys.argv if a.startswith("--config.") and key in a), key)
+        sys.exit(f"config error: {flag}: no such config key {key!r}"
+                 + (f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""))
+    workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
+                                  "TensorBoard logs (local or gs://).", required=True)
+    return config, workdir
+
+
+def _print(message):
+    """Prints on process 0 only, without breaking the progress bar."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
+
+
+def _describe_start(config, mesh, state, shardings, start_step):
+    _print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} on "
+           f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}")
+    _print("parameters (path, shape, sharding):\n"
+           + sharding.sharding_table(state.params, shardings.params))
+    _print(f"global batch {config.batch_size}, {config.total_steps} steps"
+           + (f", resuming from step {start_step}" if start_step else ""))
+
+
+def _global_batch(local_batch, batch_sharding):
+    """This process's numpy batch -> global jax arrays sharded over the batch axes."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+                        local_batch)
+
+
+def _is_due(step, every, total_steps):
+    return step == total_steps or (every > 0 and step % every == 0)
+
+
+def train(config, workdir):
+    """Runs training to config.total_steps and returns the last logged metrics."""
+    check_config(config, jax.device_count())
+    mesh = sharding.make_mesh(config.mesh)
+    model = CLIP(config.model)
+    optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
+    rng = jax.random.key(config.seed)
+    abstract_state, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules, rng)
+
+    manager = checkpoint.make_manager(workdir, config)
+    state = checkpoint.restore_latest(manager, jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings))
+    if state is None:
+        state = create_train_state(model, optimizer, shardings, rng)
+    start_step = int(state.step)
+    _describe_start(config, mesh, state, shardings, start_step)
+    if jax.process_index() == 0:
+        tf.io.gfile.makedirs(workdir)
+        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES)
+    train_step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
+    evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batches = pipeline.train_dataset(config, start_step=start_step)
+
+    progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step",
+                         disable=jax.process_index() != 0, dynamic_ncols=True)
+    row, started = {}, time.time()
+    last_time, last_step = None, start_step
+    in_flight = None
+    for step in range(start_step + 1, config.total_steps + 1):
+        batch = _global_batch(next(batches), batch_sharding)
+        # Any implicit host<->device copy inside the step is a bug: fail loudly.
+        with jax.transfer_guard("disallow"):
+            state, metrics = train_step(state, batch)
+        # Keep one step in flight: enough to hide dispatch, and a deeper queue of
+        # collectives can starve the rendezvous of many fake devices on few CPU cores.
+        jax.block_until_ready(in_flight)
+        in_flight = metrics
+        progress.update(1)
+        if last_time is None:  # exclude compilation from the throughput figure
+            jax.block_until_ready(metrics)
+            last_time, last_step = time.time(), step
+        if _is_due(step, config.log_every, config.total_steps):
+            row = {f"train/{name}": value for name, value in jax.device_get(metrics).items()}
+            if step > last_step:  # the first step of a run is compilation, not throughput
+                now = time.time()
+                row["train/samples_per_sec"] = ((step - last_step) * config.batch_size
+                                                / (now - last_time))
+                last_time, last_step = now, step
+                progress.set_postfix(loss=f"{row['train/loss']:.3f}",
+                                     samples_per_sec=f"{row['train/samples_per_sec']:.0f}")
+            writer.write(step, row)
+        if _is_due(step, config.eval_every, config.total_steps):
+            eval_row = evaluator(state.variables())
+            writer.write(step, eval_row)
+            row.update(eval_row)
+            _print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
+        if _is_due(step, config.checkpoint_every, config.total_steps):
+            checkpoint.save(manager, state)
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    _print(f"done: step {config.total_steps} in {time.time() - started:.0f}s; "
+           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(row.items())
+                       if k in ("train/loss",) or k.startswith("zeroshot/")))
+    return row
+
+
+def main(argv, config_flag, workdir_flag):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        train(config_flag.value, workdir_flag.value)
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
+
+
+if __name__ == "__main__":
+    _config_flag, _workdir_flag = _define_flags()
+    app.run(lambda argv: main(argv, _config_flag, _workdir_flag))

@@ -1,0 +1,72 @@
+"""Configs: every variant is valid; bad values stop with one line naming the key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clip_jax.config_checks import ConfigError, check_config
+from configs.clip import VARIANTS, get_config
+from tests.conftest import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_is_valid_on_8_devices(variant):
+    check_config(get_config(variant), num_devices=8)
+
+
+def test_public_keys_exist():
+    config = get_config()
+    for key in ("seed", "batch_size", "total_steps", "log_every", "eval_every",
+                "checkpoint_every", "model", "optimizer", "data", "mesh"):
+        assert key in config
+    for key in ("lr", "warmup_steps", "weight_decay", "b1", "b2", "eps", "grad_clip_norm"):
+        assert key in config.optimizer
+
+
+def test_knobs_in_the_config_argument():
+    config = get_config("tiny,total_steps=7,batch_size=64")
+    assert (config.total_steps, config.batch_size) == (7, 64)
+    with pytest.raises(ValueError, match="unknown config variant 'vit_x'"):
+        get_config("vit_x")
+    with pytest.raises(ValueError, match="unknown config knob 'steps'"):
+        get_config("tiny,steps=3")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 100}, "config.batch_size=100 is not divisible by the data-parallel size 8"),
+    ({"optimizer.lr": -1.0}, "config.optimizer.lr=-1.0 must be >= 0"),
+    ({"optimizer.b2": 1.0}, "config.optimizer.b2=1.0 must be in [0, 1)"),
+    ({"mesh.fsdp": 3}, "8 devices are not divisible by 3"),
+    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, "needs 4 devices, but 8 are available"),
+    ({"model.image.patch_size": 5}, "config.model.image.image_size=16 is not divisible by patch_size=5"),
+    ({"model.text.width": 30, "model.text.heads": 4},
+     "config.model.text.width=30 is not divisible by heads=4"),
+    ({"model.activation": "relu"}, "config.model.activation='relu' is unknown"),
+    ({"total_steps": 0}, "config.total_steps=0 must be positive"),
+])
+def test_invalid_values_are_named(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        check_config(small_config(**overrides), num_devices=8)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.batch_size=100", "config.batch_size=100 is not divisible by the data-parallel size 8"),
+    ("--config.optimizer.lrr=0.1", "lrr"),
+])
+def test_command_line_errors_are_one_line_before_any_compile(flag, message, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               TF_CPP_MIN_LOG_LEVEL="3", JAX_LOG_COMPILES="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_jax.train", "--workdir", str(tmp_path), flag],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if message in line]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    assert "Compiling" not in result.stderr  # JAX_LOG_COMPILES logs every compile
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,63 @@
+"""End-to-end: the trainer on a shrunk synthetic_shapes, with metrics and resume."""
+
+import json
+import os
+
+import pytest
+
+from clip_jax import train as train_lib
+from clip_jax.data import synthetic_shapes
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(autouse=True)
+def small_dataset(monkeypatch):
+    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 256)
+    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 100)
+
+
+def e2e_config(data_dir, total_steps):
+    return small_config(**{"data.data_dir": data_dir, "data.shuffle_buffer": 256,
+                           "total_steps": total_steps, "log_every": 2, "eval_every": 3,
+                           "checkpoint_every": 3, "optimizer.warmup_steps": 2})
+
+
+def read_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_writes_metrics_checkpoints_and_tensorboard(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    final = train_lib.train(e2e_config(data_dir, 6), workdir)
+    rows = read_rows(workdir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    eval_rows = [r for r in rows if "zeroshot/synthetic_shapes/top1" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert [r["step"] for r in eval_rows] == [3, 6]
+    for key in ("train/loss", "train/lr", "train/logit_scale", "train/samples_per_sec"):
+        assert key in train_rows[-1]
+    assert 0.0 <= eval_rows[-1]["zeroshot/synthetic_shapes/top1"] <= 1.0
+    assert final["zeroshot/synthetic_shapes/top1"] == eval_rows[-1]["zeroshot/synthetic_shapes/top1"]
+    saved_steps = [name for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+    assert sorted(saved_steps) == ["3", "6"]
+    assert any(name.startswith("events.out.tfevents")
+               for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["total_steps"] == 6
+
+
+def test_rerun_resumes_and_matches_an_uninterrupted_run(data_dir, tmp_path):
+    interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
+    train_lib.train(e2e_config(data_dir, 3), interrupted)  # ends with a checkpoint at 3
+    resumed = train_lib.train(e2e_config(data_dir, 6), interrupted)
+    uninterrupted = train_lib.train(e2e_config(data_dir, 6), straight)
+    assert [r["step"] for r in read_rows(interrupted) if "train/loss" in r] == [2, 3, 4, 6]
+    assert resumed["train/loss"] == pytest.approx(uninterrupted["train/loss"], rel=1e-5)
