@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from clip_jax import tokenizer
 from clip_jax.data import synthetic_shapes  # noqa: F401  (registers the built-in dataset)
@@ -31,7 +32,7 @@ def prepared_builder(name, data_dir):
         if jax.process_index() == 0:
             builder.download_and_prepare()
         if jax.process_count() > 1:
-            jax.experimental.multihost_utils.sync_global_devices(f"prepare {name}")
+            multihost_utils.sync_global_devices(f"prepare {name}")
         if not builder.is_prepared():
             builder.download_and_prepare()
     return builder
