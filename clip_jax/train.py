@@ -140,6 +140,8 @@ def train(config, workdir):
             _print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
         if _is_due(step, config.checkpoint_every, config.total_steps):
             checkpoint.save(manager, state)
+        if _is_due(step, config.eval_every, config.total_steps):
+            last_time, last_step = time.time(), step  # throughput counts training only
     progress.close()
     manager.wait_until_finished()
     manager.close()
