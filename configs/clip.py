@@ -20,6 +20,8 @@ import ml_collections
 
 # Image tower / text tower / joint space per preset. Paper sizes are from the CLIP
 # paper (Radford et al. 2021, Tables 19-20) and OpenCLIP's model configs.
+_TEXT_512 = dict(context_length=77, width=512, layers=12, heads=8)
+_VIT_B = dict(kind="vit", image_size=224, width=768, layers=12, heads=12)
 _MODEL_PRESETS = {
     # CPU-sized: trains to >90% zero-shot top-1 on synthetic_shapes in minutes.
     "tiny": dict(
@@ -28,18 +30,10 @@ _MODEL_PRESETS = {
         embed_dim=64,
         activation="gelu",
     ),
-    "vit_b32": dict(
-        image=dict(kind="vit", image_size=224, patch_size=32, width=768, layers=12, heads=12),
-        text=dict(context_length=77, width=512, layers=12, heads=8),
-        embed_dim=512,
-        activation="quick_gelu",
-    ),
-    "vit_b16": dict(
-        image=dict(kind="vit", image_size=224, patch_size=16, width=768, layers=12, heads=12),
-        text=dict(context_length=77, width=512, layers=12, heads=8),
-        embed_dim=512,
-        activation="quick_gelu",
-    ),
+    "vit_b32": dict(image=dict(_VIT_B, patch_size=32), text=_TEXT_512, embed_dim=512,
+                    activation="quick_gelu"),
+    "vit_b16": dict(image=dict(_VIT_B, patch_size=16), text=_TEXT_512, embed_dim=512,
+                    activation="quick_gelu"),
     "vit_l14": dict(
         image=dict(kind="vit", image_size=224, patch_size=14, width=1024, layers=24, heads=16),
         text=dict(context_length=77, width=768, layers=12, heads=12),
@@ -50,24 +44,24 @@ _MODEL_PRESETS = {
     # attention pooling with 32 heads.
     "rn50": dict(
         image=dict(kind="resnet", image_size=224, stage_layers=(3, 4, 6, 3), width=64, heads=32),
-        text=dict(context_length=77, width=512, layers=12, heads=8),
+        text=_TEXT_512,
         embed_dim=1024,
         activation="quick_gelu",
     ),
 }
 
+# The paper's schedule: batch 32,768, 32 epochs of 400M pairs (390,625 steps),
+# 2,000 warmup steps, lr 5e-4 (4e-4 for ViT-L/14).
+_PAPER_RUN = dict(batch_size=32768, total_steps=390_625, eval_every=2000, checkpoint_every=1000,
+                  optimizer=dict(lr=5e-4, warmup_steps=2000))
 # Run-level settings that differ per preset (the rest is shared in `_base`).
 _RUN_PRESETS = {
     "tiny": dict(batch_size=128, total_steps=1200, log_every=50, eval_every=300,
                  checkpoint_every=600, optimizer=dict(lr=2e-3, warmup_steps=100)),
-    "vit_b32": dict(batch_size=32768, total_steps=100_000, eval_every=2000,
-                    checkpoint_every=1000, optimizer=dict(lr=5e-4, warmup_steps=2000)),
-    "vit_b16": dict(batch_size=32768, total_steps=100_000, eval_every=2000,
-                    checkpoint_every=1000, optimizer=dict(lr=5e-4, warmup_steps=2000)),
-    "vit_l14": dict(batch_size=32768, total_steps=100_000, eval_every=2000,
-                    checkpoint_every=1000, optimizer=dict(lr=4e-4, warmup_steps=2000)),
-    "rn50": dict(batch_size=32768, total_steps=100_000, eval_every=2000,
-                 checkpoint_every=1000, optimizer=dict(lr=5e-4, warmup_steps=2000)),
+    "vit_b32": _PAPER_RUN,
+    "vit_b16": _PAPER_RUN,
+    "vit_l14": dict(_PAPER_RUN, optimizer=dict(lr=4e-4, warmup_steps=2000)),
+    "rn50": _PAPER_RUN,
 }
 
 VARIANTS = tuple(_MODEL_PRESETS)
