@@ -5,7 +5,7 @@ Each problem is reported as one line naming the key, its value and the fix.
 
 import jax.numpy as jnp
 
-from clip_jax import sharding
+from clip_jax import losses, sharding
 from clip_jax.models.clip import IMAGE_TOWERS
 from clip_jax.models.transformer import ACTIVATIONS
 
@@ -42,7 +42,7 @@ def check_config(config, num_devices):
     _positive(config, "batch_size", "total_steps", "log_every", "optimizer.eps",
               "data.shuffle_buffer", "zeroshot.batch_size", "model.embed_dim",
               "model.logit_scale_max", "model.mlp_ratio")
-    _non_negative(config, "eval_every", "checkpoint_every", "optimizer.lr",
+    _non_negative(config, "loss.chunk_size", "eval_every", "checkpoint_every", "optimizer.lr",
                   "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
                   "data.prefetch")
     for key in ("optimizer.b1", "optimizer.b2"):
@@ -59,6 +59,16 @@ def check_config(config, num_devices):
         _require(value % data_parallel == 0,
                  f"config.{key}={value} is not divisible by the data-parallel size "
                  f"{data_parallel} (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']})")
+
+    _require(config.loss.kind in losses.LOSSES,
+             f"config.loss.kind={config.loss.kind!r} is unknown; "
+             f"choose one of {', '.join(losses.LOSSES)}")
+    _require(config.loss.kind != "sigmoid" or config.model.logit_bias_init is not None,
+             "config.loss.kind='sigmoid' needs a learned bias: set config.model.logit_bias_init "
+             "(SigLIP: -10, with config.model.logit_scale_init=2.302585)")
+    chunk = config.loss.chunk_size
+    _require(chunk == 0 or config.batch_size % chunk == 0,
+             f"config.loss.chunk_size={chunk} does not divide config.batch_size={config.batch_size}")
 
     model = config.model
     _require(model.image.kind in IMAGE_TOWERS,

@@ -1,9 +1,14 @@
-"""CLIP's symmetric contrastive loss over the global batch, computed shard-locally.
+"""Global-batch contrastive losses, computed shard-locally inside shard_map.
 
-Each device holds `local` rows of the batch. It all-gathers both embeddings and
-computes only its own rows of the image->text and text->image logits, so its
-logits are [B_local, B_global], never [B_global, B_global]. The loss is the mean
-over all 2 * B_global rows, identical to the paper's pseudocode on one device.
+softmax (CLIP): each device all-gathers both embeddings and computes only its
+own rows of the image->text and text->image logits, so it holds [B_local,
+B_global] logits, or [B_local, chunk] with chunking, never [B_global, B_global].
+The loss is the mean over all 2 * B_global rows, identical to the paper's
+pseudocode on one device.
+
+sigmoid (SigLIP, Zhai et al. 2023): every (image, text) pair is an independent
+binary problem. Text shards travel around the batch axes with ppermute; each
+device only ever holds [B_local, B_local] logits.
 """
 
 import functools
@@ -13,30 +18,60 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 
-def _cross_entropy_sum(logits, labels):
-    """Sum over rows of -log softmax(logits)[label]; logits [N, C], labels [N]."""
-    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked)
+def _row_stats(queries, keys, scale, chunk_size):
+    """(logsumexp [N], argmax [N]) of the rows of scale * queries @ keys.T.
+
+    queries [N, E], keys [M, E]. With chunk_size > 0 the columns are visited in
+    chunks under remat, so forward and backward hold [N, chunk_size] at a time.
+    """
+    if chunk_size <= 0 or chunk_size >= keys.shape[0]:
+        logits = scale * queries @ keys.T
+        return jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1)
+    if keys.shape[0] % chunk_size:
+        raise ValueError(f"config.loss.chunk_size={chunk_size} does not divide the global "
+                         f"batch {keys.shape[0]}")
+    chunks = keys.reshape(-1, chunk_size, keys.shape[-1])  # [M / c, c, E]
+
+    @jax.checkpoint
+    def visit(carry, chunk_and_index):
+        lse, best, best_index = carry
+        chunk, index = chunk_and_index
+        logits = scale * queries @ chunk.T  # [N, c]
+        chunk_best = jnp.max(logits, axis=-1)
+        best_index = jnp.where(chunk_best > best, index * chunk_size + jnp.argmax(logits, -1),
+                               best_index)
+        return (jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1)),
+                jnp.maximum(best, chunk_best), best_index), None
+
+    # Built from `queries` so the carry varies over the same mesh axes as the body's output.
+    lowest = jnp.full_like(queries[:, 0], -jnp.inf)
+    init = (lowest, lowest, jnp.zeros_like(queries[:, 0], dtype=jnp.int32))
+    (lse, _, best_index), _ = jax.lax.scan(visit, init, (chunks, jnp.arange(chunks.shape[0])))
+    return lse, best_index
 
 
-def local_contrastive_loss(local_image, local_text, logit_scale, *, axis_names):
-    """Global-batch loss and in-batch top-1 accuracies, from inside shard_map.
+def local_softmax_loss(local_image, local_text, logit_scale, logit_bias=None, *, axis_names,
+                       chunk_size=0):
+    """CLIP loss and in-batch top-1 accuracies, from inside shard_map.
 
     local_image, local_text: [B_local, E] unit embeddings; logit_scale: scalar.
-    Returns ({"loss", "i2t_top1", "t2i_top1"}), each already reduced over devices.
+    The bias, if any, is ignored: it cancels in a softmax. Returns {"loss",
+    "i2t_top1", "t2i_top1"}, each already reduced over devices.
     """
+    del logit_bias
     global_image = jax.lax.all_gather(local_image, axis_names, tiled=True)  # [B_global, E]
     global_text = jax.lax.all_gather(local_text, axis_names, tiled=True)  # [B_global, E]
     local_batch, global_batch = local_image.shape[0], global_image.shape[0]
     # Row r of this shard is example shard_index * B_local + r of the global batch.
     labels = jax.lax.axis_index(axis_names) * local_batch + jnp.arange(local_batch)
+    positives = logit_scale * jnp.sum(local_image * local_text, axis=-1)  # [B_local]
 
-    image_to_text = logit_scale * local_image @ global_text.T  # [B_local, B_global]
-    text_to_image = logit_scale * local_text @ global_image.T  # [B_local, B_global]
-    loss_sum = _cross_entropy_sum(image_to_text, labels) + _cross_entropy_sum(text_to_image, labels)
-    hits = jnp.stack([jnp.sum(jnp.argmax(image_to_text, -1) == labels),
-                      jnp.sum(jnp.argmax(text_to_image, -1) == labels)])
-    loss_sum, hits = jax.lax.psum((loss_sum, hits), axis_names)
+    loss_sum, hits = 0.0, []
+    for queries, keys in ((local_image, global_text), (local_text, global_image)):
+        lse, best = _row_stats(queries, keys, logit_scale, chunk_size)
+        loss_sum += jnp.sum(lse - positives)
+        hits.append(jnp.sum(best == labels))
+    loss_sum, hits = jax.lax.psum((loss_sum, jnp.stack(hits)), axis_names)
     return {
         "loss": loss_sum / (2 * global_batch),
         "i2t_top1": hits[0] / global_batch,
@@ -44,12 +79,49 @@ def local_contrastive_loss(local_image, local_text, logit_scale, *, axis_names):
     }
 
 
-def contrastive_loss(mesh, batch_axes):
-    """Returns loss_fn(image [B,E], text [B,E], logit_scale) -> metrics dict, with
-    the batch dimension sharded over `batch_axes` of `mesh`."""
-    return jax.shard_map(
-        functools.partial(local_contrastive_loss, axis_names=tuple(batch_axes)),
-        mesh=mesh,
-        in_specs=(P(batch_axes), P(batch_axes), P()),
-        out_specs=P(),
-    )
+def local_sigmoid_loss(local_image, local_text, logit_scale, logit_bias, *, axis_names,
+                       chunk_size=0):
+    """SigLIP loss from inside shard_map: -sum log sigmoid(z * logit) / B_global
+    over all B_global^2 pairs (z = +1 for matching pairs, -1 otherwise)."""
+    del chunk_size  # the ring already bounds the logits to [B_local, B_local]
+    num_shards = jax.lax.psum(1, axis_names)
+    local_batch = local_image.shape[0]
+    # Shard s sends its texts to shard s + 1, so at hop k this shard holds
+    # the texts of shard (own - k); they match its images only at hop 0.
+    ring = [(s, (s + 1) % num_shards) for s in range(num_shards)]
+
+    def pair_loss(texts, positive):
+        logits = logit_scale * local_image @ texts.T + logit_bias  # [B_local, B_local]
+        signs = jnp.where(positive, 2 * jnp.eye(local_batch) - 1, -1.0)
+        return -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+
+    @jax.checkpoint
+    def hop(carry, _):
+        loss_sum, texts = carry
+        texts = jax.lax.ppermute(texts, axis_names, ring)
+        return (loss_sum + pair_loss(texts, False), texts), None
+
+    loss_sum = pair_loss(local_text, True)
+    (loss_sum, _), _ = jax.lax.scan(hop, (loss_sum, local_text), None, length=num_shards - 1)
+    loss_sum = jax.lax.psum(loss_sum, axis_names)
+    return {"loss": loss_sum / (local_batch * num_shards)}
+
+
+# config.loss.kind -> the shard-local loss.
+LOSSES = {"softmax": local_softmax_loss, "sigmoid": local_sigmoid_loss}
+
+
+def contrastive_loss(mesh, batch_axes, kind="softmax", chunk_size=0):
+    """Returns loss_fn(image [B,E], text [B,E], logit_scale, logit_bias=None) ->
+    metrics dict, with the batch dimension sharded over `batch_axes` of `mesh`."""
+    if kind not in LOSSES:
+        raise ValueError(f"config.loss.kind={kind!r} is unknown; choose one of {', '.join(LOSSES)}")
+    local_loss = functools.partial(LOSSES[kind], axis_names=tuple(batch_axes),
+                                   chunk_size=chunk_size)
+
+    def loss_fn(image, text, logit_scale, logit_bias=None):
+        bias = jnp.zeros(()) if logit_bias is None else logit_bias
+        return jax.shard_map(local_loss, mesh=mesh, in_specs=(P(batch_axes), P(batch_axes), P(), P()),
+                             out_specs=P())(image, text, logit_scale, bias)
+
+    return loss_fn

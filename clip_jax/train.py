@@ -98,7 +98,8 @@ def train(config, workdir):
         with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES)
+    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
+                                      config.loss.chunk_size)
     train_step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
     evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)

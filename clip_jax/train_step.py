@@ -68,16 +68,20 @@ def make_train_step(model, optimizer, loss_fn, schedule):
     """Returns step(state, batch) -> (state, metrics).
 
     batch: {"images": uint8 [B, H, W, 3], "tokens": int32 [B, L]}, B global.
-    loss_fn(image [B,E], text [B,E], logit_scale) -> {"loss", ...} over the global batch.
+    loss_fn(image [B,E], text [B,E], logit_scale, logit_bias) -> {"loss", ...} over the
+    global batch.
     """
 
     def step(state, batch):
         def loss_and_metrics(params):
-            (image_embeddings, text_embeddings, logit_scale), model_state = model.apply(
+            (image_embeddings, text_embeddings, logit_scale, logit_bias), model_state = model.apply(
                 {"params": params, **state.model_state}, image_ops.normalize(batch["images"]),
                 batch["tokens"], train=True, mutable=list(state.model_state))
-            metrics = loss_fn(image_embeddings, text_embeddings, logit_scale)
-            return metrics["loss"], (dict(metrics, logit_scale=logit_scale), model_state)
+            metrics = loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias)
+            metrics["logit_scale"] = logit_scale
+            if logit_bias is not None:
+                metrics["logit_bias"] = logit_bias
+            return metrics["loss"], (metrics, model_state)
 
         grads, (metrics, model_state) = jax.grad(loss_and_metrics, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

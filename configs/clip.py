@@ -80,6 +80,8 @@ def _model_config(preset):
         dtype="float32",
         logit_scale_init=math.log(1 / 0.07),
         logit_scale_max=100.0,
+        # Learned logit bias (SigLIP: init -10, with logit_scale_init log 10); None: none.
+        logit_bias_init=ml_collections.FieldReference(None, field_type=float),
     ))
 
 
@@ -116,6 +118,12 @@ def _base():
         label_key="label",
         batch_size=512,
     ))
+
+    # softmax: CLIP's symmetric cross-entropy; sigmoid: SigLIP's pairwise loss
+    # (set model.logit_scale_init=2.302585 and model.logit_bias_init=-10).
+    # chunk_size > 0 bounds the softmax logits held per device to
+    # [B_local, chunk_size]; the sigmoid loss is always [B_local, B_local].
+    config.loss = ml_collections.ConfigDict(dict(kind="softmax", chunk_size=0))
 
     # Mesh axis sizes; -1 takes the remaining devices. The batch is split over
     # data x fsdp; parameters are placed by `sharding_rules`.

@@ -47,6 +47,9 @@ def test_knobs_in_the_config_argument():
      "config.model.text.width=30 is not divisible by heads=4"),
     ({"model.activation": "relu"}, "config.model.activation='relu' is unknown"),
     ({"total_steps": 0}, "config.total_steps=0 must be positive"),
+    ({"loss.kind": "hinge"}, "config.loss.kind='hinge' is unknown"),
+    ({"loss.kind": "sigmoid"}, "config.loss.kind='sigmoid' needs a learned bias"),
+    ({"loss.chunk_size": 5}, "config.loss.chunk_size=5 does not divide config.batch_size=16"),
 ])
 def test_invalid_values_are_named(overrides, message):
     with pytest.raises(ConfigError) as error:

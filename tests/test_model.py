@@ -58,7 +58,8 @@ def test_outputs_are_unit_vectors_and_temperature_is_clipped(model_and_params):
     config, model, variables = model_and_params
     images, tokens = dummy_inputs(config.model)
     tokens = tokens.at[:, 0].set(49407)
-    image, text, scale = model.apply(variables, images + 0.5, tokens)
+    image, text, scale, bias = model.apply(variables, images + 0.5, tokens)
+    assert bias is None  # no bias parameter unless logit_bias_init is set
     np.testing.assert_allclose(jnp.linalg.norm(image, axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(text, axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(scale, 1 / 0.07, rtol=1e-5)  # paper's init

@@ -1,5 +1,7 @@
 """The sharded train step: mesh-independence and the ability to learn."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -29,36 +31,55 @@ def build(config, devices, optimizer=None):
     rng = jax.random.key(config.seed)
     _, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules, rng)
     state = create_train_state(model, optimizer, shardings, rng)
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES)
+    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
+                                      config.loss.chunk_size)
     step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
     return step, state
 
 
-MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)]
+MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
+          dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=8, tensor=1)]
+LOSSES = {
+    "softmax": {},
+    "softmax_chunked": {"loss.chunk_size": 8},
+    "sigmoid": {"loss.kind": "sigmoid", "model.logit_scale_init": 2.302585,
+                "model.logit_bias_init": -10.0},
+}
 
 
-def run_on_one_and_eight(mesh, steps, optimizer=None):
+def run_steps(config, devices, steps, optimizer_name):
+    """(params, [metrics per step]) after `steps` steps on a fixed batch."""
+    optimizer = optax.sgd(1.0) if optimizer_name == "sgd" else None
+    step, state = build(config, devices, optimizer)
+    batch = random_batch(config)
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state.params), history
+
+
+@functools.lru_cache(maxsize=None)
+def run_on_one_device(loss, steps, optimizer_name):
+    """The single-device reference, computed once per (loss, steps, optimizer)."""
+    config = small_config(**{"mesh.data": 1, "optimizer.warmup_steps": 0}, **LOSSES[loss])
+    return run_steps(config, jax.devices()[:1], steps, optimizer_name)
+
+
+def run_on_one_and_eight(mesh, steps, optimizer_name="adamw", loss="softmax"):
     """[(params, [metrics per step]) on 1 device, same on 8 devices with `mesh`]."""
-    single = small_config(**{"mesh.data": 1, "optimizer.warmup_steps": 0})
     sharded = small_config(**{f"mesh.{k}": v for k, v in mesh.items()},
-                           **{"optimizer.warmup_steps": 0})
-    batch = random_batch(single)
-    results = []
-    for config, devices in ((single, jax.devices()[:1]), (sharded, jax.devices())):
-        step, state = build(config, devices, optimizer)
-        history = []
-        for _ in range(steps):
-            state, metrics = step(state, batch)
-            history.append(jax.device_get(metrics))
-        results.append((jax.device_get(state.params), history))
-    return results
+                           **{"optimizer.warmup_steps": 0}, **LOSSES[loss])
+    return [run_on_one_device(loss, steps, optimizer_name),
+            run_steps(sharded, jax.devices(), steps, optimizer_name)]
 
 
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("mesh", MESHES)
-def test_adamw_steps_on_8_devices_equal_one_device(mesh):
-    (params_1, history_1), (params_8, history_8) = run_on_one_and_eight(mesh, steps=2)
+def test_adamw_steps_on_8_devices_equal_one_device(mesh, loss):
+    (params_1, history_1), (params_8, history_8) = run_on_one_and_eight(mesh, 2, loss=loss)
     for metrics_1, metrics_8 in zip(history_1, history_8):
-        for key in ("loss", "grad_norm", "i2t_top1"):
+        for key in metrics_1:
             np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=1e-5)
     # Adam divides by sqrt(v) + eps, which amplifies float noise in gradients that
     # are zero in exact arithmetic (e.g. attention key biases) up to ~lr * noise / eps;
@@ -67,13 +88,14 @@ def test_adamw_steps_on_8_devices_equal_one_device(mesh):
                  params_8, params_1)
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_updated_parameters_on_8_devices_equal_one_device(mesh):
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("mesh", MESHES[::2])
+def test_updated_parameters_on_8_devices_equal_one_device(mesh, loss):
     """With a linear update (SGD) the new parameters expose the gradient itself.
 
     Tolerance: 1e-5 relative to each parameter's largest entry, since entries that
     are sums of cancelling terms differ by float32 reduction order."""
-    (params_1, _), (params_8, _) = run_on_one_and_eight(mesh, steps=1, optimizer=optax.sgd(1.0))
+    (params_1, _), (params_8, _) = run_on_one_and_eight(mesh, 1, "sgd", loss)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                          atol=max(1e-5 * np.abs(b).max(), 1e-7)),
                  params_8, params_1)

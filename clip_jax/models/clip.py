@@ -35,8 +35,11 @@ IMAGE_TOWERS = {"vit": _vit, "resnet": _resnet}
 
 class CLIP(nn.Module):
     """`__call__(images [B,H,W,3], tokens [B,L])` -> (image [B,E], text [B,E] unit
-    embeddings, logit_scale scalar); `encode_image`/`encode_text` give the
-    unnormalised projected embeddings [B, E]."""
+    embeddings, logit_scale scalar, logit_bias scalar or None); `encode_image` /
+    `encode_text` give the unnormalised projected embeddings [B, E].
+
+    The learned bias exists only when config.logit_bias_init is set (SigLIP's
+    sigmoid loss needs it; CLIP's softmax is invariant to it)."""
 
     config: ml_collections.ConfigDict  # config.model
 
@@ -57,6 +60,9 @@ class CLIP(nn.Module):
         self.logit_scale = self.param(
             "logit_scale",
             nn.with_logical_partitioning(nn.initializers.constant(cfg.logit_scale_init), ()), ())
+        self.logit_bias = None if cfg.logit_bias_init is None else self.param(
+            "logit_bias",
+            nn.with_logical_partitioning(nn.initializers.constant(cfg.logit_bias_init), ()), ())
 
     def encode_image(self, images, train=False):
         """`train` only matters for BatchNorm towers (batch statistics vs running)."""
@@ -72,4 +78,4 @@ class CLIP(nn.Module):
     def __call__(self, images, tokens, train=False):
         image_embeddings = l2_normalize(self.encode_image(images, train))
         text_embeddings = l2_normalize(self.encode_text(tokens))
-        return image_embeddings, text_embeddings, self.temperature_scale()
+        return image_embeddings, text_embeddings, self.temperature_scale(), self.logit_bias
