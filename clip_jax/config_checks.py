@@ -41,7 +41,7 @@ def check_config(config, num_devices):
     """Raises ConfigError for the first invalid value, given the device count."""
     _positive(config, "batch_size", "total_steps", "log_every", "optimizer.eps",
               "data.shuffle_buffer", "zeroshot.batch_size", "model.embed_dim",
-              "model.logit_scale_max", "model.mlp_ratio")
+              "model.logit_scale_max", "model.text.mlp_ratio")
     _non_negative(config, "loss.chunk_size", "eval_every", "checkpoint_every", "optimizer.lr",
                   "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
                   "data.prefetch")
@@ -82,7 +82,7 @@ def check_config(config, num_devices):
     except TypeError:
         raise ConfigError(f"config.model.dtype={model.dtype!r} is not a dtype name") from None
     if model.image.kind == "vit":
-        _positive(config, "model.image.patch_size", "model.image.layers")
+        _positive(config, "model.image.patch_size", "model.image.layers", "model.image.mlp_ratio")
         _require(model.image.image_size % model.image.patch_size == 0,
                  f"config.model.image.image_size={model.image.image_size} is not divisible by "
                  f"patch_size={model.image.patch_size}")

@@ -6,7 +6,7 @@ Train the default (CPU-sized) model on the built-in synthetic dataset:
 
 A paper-sized preset, with any key overridden from the command line:
 
-  python -m clip_jax.train --config configs/clip.py:vit_b32 --workdir gs://bucket/run \
+  python -m clip_jax.train --config configs/clip.py:ViT-B-32 --workdir gs://bucket/run \
       --config.batch_size=32768 --config.data.name=my_prepared_dataset
 
 `arg` is `VARIANT` or `VARIANT,key=value,...` (big_vision style), e.g.
@@ -14,75 +14,36 @@ A paper-sized preset, with any key overridden from the command line:
 Every key is read by the trainer; unknown keys stop the run with a one-line error.
 """
 
-import math
-
 import ml_collections
 
-# Image tower / text tower / joint space per preset. Paper sizes are from the CLIP
-# paper (Radford et al. 2021, Tables 19-20) and OpenCLIP's model configs.
-_TEXT_512 = dict(context_length=77, width=512, layers=12, heads=8)
-_VIT_B = dict(kind="vit", image_size=224, width=768, layers=12, heads=12)
-_MODEL_PRESETS = {
-    # CPU-sized: trains to >90% zero-shot top-1 on synthetic_shapes in minutes.
-    "tiny": dict(
-        image=dict(kind="vit", image_size=32, patch_size=8, width=96, layers=3, heads=3),
-        text=dict(context_length=16, width=64, layers=2, heads=2),
-        embed_dim=64,
-        activation="gelu",
-    ),
-    "vit_b32": dict(image=dict(_VIT_B, patch_size=32), text=_TEXT_512, embed_dim=512,
-                    activation="quick_gelu"),
-    "vit_b16": dict(image=dict(_VIT_B, patch_size=16), text=_TEXT_512, embed_dim=512,
-                    activation="quick_gelu"),
-    "vit_l14": dict(
-        image=dict(kind="vit", image_size=224, patch_size=14, width=1024, layers=24, heads=16),
-        text=dict(context_length=77, width=768, layers=12, heads=12),
-        embed_dim=768,
-        activation="quick_gelu",
-    ),
-    # ResNet-50 in CLIP's modified form: stage depths (3, 4, 6, 3), width 64,
-    # attention pooling with 32 heads.
-    "rn50": dict(
-        image=dict(kind="resnet", image_size=224, stage_layers=(3, 4, 6, 3), width=64, heads=32),
-        text=_TEXT_512,
-        embed_dim=1024,
-        activation="quick_gelu",
-    ),
-}
+from clip_jax.models import zoo
 
-# The paper's schedule: batch 32,768, 32 epochs of 400M pairs (390,625 steps),
-# 2,000 warmup steps, lr 5e-4 (4e-4 for ViT-L/14).
+# The CPU-sized default: trains to >90% zero-shot top-1 on synthetic_shapes in minutes.
+_TINY_MODEL = dict(
+    image=dict(kind="vit", image_size=32, patch_size=8, width=96, layers=3, heads=3, mlp_ratio=4.0),
+    text=dict(context_length=16, vocab_size=49408, width=64, layers=2, heads=2, mlp_ratio=4.0),
+    embed_dim=64,
+    activation="gelu",
+)
+_TINY_RUN = dict(batch_size=128, total_steps=1200, log_every=50, eval_every=300,
+                 checkpoint_every=600, optimizer=dict(lr=2e-3, warmup_steps=100))
+
+# The paper's schedule for every named architecture: batch 32,768, 32 epochs of
+# 400M pairs (390,625 steps), 2,000 warmup steps, lr 5e-4 (4e-4 for ViT-L/14).
 _PAPER_RUN = dict(batch_size=32768, total_steps=390_625, eval_every=2000, checkpoint_every=1000,
                   optimizer=dict(lr=5e-4, warmup_steps=2000))
-# Run-level settings that differ per preset (the rest is shared in `_base`).
-_RUN_PRESETS = {
-    "tiny": dict(batch_size=128, total_steps=1200, log_every=50, eval_every=300,
-                 checkpoint_every=600, optimizer=dict(lr=2e-3, warmup_steps=100)),
-    "vit_b32": _PAPER_RUN,
-    "vit_b16": _PAPER_RUN,
-    "vit_l14": dict(_PAPER_RUN, optimizer=dict(lr=4e-4, warmup_steps=2000)),
-    "rn50": _PAPER_RUN,
-}
+_PAPER_LR = {"ViT-L-14": 4e-4, "ViT-L-14-336": 4e-4}
 
-VARIANTS = tuple(_MODEL_PRESETS)
+# `tiny`, then every model of the zoo by its OpenCLIP name (e.g. ViT-B-32, RN50-quickgelu).
+VARIANTS = ("tiny",) + zoo.MODEL_NAMES
 
 
-def _model_config(preset):
-    text = dict(context_length=77, vocab_size=49408, width=512, layers=12, heads=8)
-    text.update(preset["text"])
-    return ml_collections.ConfigDict(dict(
-        image=preset["image"],  # keys depend on image.kind (vit | resnet)
-        text=text,
-        embed_dim=preset["embed_dim"],
-        activation=preset["activation"],
-        mlp_ratio=4.0,
-        # Compute dtype of the towers; parameters and the loss stay float32.
-        dtype="float32",
-        logit_scale_init=math.log(1 / 0.07),
-        logit_scale_max=100.0,
-        # Learned logit bias (SigLIP: init -10, with logit_scale_init log 10); None: none.
-        logit_bias_init=ml_collections.FieldReference(None, field_type=float),
-    ))
+def _variant(name):
+    """(config.model, run-level settings) of a variant."""
+    if name == "tiny":
+        return zoo.build_model_config(**_TINY_MODEL), _TINY_RUN
+    lr = _PAPER_LR.get(name.removesuffix(zoo.QUICKGELU_SUFFIX), 5e-4)
+    return zoo.model_config(name), dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000))
 
 
 def _base():
@@ -125,6 +86,14 @@ def _base():
     # [B_local, chunk_size]; the sigmoid loss is always [B_local, B_local].
     config.loss = ml_collections.ConfigDict(dict(kind="softmax", chunk_size=0))
 
+    # Fine-tuning: start from weights written by `python -m clip_jax.convert` or from a
+    # training workdir (its latest checkpoint); None trains from scratch. A run whose
+    # own --workdir holds checkpoints resumes from those instead.
+    config.init_from = ml_collections.FieldReference(None, field_type=str)
+    # Locked towers get no updates and run in inference mode (LiT locks the image tower).
+    config.lock_image = False
+    config.lock_text = False
+
     # Mesh axis sizes; -1 takes the remaining devices. The batch is split over
     # data x fsdp; parameters are placed by `sharding_rules`.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -144,11 +113,11 @@ def _base():
 def get_config(arg=None):
     """Returns the locked config of a variant; `arg` is 'VARIANT[,key=value,...]'."""
     variant, *knobs = (arg or "tiny").split(",")
-    if variant not in _MODEL_PRESETS:
+    if variant not in VARIANTS:
         raise ValueError(f"unknown config variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     config = _base()
-    config.model = _model_config(_MODEL_PRESETS[variant])
-    for key, value in _RUN_PRESETS[variant].items():
+    config.model, run = _variant(variant)
+    for key, value in run.items():
         if isinstance(value, dict):
             config[key].update(value)
         else:

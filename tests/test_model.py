@@ -1,4 +1,6 @@
-"""The CLIP towers: reference sizes, causality, pooling, temperature."""
+"""The CLIP towers: logical names, causality, pooling, temperature, locking.
+
+Reference sizes and numerics are checked against PyTorch in test_interchange.py."""
 
 import flax.linen as nn
 import jax
@@ -8,19 +10,7 @@ import pytest
 
 from clip_jax.models import CLIP
 from clip_jax.train_step import dummy_inputs
-from configs.clip import get_config
 from tests.conftest import small_config
-
-
-def param_count(model_config):
-    model = CLIP(model_config)
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model_config))))["params"]
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-
-
-def test_vit_b32_has_openai_parameter_count():
-    # OpenAI's ViT-B/32 CLIP (both towers and logit_scale): 151,277,313 parameters.
-    assert param_count(get_config("vit_b32").model) == 151_277_313
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +62,3 @@ def test_wrong_image_size_is_a_clear_error(model_and_params):
     with pytest.raises(ValueError, match="image_size=16"):
         model.apply(variables, jnp.zeros((1, 32, 32, 3)), method=model.encode_image)
 
-
-def test_rn50_has_openai_parameter_count():
-    # OpenAI's RN50 CLIP: 102,007,137 parameters (BatchNorm running stats are buffers).
-    assert param_count(get_config("rn50").model) == 102_007_137

@@ -2,6 +2,7 @@
 shared space, and a learned temperature (Radford et al. 2021, Figure 3)."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -15,15 +16,15 @@ def l2_normalize(x, eps=1e-12):
     return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _vit(image, embed_dim, activation, mlp_ratio, dtype):
+def _vit(image, embed_dim, activation, dtype):
     return VisionTransformer(
         image_size=image.image_size, patch_size=image.patch_size, width=image.width,
         layers=image.layers, heads=image.heads, embed_dim=embed_dim, activation=activation,
-        mlp_ratio=mlp_ratio, dtype=dtype, name="visual")
+        mlp_ratio=image.mlp_ratio, dtype=dtype, name="visual")
 
 
-def _resnet(image, embed_dim, activation, mlp_ratio, dtype):
-    del activation, mlp_ratio  # convolutional tower: ReLU, no MLP blocks
+def _resnet(image, embed_dim, activation, dtype):
+    del activation  # convolutional tower: ReLU
     return ModifiedResNet(image_size=image.image_size, stage_layers=tuple(image.stage_layers),
                           width=image.width, heads=image.heads, embed_dim=embed_dim, dtype=dtype,
                           name="visual")
@@ -31,6 +32,8 @@ def _resnet(image, embed_dim, activation, mlp_ratio, dtype):
 
 # config.model.image.kind -> builder of the image tower.
 IMAGE_TOWERS = {"vit": _vit, "resnet": _resnet}
+# Tower name (as in `locked`, config.lock_image/lock_text) -> its parameter subtree.
+TOWER_PARAMS = {"image": "visual", "text": "text"}
 
 
 class CLIP(nn.Module):
@@ -39,9 +42,15 @@ class CLIP(nn.Module):
     `encode_text` give the unnormalised projected embeddings [B, E].
 
     The learned bias exists only when config.logit_bias_init is set (SigLIP's
-    sigmoid loss needs it; CLIP's softmax is invariant to it)."""
+    sigmoid loss needs it; CLIP's softmax is invariant to it).
+
+    `locked` towers ("image" and/or "text") run in inference mode (BatchNorm uses
+    its running statistics) and pass no gradient back, as in LiT (Zhai et al.
+    2022); the optimizer must also leave their parameters alone
+    (optim.make_optimizer's `frozen`)."""
 
     config: ml_collections.ConfigDict  # config.model
+    locked: tuple = ()
 
     def setup(self):
         cfg = self.config
@@ -50,11 +59,11 @@ class CLIP(nn.Module):
         if kind not in IMAGE_TOWERS:
             raise ValueError(f"config.model.image.kind={kind!r} is unknown; "
                              f"choose one of {', '.join(IMAGE_TOWERS)}")
-        self.visual = IMAGE_TOWERS[kind](cfg.image, cfg.embed_dim, cfg.activation, cfg.mlp_ratio, dtype)
+        self.visual = IMAGE_TOWERS[kind](cfg.image, cfg.embed_dim, cfg.activation, dtype)
         self.text = TextTransformer(
             context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
             width=cfg.text.width, layers=cfg.text.layers, heads=cfg.text.heads,
-            embed_dim=cfg.embed_dim, activation=cfg.activation, mlp_ratio=cfg.mlp_ratio,
+            embed_dim=cfg.embed_dim, activation=cfg.activation, mlp_ratio=cfg.text.mlp_ratio,
             dtype=dtype)
         # Stored as log(1/temperature) so the update is scale-free; init 1/0.07.
         self.logit_scale = self.param(
@@ -76,6 +85,12 @@ class CLIP(nn.Module):
         return jnp.exp(jnp.minimum(self.logit_scale, jnp.log(self.config.logit_scale_max)))
 
     def __call__(self, images, tokens, train=False):
-        image_embeddings = l2_normalize(self.encode_image(images, train))
-        text_embeddings = l2_normalize(self.encode_text(tokens))
+        image_embeddings = self.encode_image(images, train and "image" not in self.locked)
+        text_embeddings = self.encode_text(tokens)
+        # Nothing flows into a locked tower, so XLA drops its backward pass entirely.
+        if "image" in self.locked:
+            image_embeddings = jax.lax.stop_gradient(image_embeddings)
+        if "text" in self.locked:
+            text_embeddings = jax.lax.stop_gradient(text_embeddings)
+        image_embeddings, text_embeddings = l2_normalize(image_embeddings), l2_normalize(text_embeddings)
         return image_embeddings, text_embeddings, self.temperature_scale(), self.logit_bias

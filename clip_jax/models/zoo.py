@@ -1,0 +1,86 @@
+"""Named CLIP architectures, as OpenCLIP names and defines them.
+
+`model_config(name)` gives the `config.model` ConfigDict of a preset and
+`create_model(name)` the flax Module. Sizes are from OpenCLIP's
+`open_clip/model_configs/*.json` (v3.3.0), which reproduce OpenAI's released
+models; the `-quickgelu` names use OpenAI's activation, which OpenAI's released
+weights need, the plain names PyTorch's exact GELU.
+"""
+
+import math
+
+import ml_collections
+
+from clip_jax.models.clip import CLIP
+
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def _vit(width, layers, patch_size, image_size=224, head_width=64, mlp_ratio=4.0):
+    return dict(kind="vit", image_size=image_size, patch_size=patch_size, width=width,
+                layers=layers, heads=width // head_width, mlp_ratio=mlp_ratio)
+
+
+def _resnet(stage_layers, width, image_size):
+    # The attention pool runs over the last stage's width * 32 channels in 64-wide heads.
+    return dict(kind="resnet", image_size=image_size, stage_layers=tuple(stage_layers),
+                width=width, heads=width * 32 // 64)
+
+
+def _text(width, heads, layers=12):
+    return dict(context_length=77, vocab_size=49408, width=width, layers=layers, heads=heads,
+                mlp_ratio=4.0)
+
+
+# name -> (embed_dim, image tower, text tower)
+_ARCHITECTURES = {
+    "ViT-B-32": (512, _vit(768, 12, 32), _text(512, 8)),
+    "ViT-B-16": (512, _vit(768, 12, 16), _text(512, 8)),
+    "ViT-L-14": (768, _vit(1024, 24, 14), _text(768, 12)),
+    "ViT-L-14-336": (768, _vit(1024, 24, 14, image_size=336), _text(768, 12)),
+    "ViT-H-14": (1024, _vit(1280, 32, 14, head_width=80), _text(1024, 16, 24)),
+    "ViT-g-14": (1024, _vit(1408, 40, 14, head_width=88, mlp_ratio=4.3637), _text(1024, 16, 24)),
+    "ViT-bigG-14": (1280, _vit(1664, 48, 14, head_width=104, mlp_ratio=4.9231),
+                    _text(1280, 20, 32)),
+    "RN50": (1024, _resnet((3, 4, 6, 3), 64, 224), _text(512, 8)),
+    "RN101": (512, _resnet((3, 4, 23, 3), 64, 224), _text(512, 8)),
+    "RN50x4": (640, _resnet((4, 6, 10, 6), 80, 288), _text(640, 10)),
+    "RN50x16": (768, _resnet((6, 8, 18, 8), 96, 384), _text(768, 12)),
+    "RN50x64": (1024, _resnet((3, 15, 36, 10), 128, 448), _text(1024, 16)),
+}
+
+MODEL_NAMES = tuple(name + suffix for name in _ARCHITECTURES for suffix in ("", QUICKGELU_SUFFIX))
+
+
+def build_model_config(image, text, embed_dim, activation):
+    """config.model from tower dicts; the shared fields get their defaults here."""
+    return ml_collections.ConfigDict(dict(
+        image=dict(image),  # keys depend on image.kind (vit | resnet)
+        text=dict(text),
+        embed_dim=embed_dim,
+        activation=activation,
+        # Compute dtype of the towers; parameters and the loss stay float32.
+        dtype="float32",
+        logit_scale_init=math.log(1 / 0.07),
+        logit_scale_max=100.0,
+        # Learned logit bias (SigLIP: init -10, with logit_scale_init log 10); None: none.
+        logit_bias_init=ml_collections.FieldReference(None, field_type=float),
+    ))
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+    """config.model of a preset, e.g. 'ViT-B-32' or 'RN50-quickgelu'."""
+    base = name.removesuffix(QUICKGELU_SUFFIX)
+    if base not in _ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    embed_dim, image, text = _ARCHITECTURES[base]
+    activation = "quick_gelu" if name.endswith(QUICKGELU_SUFFIX) else "gelu"
+    return build_model_config(image, text, embed_dim, activation)
+
+
+def create_model(name: str, **overrides) -> CLIP:
+    """The flax CLIP Module of a preset; `overrides` set top-level model keys (e.g. dtype)."""
+    config = model_config(name)
+    config.lock()  # a misspelt override raises instead of adding a key
+    config.update(overrides)
+    return CLIP(config)
