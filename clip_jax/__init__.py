@@ -1,5 +1,13 @@
-"""clip_jax: CLIP (contrastive language-image pre-training) in JAX/Flax."""
+"""clip_jax: CLIP (contrastive language-image pre-training) in JAX/Flax.
 
+  model = clip_jax.create_model("ViT-B-32")
+  variables = clip_jax.convert.from_torch("ViT-B-32.pt", "ViT-B-32")
+  image_embeddings = model.apply(variables, images, method=model.encode_image)
+  text_embeddings = model.apply(variables, clip_jax.tokenize(texts), method=model.encode_text)
+"""
+
+from clip_jax import convert
+from clip_jax.models.zoo import MODEL_NAMES, create_model
 from clip_jax.tokenizer import tokenize
 
-__all__ = ["tokenize"]
+__all__ = ["MODEL_NAMES", "convert", "create_model", "tokenize"]

@@ -8,7 +8,9 @@ on its devices, on whatever mesh the restoring run uses.
 import json
 import os
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def make_manager(workdir, config):
@@ -34,3 +36,69 @@ def restore_latest(manager, abstract_state):
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored.state
+
+
+def save_variables(path, variables):
+    """Writes model variables ({"params": ..., ...}) as one orbax checkpoint at `path`."""
+    path = path if "://" in path else os.path.abspath(path)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, variables)
+    checkpointer.wait_until_finished()
+
+
+def load_variables(path, abstract_variables):
+    """Model variables from `path`: a `save_variables` checkpoint or a training workdir
+    (the parameters and running statistics of its latest state), placed per the
+    shardings of `abstract_variables` (jax.ShapeDtypeStructs; none: default device).
+
+    Raises ValueError naming the first leaf missing or shaped unlike the model's.
+    """
+    path = epath.Path(path if "://" in str(path) else os.path.abspath(path))
+    if not path.exists():
+        raise ValueError(f"{path}: no such checkpoint directory")
+    item_dir, stored_path = path, lambda variables_path: variables_path
+    if (path / "checkpoints").exists():
+        manager = ocp.CheckpointManager(path / "checkpoints")
+        step = manager.latest_step()
+        manager.close()
+        if step is None:
+            raise ValueError(f"{path}: the workdir holds no complete checkpoint")
+        item_dir = path / "checkpoints" / str(step) / "state"
+        # Train states keep non-trained collections under model_state.
+        stored_path = lambda p: p if p[0] == "params" else ("model_state",) + p  # noqa: E731
+    checkpointer = ocp.PyTreeCheckpointer()
+    stored = checkpointer.metadata(item_dir).item_metadata.tree
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {}
+    for key, spec in jax.tree_util.tree_flatten_with_path(abstract_variables)[0]:
+        names = tuple(k.key for k in key)
+        node = stored
+        for name in stored_path(names):
+            node = node.get(name) if isinstance(node, dict) else None
+        if node is None:
+            raise ValueError(f"{path}: missing {'/'.join(names)} (the model expects shape "
+                             f"{tuple(spec.shape)}): a different architecture?")
+        if tuple(node.shape) != tuple(spec.shape):
+            raise ValueError(f"{path}: {'/'.join(names)} has shape {tuple(node.shape)}, "
+                             f"the model expects {tuple(spec.shape)}")
+        sharding = getattr(spec, "sharding", None) or default
+        _nested_set(target, stored_path(names), jax.ShapeDtypeStruct(spec.shape, spec.dtype,
+                                                                     sharding=sharding))
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    return jax.tree_util.tree_map_with_path(
+        lambda key, _: _nested_get(restored, stored_path(tuple(k.key for k in key))),
+        abstract_variables)
+
+
+def _nested_set(tree, names, value):
+    for name in names[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[names[-1]] = value
+
+
+def _nested_get(tree, names):
+    for name in names:
+        tree = tree[name]
+    return tree

@@ -1,0 +1,395 @@
+r"""Weight interchange with PyTorch CLIPs: OpenAI, OpenCLIP and Hugging Face.
+
+  variables = from_torch("ViT-B-32.pt", "ViT-B-32")   # {"params": ..., "batch_stats": ...}
+  state_dict = to_torch(variables, "ViT-B-32")          # OpenCLIP/OpenAI names, numpy arrays
+
+One table of rules per architecture maps each PyTorch key to the flax leaves it
+holds and back, so the two directions cannot drift apart. Hugging Face
+`CLIPModel` checkpoints are renamed to OpenCLIP's layout first.
+
+CLI (orbax checkpoint <-> PyTorch file):
+
+  python -m clip_jax.convert --model ViT-B-32 --input ViT-B-32.pt --output /tmp/vit_b32
+  python -m clip_jax.convert --model ViT-B-32 --input /tmp/vit_b32 --output out.safetensors --to-torch
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Callable, Mapping, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clip_jax.models import zoo
+from clip_jax.models.clip import CLIP
+
+# Keys in OpenAI/OpenCLIP files that are not weights (OpenAI's TorchScript archives
+# store the input sizes; old OpenCLIP versions saved the causal mask).
+_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the architecture; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One PyTorch tensor <-> the flax leaves it holds (several for packed q/k/v)."""
+
+    torch_key: str
+    paths: tuple  # flax paths, e.g. ("params", "visual", "conv1", "kernel"); () for torch-only
+    to_flax: Callable  # torch array -> tuple of flax arrays, one per path
+    to_torch: Callable  # tuple of flax arrays -> torch array
+
+
+def _concat(parts):
+    xp = jnp if any(isinstance(p, jax.Array) or hasattr(p, "aval") for p in parts) else np
+    return xp.concatenate(parts)
+
+
+def _same(torch_key, path):
+    return [Rule(torch_key, (path,), lambda t: (t,), lambda f: f[0])]
+
+
+def _linear(torch_key, path, bias=True):
+    """torch Linear weight [out, in] <-> flax kernel [in, out]."""
+    rules = [Rule(f"{torch_key}.weight", (path + ("kernel",),), lambda t: (t.T,), lambda f: f[0].T)]
+    return rules + (_same(f"{torch_key}.bias", path + ("bias",)) if bias else [])
+
+
+def _projection(torch_key, path):
+    """A bare [in, out] projection matrix, stored the same way in both."""
+    return _same(torch_key, path)
+
+
+def _layer_norm(torch_key, path):
+    return (_same(f"{torch_key}.weight", path + ("scale",))
+            + _same(f"{torch_key}.bias", path + ("bias",)))
+
+
+def _conv(torch_key, path):
+    """torch [out, in, kh, kw] <-> flax [kh, kw, in, out]."""
+    return [Rule(torch_key, (path + ("kernel",),), lambda t: (t.transpose(2, 3, 1, 0),),
+                 lambda f: f[0].transpose(3, 2, 0, 1))]
+
+
+def _batch_norm(torch_key, path):
+    stats = ("batch_stats",) + path[1:]
+    return (_same(f"{torch_key}.weight", path + ("scale",))
+            + _same(f"{torch_key}.bias", path + ("bias",))
+            + _same(f"{torch_key}.running_mean", stats + ("mean",))
+            + _same(f"{torch_key}.running_var", stats + ("var",))
+            # Only read by BatchNorm with momentum=None; written as 0, ignored on load.
+            + [Rule(f"{torch_key}.num_batches_tracked", (), lambda t: (),
+                    lambda f: np.zeros((), np.int64))])
+
+
+def _heads_in(weight_rows, heads):
+    """torch [H*D, in] rows -> flax DenseGeneral kernel [in, H, D]."""
+    return weight_rows.T.reshape(weight_rows.shape[1], heads, -1)
+
+
+def _heads_out(kernel):
+    """flax kernel [in, H, D] -> torch [H*D, in]."""
+    return kernel.reshape(kernel.shape[0], -1).T
+
+
+def _attention(torch_key, path, heads):
+    """nn.MultiheadAttention's packed in_proj <-> flax query/key/value + out."""
+    qkv = tuple(path + (name, "kernel") for name in ("query", "key", "value"))
+    qkv_bias = tuple(path + (name, "bias") for name in ("query", "key", "value"))
+    return [
+        Rule(f"{torch_key}.in_proj_weight", qkv,
+             lambda t: tuple(_heads_in(part, heads) for part in np.split(t, 3)),
+             lambda f: _concat([_heads_out(k) for k in f])),
+        Rule(f"{torch_key}.in_proj_bias", qkv_bias,
+             lambda t: tuple(part.reshape(heads, -1) for part in np.split(t, 3)),
+             lambda f: _concat([b.reshape(-1) for b in f])),
+        Rule(f"{torch_key}.out_proj.weight", (path + ("out", "kernel"),),
+             lambda t: (t.T.reshape(heads, -1, t.shape[0]),),
+             lambda f: f[0].reshape(-1, f[0].shape[-1]).T),
+        *_same(f"{torch_key}.out_proj.bias", path + ("out", "bias")),
+    ]
+
+
+def _transformer(torch_key, path, layers, heads):
+    rules = []
+    for i in range(layers):
+        block, flax_block = f"{torch_key}.resblocks.{i}", path + (f"resblocks_{i}",)
+        rules += (_layer_norm(f"{block}.ln_1", flax_block + ("ln_1",))
+                  + _attention(f"{block}.attn", flax_block + ("attn",), heads)
+                  + _layer_norm(f"{block}.ln_2", flax_block + ("ln_2",))
+                  + _linear(f"{block}.mlp.c_fc", flax_block + ("c_fc",))
+                  + _linear(f"{block}.mlp.c_proj", flax_block + ("c_proj",)))
+    return rules
+
+
+def _vit_rules(image):
+    v = ("params", "visual")
+    return (_conv("visual.conv1.weight", v + ("conv1",))
+            + _same("visual.class_embedding", v + ("class_embedding",))
+            + _same("visual.positional_embedding", v + ("positional_embedding",))
+            + _layer_norm("visual.ln_pre", v + ("ln_pre",))
+            + _transformer("visual.transformer", v + ("transformer",), image.layers, image.heads)
+            + _layer_norm("visual.ln_post", v + ("ln_post",))
+            + _projection("visual.proj", v + ("proj",)))
+
+
+def _pool_projection(torch_key, path, heads):
+    """Attention-pool q/k/v Linear [H*D, C] <-> DenseGeneral [C, H, D]."""
+    return [Rule(f"{torch_key}.weight", (path + ("kernel",),),
+                 lambda t: (_heads_in(t, heads),), lambda f: _heads_out(f[0])),
+            Rule(f"{torch_key}.bias", (path + ("bias",),),
+                 lambda t: (t.reshape(heads, -1),), lambda f: f[0].reshape(-1))]
+
+
+def _resnet_rules(image):
+    v = ("params", "visual")
+    rules = []
+    for i in (1, 2, 3):  # the 3-conv stem
+        rules += _conv(f"visual.conv{i}.weight", v + (f"conv{i}",))
+        rules += _batch_norm(f"visual.bn{i}", v + (f"bn{i}",))
+    for stage, blocks in enumerate(image.stage_layers):
+        for block in range(blocks):
+            torch_block, flax_block = f"visual.layer{stage + 1}.{block}", v + (f"layer{stage + 1}_{block}",)
+            for i in (1, 2, 3):
+                rules += _conv(f"{torch_block}.conv{i}.weight", flax_block + (f"conv{i}",))
+                rules += _batch_norm(f"{torch_block}.bn{i}", flax_block + (f"bn{i}",))
+            if block == 0:  # the first block of every stage changes width or stride
+                rules += _conv(f"{torch_block}.downsample.0.weight", flax_block + ("downsample_conv",))
+                rules += _batch_norm(f"{torch_block}.downsample.1", flax_block + ("downsample_bn",))
+    pool = v + ("attnpool",)
+    rules += _same("visual.attnpool.positional_embedding", pool + ("positional_embedding",))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        rules += _pool_projection(f"visual.attnpool.{name}", pool + (name,), image.heads)
+    rules += [Rule("visual.attnpool.c_proj.weight", (pool + ("c_proj", "kernel"),),
+                   lambda t: (t.T.reshape(image.heads, -1, t.shape[0]),),
+                   lambda f: f[0].reshape(-1, f[0].shape[-1]).T)]
+    rules += _same("visual.attnpool.c_proj.bias", pool + ("c_proj", "bias"))
+    return rules
+
+
+def _text_rules(text):
+    t = ("params", "text")
+    return (_same("token_embedding.weight", t + ("token_embedding",))
+            + _same("positional_embedding", t + ("positional_embedding",))
+            + _transformer("transformer", t + ("transformer",), text.layers, text.heads)
+            + _layer_norm("ln_final", t + ("ln_final",))
+            + _projection("text_projection", t + ("text_projection",)))
+
+
+def rules_for(model_config: ml_collections.ConfigDict) -> list:
+    """The conversion table of an architecture: one Rule per PyTorch key."""
+    image_rules = {"vit": _vit_rules, "resnet": _resnet_rules}[model_config.image.kind]
+    rules = _text_rules(model_config.text)
+    rules = rules[:2] + image_rules(model_config.image) + rules[2:]
+    rules += _same("logit_scale", ("params", "logit_scale"))
+    if model_config.logit_bias_init is not None:
+        rules += _same("logit_bias", ("params", "logit_bias"))
+    return rules
+
+
+def _resolve(model):
+    """(config.model, name for messages) from a zoo name or a config.model."""
+    if isinstance(model, str):
+        return zoo.model_config(model), model
+    return model, "the given config"
+
+
+def abstract_variables(model_config):
+    """Flax variable shapes of an architecture, without allocating them."""
+    from clip_jax.train_step import dummy_inputs  # noqa: PLC0415 (train_step imports optax)
+    module = CLIP(model_config)
+    return nn.unbox(jax.eval_shape(lambda r: module.init(r, *dummy_inputs(model_config)),
+                                   jax.random.key(0)))
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _torch_to_numpy(value):
+    value = value.detach().cpu()
+    if value.dtype.is_floating_point:
+        value = value.float()  # OpenAI ships float16; parameters here are float32
+    return value.numpy()
+
+
+def _load_torch_file(path):
+    try:
+        import torch  # noqa: PLC0415 (optional extra: pip install 'clip_jax[convert]')
+    except ImportError:
+        raise ConversionError(f"{path}: reading PyTorch files needs torch "
+                              "(pip install 'clip_jax[convert]'); .safetensors files do not") from None
+    try:  # OpenAI's released models are TorchScript archives
+        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in state_dict:  # an OpenCLIP training checkpoint
+        state_dict = state_dict["state_dict"]
+    return state_dict
+
+
+def load_state_dict(source) -> dict:
+    """A state dict (torch tensors or numpy arrays) or a file -> {key: numpy array}."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise ConversionError(f"{path}: no such file")
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file  # noqa: PLC0415
+            source = load_file(path)
+        else:
+            source = _load_torch_file(path)
+    state_dict = {}
+    for key, value in source.items():
+        key = key.removeprefix("module.")  # saved from DistributedDataParallel
+        if key.rsplit(".", 1)[-1] in _NON_WEIGHT_KEYS or key in _NON_WEIGHT_KEYS:
+            continue
+        state_dict[key] = value if isinstance(value, np.ndarray) else _torch_to_numpy(value)
+    if "text_model.embeddings.token_embedding.weight" in state_dict:
+        state_dict = _from_hugging_face(state_dict)
+    return state_dict
+
+
+def _from_hugging_face(hf):
+    """Hugging Face CLIPModel keys -> OpenCLIP keys (q/k/v packed, Linear transposed)."""
+    renames = {"embeddings.token_embedding.weight": "token_embedding.weight",
+               "embeddings.position_embedding.weight": "positional_embedding",
+               "final_layer_norm": "ln_final", "embeddings.patch_embedding.weight": "conv1.weight",
+               "embeddings.class_embedding": "class_embedding", "pre_layrnorm": "ln_pre",
+               "post_layernorm": "ln_post", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+               "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj",
+               "encoder.layers": "transformer.resblocks"}
+    out = {}
+    for key, value in hf.items():
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T
+            continue
+        if key == "visual_projection.weight":
+            out["visual.proj"] = value.T
+            continue
+        if key == "vision_model.embeddings.position_embedding.weight":
+            out["visual.positional_embedding"] = value
+            continue
+        name = key.replace("text_model.", "", 1).replace("vision_model.", "visual.", 1)
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        if ".self_attn." in name:  # packed below
+            continue
+        out[name] = value
+    for key in hf:
+        if key.endswith("self_attn.q_proj.weight") or key.endswith("self_attn.q_proj.bias"):
+            kind = key.rsplit(".", 1)[-1]
+            prefix = key[: -len(f"q_proj.{kind}")]
+            name = prefix.replace("text_model.", "", 1).replace("vision_model.", "visual.", 1)
+            name = name.replace("encoder.layers", "transformer.resblocks").replace("self_attn.", "attn.")
+            out[f"{name}in_proj_{kind}"] = np.concatenate(
+                [hf[f"{prefix}{p}_proj.{kind}"] for p in "qkv"])
+    return out
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _get(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _set(tree, path, value):
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def from_torch(source: Union[str, os.PathLike, Mapping], model) -> dict:
+    """OpenAI / OpenCLIP / Hugging Face weights -> {"params": ..., ["batch_stats": ...]}.
+
+    `source`: a state dict (torch tensors or numpy arrays) or a .pt/.bin/TorchScript/
+    .safetensors file; `model`: a zoo name (e.g. "ViT-B-32") or a config.model.
+    Raises ConversionError naming the first missing, mis-shaped or unexpected key.
+    """
+    model_config, name = _resolve(model)
+    state_dict = load_state_dict(source)
+    abstract = flax.core.unfreeze(abstract_variables(model_config))
+    variables = {}
+    used = set()
+    for rule in rules_for(model_config):
+        if rule.torch_key not in state_dict:
+            if not rule.paths:  # torch-only bookkeeping, e.g. num_batches_tracked
+                continue
+            raise ConversionError(f"{name}: missing key {rule.torch_key!r} in the checkpoint")
+        value = state_dict[rule.torch_key]
+        used.add(rule.torch_key)
+        if not rule.paths:
+            continue
+        expected = jax.eval_shape(rule.to_torch, tuple(_get(abstract, p) for p in rule.paths))
+        if tuple(value.shape) != tuple(expected.shape):
+            raise ConversionError(f"{name}: key {rule.torch_key!r} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(expected.shape)}")
+        for path, leaf in zip(rule.paths, rule.to_flax(value)):
+            _set(variables, path, np.array(leaf, dtype=_get(abstract, path).dtype))
+    unexpected = [key for key in state_dict if key not in used]
+    if unexpected:
+        raise ConversionError(f"{name}: unexpected key {unexpected[0]!r} in the checkpoint "
+                              f"({len(unexpected)} unexpected in all): a different architecture?")
+    return variables
+
+
+def to_torch(variables: Mapping, model) -> dict:
+    """{"params": ..., ["batch_stats": ...]} -> OpenCLIP/OpenAI state dict of numpy arrays."""
+    model_config, _ = _resolve(model)
+    variables = flax.core.unfreeze(variables)
+    # Fresh C-ordered arrays: transposed views would be written wrongly by writers that
+    # take the raw buffer.
+    return {rule.torch_key: np.array(rule.to_torch(tuple(np.asarray(_get(variables, p))
+                                                         for p in rule.paths)), order="C")
+            for rule in rules_for(model_config)}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_jax.convert",
+        description="Convert CLIP weights between PyTorch files and orbax checkpoints.")
+    parser.add_argument("--model", required=True,
+                        help=f"architecture, one of: {', '.join(zoo.MODEL_NAMES)}")
+    parser.add_argument("--input", required=True,
+                        help="PyTorch file (.pt/.bin/TorchScript/.safetensors, OpenAI, OpenCLIP or "
+                             "Hugging Face); with --to-torch an orbax checkpoint directory")
+    parser.add_argument("--output", required=True,
+                        help="orbax checkpoint directory; with --to-torch a .safetensors file")
+    parser.add_argument("--to-torch", action="store_true",
+                        help="orbax checkpoint -> OpenCLIP-loadable .safetensors")
+    args = parser.parse_args(argv)
+    from clip_jax import checkpoint  # noqa: PLC0415 (orbax import is slow; not needed for --help)
+    try:
+        if args.to_torch:
+            model_config = zoo.model_config(args.model)
+            variables = checkpoint.load_variables(args.input, abstract_variables(model_config))
+            from safetensors.numpy import save_file  # noqa: PLC0415
+            state_dict = to_torch(jax.device_get(variables), model_config)
+            save_file(state_dict, args.output)
+            print(f"wrote {len(state_dict)} tensors to {args.output}")
+        else:
+            variables = from_torch(args.input, args.model)
+            checkpoint.save_variables(args.output, variables)
+            count = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
+            print(f"wrote {count:,} parameters of {args.model} to {args.output}")
+    except (ConversionError, ValueError, FileNotFoundError) as error:
+        sys.exit(f"convert error: {error}")
+
+
+if __name__ == "__main__":
+    main()

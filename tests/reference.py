@@ -1,0 +1,50 @@
+"""PyTorch reference implementations for the interchange tests: OpenCLIP and
+Hugging Face transformers, neither written here.
+
+OpenCLIP's package __init__ imports torchvision for its image transforms, and
+PyPI's torchvision does not import beside the CPU torch build used here, so the
+model and tokenizer modules are loaded directly, with a stand-in for the one
+torchvision class its utils module names (FrozenBatchNorm2d, used only by
+`lock_image_tower`, which these tests never call).
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import sys
+import types
+
+import pytest
+
+
+@functools.lru_cache(maxsize=None)
+def open_clip_modules():
+    """(open_clip.model, open_clip.tokenizer, model_configs directory); skips without them."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")  # imported before the stand-in, so it sees no torchvision
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
+    if "open_clip" not in sys.modules:
+        package = types.ModuleType("open_clip")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["open_clip"] = package
+        if importlib.util.find_spec("torchvision") is None:
+            misc = types.ModuleType("torchvision.ops.misc")
+            misc.FrozenBatchNorm2d = torch.nn.BatchNorm2d
+            sys.modules.update({"torchvision": types.ModuleType("torchvision"),
+                                "torchvision.ops": types.ModuleType("torchvision.ops"),
+                                "torchvision.ops.misc": misc})
+    import open_clip.model as model  # noqa: PLC0415
+    import open_clip.tokenizer as tokenizer  # noqa: PLC0415
+    configs = os.path.join(list(spec.submodule_search_locations)[0], "model_configs")
+    return model, tokenizer, configs
+
+
+def open_clip_config(name):
+    """OpenCLIP's JSON config of a model name (e.g. 'ViT-B-32-quickgelu')."""
+    _, _, configs = open_clip_modules()
+    with open(os.path.join(configs, f"{name}.json")) as f:
+        return json.load(f)
