@@ -20,11 +20,21 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt_config, total_steps):
-    """optax AdamW (+ optional global-norm clipping) driven by the schedule."""
-    adamw = optax.adamw(
+def make_optimizer(opt_config, total_steps, frozen=()):
+    """optax AdamW (+ optional global-norm clipping) driven by the schedule.
+
+    `frozen` names top-level parameter subtrees (e.g. "visual" for a locked image
+    tower) that get neither updates nor weight decay, and no optimizer state.
+    """
+    optimizer = optax.adamw(
         learning_rate_schedule(opt_config, total_steps), b1=opt_config.b1, b2=opt_config.b2,
         eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask)
     if opt_config.grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), adamw)
-    return adamw
+        optimizer = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), optimizer)
+    if frozen:
+        labels = lambda params: {name: jax.tree.map(  # noqa: E731
+            lambda _, frozen_tree=name in frozen: "frozen" if frozen_tree else "trained", subtree)
+            for name, subtree in params.items()}
+        optimizer = optax.multi_transform(
+            {"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
+    return optimizer

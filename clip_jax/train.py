@@ -21,6 +21,7 @@ from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.data import pipeline
 from clip_jax.metrics import MetricWriter
 from clip_jax.models import CLIP
+from clip_jax.models.clip import TOWER_PARAMS
 from clip_jax.train_step import create_train_state, jit_train_step, make_train_step, state_shardings
 from clip_jax.zeroshot import ZeroShotEvaluator
 
@@ -72,6 +73,20 @@ def _global_batch(local_batch, batch_sharding):
                         local_batch)
 
 
+def _initialise_from(path, state, abstract_state, shardings):
+    """`state` with its parameters and running statistics read from `path`."""
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            {"params": abstract_state.params, **abstract_state.model_state},
+                            shardings.variables())
+    try:
+        variables = checkpoint.load_variables(path, abstract)
+    except ValueError as error:
+        raise ConfigError(f"config.init_from: {error}") from None
+    _print(f"initialised parameters from {path}")
+    params = variables.pop("params")
+    return state.replace(params=params, model_state=variables)
+
+
 def _is_due(step, every, total_steps):
     return step == total_steps or (every > 0 and step % every == 0)
 
@@ -80,8 +95,10 @@ def train(config, workdir):
     """Runs training to config.total_steps and returns the last logged metrics."""
     check_config(config, jax.device_count())
     mesh = sharding.make_mesh(config.mesh)
-    model = CLIP(config.model)
-    optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
+    locked = tuple(tower for tower in TOWER_PARAMS if config[f"lock_{tower}"])
+    model = CLIP(config.model, locked=locked)
+    optimizer = optim.make_optimizer(config.optimizer, config.total_steps,
+                                     frozen=tuple(TOWER_PARAMS[tower] for tower in locked))
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     rng = jax.random.key(config.seed)
     abstract_state, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules, rng)
@@ -91,6 +108,8 @@ def train(config, workdir):
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings))
     if state is None:
         state = create_train_state(model, optimizer, shardings, rng)
+        if config.init_from:
+            state = _initialise_from(config.init_from, state, abstract_state, shardings)
     start_step = int(state.step)
     _describe_start(config, mesh, state, shardings, start_step)
     if jax.process_index() == 0:

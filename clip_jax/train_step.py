@@ -41,14 +41,34 @@ def state_shardings(model, optimizer, mesh, rules, rng):
     boxed = jax.eval_shape(lambda r: model.init(r, *inputs), rng)
     param_shardings = sharding.logical_shardings(boxed["params"], mesh, rules)
     abstract = jax.eval_shape(lambda r: _init_state(model, optimizer, r), rng)
-    # Optimizer moments mirror the parameters; counters and scalars are replicated.
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, param_sharding: param_sharding, abstract.opt_state, param_shardings,
-        transform_non_params=lambda _: sharding.replicated(mesh))
+    opt_shardings = _mirror_param_shardings(abstract.opt_state, abstract.params, param_shardings,
+                                            sharding.replicated(mesh))
     # Running statistics are small: replicate them.
     model_state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract.model_state)
     return abstract, TrainState(step=sharding.replicated(mesh), params=param_shardings,
                                 opt_state=opt_shardings, model_state=model_state_shardings)
+
+
+def _mirror_param_shardings(opt_state, params, param_shardings, replicated):
+    """Optimizer-state shardings: a leaf whose key path ends with a parameter's path and
+    has its shape (Adam's moments, masked or not) takes that parameter's sharding;
+    counters and scalars are replicated. Works for any optax state, frozen subtrees
+    included, without running the optimizer's init on placeholders."""
+    def names(path):
+        return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+    by_path = {names(path): (leaf.shape, shard) for (path, leaf), shard in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+
+    def leaf_sharding(path, leaf):
+        path = names(path)
+        for start in range(len(path)):
+            shape, shard = by_path.get(path[start:], (None, None))
+            if shard is not None and shape == leaf.shape:
+                return shard
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
 
 
 def _init_state(model, optimizer, rng):

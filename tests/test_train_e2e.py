@@ -3,6 +3,8 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from clip_jax import train as train_lib
@@ -61,3 +63,24 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(data_dir, tmp_path):
     uninterrupted = train_lib.train(e2e_config(data_dir, 6), straight)
     assert [r["step"] for r in read_rows(interrupted) if "train/loss" in r] == [2, 3, 4, 6]
     assert resumed["train/loss"] == pytest.approx(uninterrupted["train/loss"], rel=1e-5)
+
+
+def _saved_variables(workdir, config):
+    from clip_jax import convert, checkpoint
+    return checkpoint.load_variables(workdir, convert.abstract_variables(config.model))
+
+
+def test_finetune_from_a_run_with_a_locked_image_tower(data_dir, tmp_path):
+    """LiT-style: init_from another run's weights, image tower locked."""
+    pretrained, finetuned = str(tmp_path / "pretrained"), str(tmp_path / "finetuned")
+    train_lib.train(e2e_config(data_dir, 3), pretrained)
+    config = e2e_config(data_dir, 3)
+    with config.unlocked():
+        config.init_from, config.lock_image, config.seed = pretrained, True, 1
+    train_lib.train(config, finetuned)
+    before, after = _saved_variables(pretrained, config), _saved_variables(finetuned, config)
+    jax.tree.map(np.testing.assert_array_equal, after["params"]["visual"],
+                 before["params"]["visual"])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()),
+                                         after["params"]["text"], before["params"]["text"]))
+    assert all(moved)
