@@ -8,6 +8,7 @@ import functools
 import gzip
 import html
 import importlib.resources
+import itertools
 import pathlib
 import re
 from typing import Iterable, Sequence, Union
@@ -24,6 +25,10 @@ _SOT, _EOT = "<|startoftext|>", "<|endoftext|>"
 _WORD_PATTERN = regex.compile(
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
     regex.IGNORECASE)
+# The same pattern for cleaned (lower-case) ASCII text, where \p{L} is [a-z] and \p{N} is
+# [0-9]: the standard library's engine runs it about twice as fast as `regex` runs the above.
+_ASCII_WORD_PATTERN = re.compile(
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -110,10 +115,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """str -> token ids [T], without start/end tokens."""
-        ids = []
-        for word in _WORD_PATTERN.findall(clean_text(text)):
-            ids.extend(self._word_ids(word))
-        return ids
+        text = clean_text(text)
+        words = (_ASCII_WORD_PATTERN if text.isascii() else _WORD_PATTERN).findall(text)
+        # map/chain keep the per-word loop in C: a cached word costs one dict lookup.
+        return list(itertools.chain.from_iterable(map(self._word_ids, words)))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Token ids [T] -> text, dropping start/end tokens; word ends become spaces."""

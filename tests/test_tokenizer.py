@@ -86,3 +86,42 @@ def test_word_cache_does_not_change_ids(tok):
 def test_tokenize_uses_one_cached_default_tokenizer(tok):
     np.testing.assert_array_equal(tokenizer_lib.tokenize(["a cat"], 8), tok(["a cat"], 8))
     assert tokenizer_lib.default_tokenizer() is tokenizer_lib.default_tokenizer()
+
+
+def _varied_corpus(count=3000, seed=0):
+    """Hand-picked hard cases plus random strings over many Unicode blocks."""
+    corpus = [
+        "A photo of a CAT.", "it's the dog's   bone\t\n", "Caf\u00e9 d\u00e9j\u00e0 vu", "na\u0308ive",
+        "\u00c5ngstr\u00f6m \u212b", "\U0001f431\U0001f436 emoji \U0001f469\u200d\U0001f4bb", "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
+        "\u0645\u0631\u062d\u0628\u0627 \u0628\u0627\u0644\u0639\u0627\u0644\u0645", "&amp;lt;b&amp;gt;bold&amp;lt;/b&amp;gt;", "&lt;3 &quot;quoted&quot; &#39;x&#39;",
+        "Ã©tÃ© (mojibake)", "\ufb01ne \uff26\uff55\uff4c\uff4c\uff57\uff49\uff44\uff54\uff48", "tab\tand\u00a0nbsp\u2003em",
+        "<|startoftext|>inside<|endoftext|>", "!!<|endoftext|>", "1,234.56 km/h -- 3x4=12",
+        "word " * 200, "", "   ", "\u0000\u0007control\u001f", "I'LL WE'VE THEY'RE I'D",
+        "\u0130stanbul \u00df \u1e9e", "x\u0301\u0302\u0303", "\u2460\u2461 \u00bd \u0663\u0664",
+    ]
+    rng = np.random.default_rng(seed)
+    blocks = [(0x20, 0x7f), (0xa0, 0x250), (0x370, 0x400), (0x400, 0x500), (0x590, 0x700),
+              (0x900, 0x980), (0x2000, 0x2070), (0x3040, 0x3100), (0x4e00, 0x4f00),
+              (0xac00, 0xac80), (0xff00, 0xff60), (0x1f300, 0x1f650), (0x300, 0x370)]
+    for _ in range(count):
+        pieces = []
+        for _ in range(rng.integers(1, 12)):
+            low, high = blocks[rng.integers(len(blocks))]
+            pieces.append("".join(chr(c) for c in rng.integers(low, high, rng.integers(1, 8))))
+            pieces.append(rng.choice([" ", "  ", "", "&amp;", "\n", "'s "]))
+        corpus.append("".join(pieces))
+    return corpus
+
+
+def test_ids_equal_open_clip_simple_tokenizer_on_varied_unicode(tok):
+    """OpenCLIP's SimpleTokenizer is OpenAI's, except that it renamed the special
+    tokens, so a caption that spells out '<|endoftext|>' literally differs: OpenAI's
+    (and this) tokenizer maps it to the special id. Those captions are left out."""
+    from tests.reference import open_clip_modules
+    _, tokenizer_module, _ = open_clip_modules()
+    reference = tokenizer_module.SimpleTokenizer()
+    corpus = [text for text in _varied_corpus() if "<|" not in text]
+    expected = reference(corpus).numpy()  # its default context of 77, end token kept
+    np.testing.assert_array_equal(tok(corpus), expected)
+    np.testing.assert_array_equal(tok(corpus, context_length=16),
+                                  reference(corpus, context_length=16).numpy())
