@@ -117,7 +117,7 @@ def test_ids_equal_open_clip_simple_tokenizer_on_varied_unicode(tok):
     """OpenCLIP's SimpleTokenizer is OpenAI's, except that it renamed the special
     tokens, so a caption that spells out '<|endoftext|>' literally differs: OpenAI's
     (and this) tokenizer maps it to the special id. Those captions are left out."""
-    from tests.reference import open_clip_modules
+    from clip_jax.references import open_clip_modules
     _, tokenizer_module, _ = open_clip_modules()
     reference = tokenizer_module.SimpleTokenizer()
     corpus = [text for text in _varied_corpus() if "<|" not in text]

@@ -1,11 +1,11 @@
-"""PyTorch reference implementations for the interchange tests: OpenCLIP and
-Hugging Face transformers, neither written here.
+"""PyTorch reference implementations, for the interchange tests and side-by-side
+benchmarks: OpenCLIP (`pip install --no-deps open_clip_torch`) and PyTorch.
 
 OpenCLIP's package __init__ imports torchvision for its image transforms, and
-PyPI's torchvision does not import beside the CPU torch build used here, so the
-model and tokenizer modules are loaded directly, with a stand-in for the one
+PyPI's torchvision does not import beside a CPU-only torch build, so the model
+and tokenizer modules are loaded directly, with a stand-in for the one
 torchvision class its utils module names (FrozenBatchNorm2d, used only by
-`lock_image_tower`, which these tests never call).
+`lock_image_tower`, which nothing here calls).
 """
 
 import functools
@@ -15,17 +15,23 @@ import os
 import sys
 import types
 
-import pytest
+
+class ReferenceUnavailable(ImportError):
+    """A reference implementation is not installed; the message says how to get it."""
 
 
 @functools.lru_cache(maxsize=None)
 def open_clip_modules():
-    """(open_clip.model, open_clip.tokenizer, model_configs directory); skips without them."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")  # imported before the stand-in, so it sees no torchvision
+    """(open_clip.model, open_clip.tokenizer, model_configs directory)."""
+    try:
+        import torch  # noqa: PLC0415
+        import transformers  # noqa: F401,PLC0415  (before the stand-in: it must see no torchvision)
+    except ImportError as error:
+        raise ReferenceUnavailable(f"OpenCLIP needs {error.name}: pip install 'clip_jax[test]'") from None
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
-        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
+        raise ReferenceUnavailable("OpenCLIP is not installed: "
+                                   "pip install --no-deps open_clip_torch==3.3.0")
     if "open_clip" not in sys.modules:
         package = types.ModuleType("open_clip")
         package.__path__ = list(spec.submodule_search_locations)
