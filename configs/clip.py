@@ -78,6 +78,13 @@ def _model_config(preset):
         mlp_ratio=4.0,
         # Compute dtype of the towers; parameters and the loss stay float32.
         dtype="float32",
+        # Run each tower's residual blocks under nn.scan, params stacked on a leading
+        # `layers` axis (`resblocks/...` instead of `resblocks_0/...`): compile time
+        # stops growing with depth. Convert with models.transformer.stack_layers.
+        scan_layers=False,
+        # Rematerialise each residual block in the backward pass: "none", "full", or a
+        # jax.checkpoint_policies name (models.transformer.REMAT_NAMES).
+        remat="none",
         logit_scale_init=math.log(1 / 0.07),
         logit_scale_max=100.0,
         # Learned logit bias (SigLIP: init -10, with logit_scale_init log 10); None: none.
@@ -137,6 +144,7 @@ def _base():
         ("kv", None),
         ("vocab", "tensor"),
         ("joint", None),
+        ("layers", None),  # the stacked-blocks axis of scan_layers=True
     )
     return config
 
