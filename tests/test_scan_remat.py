@@ -23,26 +23,18 @@ def init_params(config):
     return model, nn.unbox(model.init(jax.random.key(0), *dummy_inputs(config.model)))["params"]
 
 
-def map_towers(convert, params, config):
-    """params with `convert(transformer_params, layers)` applied to both towers' stacks."""
-    layers = {"visual": config.model.image.layers, "text": config.model.text.layers}
-    out = dict(params)
-    for tower in TOWERS:
-        out[tower] = dict(params[tower], transformer=convert(params[tower]["transformer"],
-                                                             layers[tower]))
-    return out
+def map_towers(convert, params):
+    """params with `convert` applied to both towers' Transformer params."""
+    return {**params, **{tower: dict(params[tower], transformer=convert(params[tower]["transformer"]))
+                         for tower in TOWERS}}
 
 
-def stack_towers(params, config):
-    return map_towers(stack_layers, params, config)
-
-
-def unstack_towers(params, config):
-    return map_towers(lambda p, _: unstack_layers(p), params, config)
+def abstract_params(config):
+    return jax.eval_shape(lambda: init_params(config)[1])
 
 
 def test_default_layout_is_one_subtree_per_block():
-    _, params = init_params(small_config())
+    params = abstract_params(small_config())
     assert sorted(k for k in params["visual"]["transformer"]) == ["resblocks_0", "resblocks_1"]
 
 
@@ -51,10 +43,10 @@ def test_scanned_towers_equal_unscanned_given_stacked_params():
     scanned_config = small_config(**{"model.scan_layers": True})
     model, params = init_params(config)
     scanned_model, scanned_init = init_params(scanned_config)
-    stacked = stack_towers(params, config)
-    # Converted weights fit the scanned model exactly (names, shapes, dtypes).
+    stacked = map_towers(stack_layers, params)
+    # Converted weights fit the scanned model exactly (names and shapes).
     assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned_init)
-    jax.tree.map(np.testing.assert_array_equal, unstack_towers(stacked, config), params)
+    jax.tree.map(np.testing.assert_array_equal, map_towers(unstack_layers, stacked), params)
 
     images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
     tokens = jax.random.randint(jax.random.key(2), (4, 8), 1, 49408)
@@ -117,12 +109,13 @@ def test_bf16_compute_keeps_float32_params_and_a_close_finite_loss():
 
 
 def test_weight_decay_mask_ignores_the_stacked_layers_axis():
-    config = small_config()
-    _, params = init_params(config)
+    params = abstract_params(small_config())
     mask = optim.decay_mask(params)
-    assert optim.decay_mask(stack_towers(params, config)) == map_towers(
-        lambda tower, _: {**{k: v for k, v in tower.items() if not k.startswith("resblocks_")},
-                          "resblocks": tower["resblocks_0"]}, mask, config)
+    stacked = jax.eval_shape(lambda p: map_towers(stack_layers, p), params)
+    # Stacked params get the mask of any one block (resblocks_0), stacking nothing.
+    assert optim.decay_mask(stacked) == map_towers(
+        lambda tower: {**{k: v for k, v in tower.items() if not k.startswith("resblocks_")},
+                       "resblocks": tower["resblocks_0"]}, mask)
 
 
 def one_step(config, devices, params):
@@ -157,7 +150,7 @@ def test_scanned_train_step_on_a_3d_mesh_equals_unscanned():
     scanned_config = small_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
                                      "optimizer.warmup_steps": 0, "model.scan_layers": True})
     scanned_metrics, scanned_params, shardings = one_step(
-        scanned_config, jax.devices(), stack_towers(params, config))
+        scanned_config, jax.devices(), map_towers(stack_layers, params))
     query = shardings["visual"]["transformer"]["resblocks"]["attn"]["query"]
     assert query["kernel"].spec == P(None, "fsdp", "tensor", None)
 
@@ -165,4 +158,4 @@ def test_scanned_train_step_on_a_3d_mesh_equals_unscanned():
         np.testing.assert_allclose(scanned_metrics[key], plain_metrics[key], rtol=1e-5)
     # Adam amplifies float noise in exactly-zero gradients (see test_train_step).
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                 unstack_towers(scanned_params, config), plain_params)
+                 map_towers(unstack_layers, scanned_params), plain_params)

@@ -179,14 +179,13 @@ class Transformer(nn.Module):
         return x
 
 
-def stack_layers(transformer_params, layers):
-    """Unscanned Transformer params {resblocks_i: tree} -> scanned {resblocks:
-    tree with a leading [layers] axis on every leaf}; other keys are kept."""
-    blocks = [transformer_params[f"resblocks_{i}"] for i in range(layers)]
+def stack_layers(transformer_params):
+    """Unscanned Transformer params {resblocks_i: tree for i < L} -> scanned
+    {resblocks: the same tree with a leading [L] axis on every leaf}; other keys
+    are kept. The inverse of `unstack_layers`."""
     rest = {k: v for k, v in transformer_params.items() if not k.startswith("resblocks_")}
-    if len(rest) + layers != len(transformer_params):
-        raise ValueError(f"expected resblocks_0..resblocks_{layers - 1}, got "
-                         f"{sorted(k for k in transformer_params if k.startswith('resblocks_'))}")
+    layers = len(transformer_params) - len(rest)
+    blocks = [transformer_params[f"resblocks_{i}"] for i in range(layers)]
     return {**rest, SCANNED_BLOCKS: jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)}
 
 
