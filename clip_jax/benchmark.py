@@ -60,7 +60,8 @@ def memory_bytes(compiled):
 
 def loss_memory(loss, global_batch, num_devices=8, embed_dim=512, chunk_size=None):
     """Per-device bytes of the loss and its gradient w.r.t. both embeddings
-    [global_batch, embed_dim], batch sharded over num_devices; compiled, not run."""
+    [global_batch, embed_dim], batch sharded over num_devices; compiled, not run.
+    chunk_size, if given, replaces softmax_chunked's chunk (the others have none)."""
     settings = dict(LOSS_SETTINGS[loss])
     if chunk_size is not None and settings["chunk_size"]:
         settings["chunk_size"] = chunk_size
