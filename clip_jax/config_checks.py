@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from clip_jax import losses, sharding
 from clip_jax.models.clip import IMAGE_TOWERS
-from clip_jax.models.transformer import ACTIVATIONS
+from clip_jax.models.transformer import ACTIVATIONS, REMAT_NAMES
 
 
 class ConfigError(ValueError):
@@ -77,6 +77,8 @@ def check_config(config, num_devices):
     _require(model.activation in ACTIVATIONS,
              f"config.model.activation={model.activation!r} is unknown; "
              f"choose one of {', '.join(ACTIVATIONS)}")
+    _require(model.remat in REMAT_NAMES,
+             f"config.model.remat={model.remat!r} is unknown; choose one of {', '.join(REMAT_NAMES)}")
     try:
         jnp.dtype(model.dtype)
     except TypeError:

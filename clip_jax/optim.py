@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from clip_jax.models.transformer import SCANNED_BLOCKS
+
 
 def learning_rate_schedule(opt_config, total_steps):
     """Linear warmup from 0 to lr over warmup_steps, then cosine decay to 0."""
@@ -15,9 +17,15 @@ def decay_mask(params):
     """True for parameters that get weight decay: matrices and kernels only.
 
     Gains, biases, 1-D embeddings and the temperature (ndim < 2) are exempt, as in
-    OpenCLIP; decaying the temperature would fight the loss.
+    OpenCLIP; decaying the temperature would fight the loss. Parameters of
+    scanned blocks (under `resblocks`) carry an extra leading layers axis, which
+    does not count.
     """
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    def is_matrix(path, p):
+        stacked = any(getattr(key, "key", None) == SCANNED_BLOCKS for key in path)
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(opt_config, total_steps, frozen=()):

@@ -106,6 +106,7 @@ def _base():
         ("kv", None),
         ("vocab", "tensor"),
         ("joint", None),
+        ("layers", None),  # the stacked-blocks axis of scan_layers=True
     )
     return config
 

@@ -46,6 +46,7 @@ def test_knobs_in_the_config_argument():
     ({"model.text.width": 30, "model.text.heads": 4},
      "config.model.text.width=30 is not divisible by heads=4"),
     ({"model.activation": "relu"}, "config.model.activation='relu' is unknown"),
+    ({"model.remat": "some"}, "config.model.remat='some' is unknown"),
     ({"total_steps": 0}, "config.total_steps=0 must be positive"),
     ({"loss.kind": "hinge"}, "config.loss.kind='hinge' is unknown"),
     ({"loss.kind": "sigmoid"}, "config.loss.kind='sigmoid' needs a learned bias"),

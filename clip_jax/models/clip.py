@@ -16,18 +16,21 @@ def l2_normalize(x, eps=1e-12):
     return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _vit(image, embed_dim, activation, dtype):
+def _vit(cfg, dtype):
+    image = cfg.image
     return VisionTransformer(
         image_size=image.image_size, patch_size=image.patch_size, width=image.width,
-        layers=image.layers, heads=image.heads, embed_dim=embed_dim, activation=activation,
-        mlp_ratio=image.mlp_ratio, dtype=dtype, name="visual")
+        layers=image.layers, heads=image.heads, embed_dim=cfg.embed_dim,
+        activation=cfg.activation, mlp_ratio=image.mlp_ratio, dtype=dtype,
+        scan_layers=cfg.scan_layers, remat=cfg.remat, name="visual")
 
 
-def _resnet(image, embed_dim, activation, dtype):
-    del activation  # convolutional tower: ReLU
+def _resnet(cfg, dtype):
+    # Convolutional tower: ReLU, no MLP blocks, no Transformer stack to scan or remat.
+    image = cfg.image
     return ModifiedResNet(image_size=image.image_size, stage_layers=tuple(image.stage_layers),
-                          width=image.width, heads=image.heads, embed_dim=embed_dim, dtype=dtype,
-                          name="visual")
+                          width=image.width, heads=image.heads, embed_dim=cfg.embed_dim,
+                          dtype=dtype, name="visual")
 
 
 # config.model.image.kind -> builder of the image tower.
@@ -59,12 +62,12 @@ class CLIP(nn.Module):
         if kind not in IMAGE_TOWERS:
             raise ValueError(f"config.model.image.kind={kind!r} is unknown; "
                              f"choose one of {', '.join(IMAGE_TOWERS)}")
-        self.visual = IMAGE_TOWERS[kind](cfg.image, cfg.embed_dim, cfg.activation, dtype)
+        self.visual = IMAGE_TOWERS[kind](cfg, dtype)
         self.text = TextTransformer(
             context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
             width=cfg.text.width, layers=cfg.text.layers, heads=cfg.text.heads,
             embed_dim=cfg.embed_dim, activation=cfg.activation, mlp_ratio=cfg.text.mlp_ratio,
-            dtype=dtype)
+            dtype=dtype, scan_layers=cfg.scan_layers, remat=cfg.remat)
         # Stored as log(1/temperature) so the update is scale-free; init 1/0.07.
         self.logit_scale = self.param(
             "logit_scale",

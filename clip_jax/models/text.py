@@ -23,6 +23,8 @@ class TextTransformer(nn.Module):
     activation: str
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False  # see Transformer
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, tokens):
@@ -35,7 +37,8 @@ class TextTransformer(nn.Module):
                                (self.context_length, self.width))
         x = (token_embedding[tokens] + positions).astype(self.dtype)  # [B, L, D]
         x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
-                        mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="transformer")(x)
+                        mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
+                        name="transformer")(x)
         x = LayerNorm(name="ln_final")(x)
         end_positions = jnp.argmax(tokens, axis=-1)  # [B]
         pooled = jnp.take_along_axis(x, end_positions[:, None, None], axis=1)[:, 0]  # [B, D]

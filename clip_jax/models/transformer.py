@@ -2,6 +2,12 @@
 
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`) so that the
 config's sharding rules place them; no mesh axes appear here.
+
+Two layouts of a stack's parameters exist: unscanned (`resblocks_0`,
+`resblocks_1`, ..., the default and what weight conversion targets) and scanned
+(one `resblocks` subtree whose leaves carry a leading `layers` axis), where the
+blocks run under `nn.scan` so compile time does not grow with depth.
+`stack_layers` / `unstack_layers` convert between them.
 """
 
 from typing import Callable
@@ -9,6 +15,11 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# Logical name of the leading axis of scanned (stacked) block parameters.
+LAYERS_AXIS = "layers"
+# Name of the stacked-blocks subtree of a scanned Transformer.
+SCANNED_BLOCKS = "resblocks"
 
 
 def quick_gelu(x):
@@ -24,6 +35,18 @@ def activation_fn(name: str) -> Callable:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+# config.model.remat -> what each residual block keeps for the backward pass
+# ("none": no rematerialisation; "full": keep nothing, recompute the block).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+REMAT_NAMES = ("none", *REMAT_POLICIES)
 
 
 def normal(stddev, names):
@@ -115,7 +138,13 @@ class ResidualBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of `layers` residual blocks; [B, T, D] -> [B, T, D]."""
+    """A stack of `layers` residual blocks; [B, T, D] -> [B, T, D].
+
+    scan_layers: run the blocks under nn.scan with parameters stacked on a
+    leading `layers` axis (params `resblocks/...`) instead of one submodule per
+    block (`resblocks_0/...`); the outputs are the same given stacked params.
+    remat: a name from REMAT_NAMES; wraps each block in nn.remat with that policy.
+    """
 
     layers: int
     heads: int
@@ -123,10 +152,48 @@ class Transformer(nn.Module):
     activation: str
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x):
-        for i in range(self.layers):
-            x = ResidualBlock(self.heads, self.layers, self.causal, self.activation,
-                              self.mlp_ratio, self.dtype, name=f"resblocks_{i}")(x)
+        block_class = ResidualBlock
+        if self.remat != "none":
+            if self.remat not in REMAT_POLICIES:
+                raise ValueError(f"unknown remat policy {self.remat!r}; "
+                                 f"choose one of {', '.join(REMAT_NAMES)}")
+            # Under scan the loop boundary already stops XLA from merging the
+            # recomputation with the forward pass, so CSE prevention is not needed.
+            block_class = nn.remat(ResidualBlock, policy=REMAT_POLICIES[self.remat],
+                                   prevent_cse=not self.scan_layers)
+        block_args = (self.heads, self.layers, self.causal, self.activation, self.mlp_ratio,
+                      self.dtype)
+        if not self.scan_layers:
+            for i in range(self.layers):
+                x = block_class(*block_args, name=f"resblocks_{i}")(x)
+            return x
+        scan = nn.scan(lambda block, carry, _: (block(carry), None),
+                       variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=self.layers, metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+        x, _ = scan(block_class(*block_args, name=SCANNED_BLOCKS), x, None)
         return x
+
+
+def stack_layers(transformer_params):
+    """Unscanned Transformer params {resblocks_i: tree for i < L} -> scanned
+    {resblocks: the same tree with a leading [L] axis on every leaf}; other keys
+    are kept. The inverse of `unstack_layers`."""
+    rest = {k: v for k, v in transformer_params.items() if not k.startswith("resblocks_")}
+    layers = len(transformer_params) - len(rest)
+    blocks = [transformer_params[f"resblocks_{i}"] for i in range(layers)]
+    return {**rest, SCANNED_BLOCKS: jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)}
+
+
+def unstack_layers(transformer_params):
+    """Scanned Transformer params {resblocks: stacked tree} -> unscanned
+    {resblocks_i: tree}, the inverse of `stack_layers`; other keys are kept."""
+    stacked = transformer_params[SCANNED_BLOCKS]
+    layers = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in transformer_params.items() if k != SCANNED_BLOCKS}
+    return {**rest, **{f"resblocks_{i}": jax.tree.map(lambda leaf: leaf[i], stacked)
+                       for i in range(layers)}}

@@ -23,6 +23,8 @@ class VisionTransformer(nn.Module):
     activation: str
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False  # see Transformer
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, images, train=False):
@@ -48,7 +50,8 @@ class VisionTransformer(nn.Module):
 
         tokens = LayerNorm(name="ln_pre")(tokens)
         tokens = Transformer(self.layers, self.heads, causal=False, activation=self.activation,
-                             mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="transformer")(tokens)
+                             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
+                        name="transformer")(tokens)
         pooled = LayerNorm(name="ln_post")(tokens[:, 0])  # [B, D]
         proj = self.param("proj", normal(scale, ("embed", "joint")), (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ proj

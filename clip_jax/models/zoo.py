@@ -61,6 +61,13 @@ def build_model_config(image, text, embed_dim, activation):
         activation=activation,
         # Compute dtype of the towers; parameters and the loss stay float32.
         dtype="float32",
+        # Run each tower's residual blocks under nn.scan, params stacked on a leading
+        # `layers` axis (`resblocks/...` instead of `resblocks_0/...`): compile time
+        # stops growing with depth. Convert with models.transformer.stack_layers.
+        scan_layers=False,
+        # Rematerialise each residual block in the backward pass: "none", "full", or a
+        # jax.checkpoint_policies name (models.transformer.REMAT_NAMES).
+        remat="none",
         logit_scale_init=math.log(1 / 0.07),
         logit_scale_max=100.0,
         # Learned logit bias (SigLIP: init -10, with logit_scale_init log 10); None: none.

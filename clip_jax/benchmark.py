@@ -1,0 +1,229 @@
+r"""Compile-only benchmarks: nothing is allocated or run, XLA's analysis is read.
+
+Per-device memory (temp + argument + output bytes) of the sharded contrastive
+loss and its gradient w.r.t. the embeddings, per loss and global batch, on 8
+simulated CPU devices (data=8); --train-step adds the `tiny` preset's full step:
+
+  python -m clip_jax.benchmark memory [--json] [--train-step] [--batches 1024,4096,16384,32768]
+
+Lower and compile time of a preset's full train step on one device, with and
+without scanned layers:
+
+  python -m clip_jax.benchmark compile [--variant ViT-L-14]
+"""
+
+import os
+
+# Simulated devices must be requested before JAX starts its backend.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from clip_jax import losses, optim, sharding  # noqa: E402
+from clip_jax.models import CLIP  # noqa: E402
+from clip_jax.train_step import jit_train_step, make_train_step, state_shardings  # noqa: E402
+from configs.clip import get_config  # noqa: E402
+
+# Benchmark name -> contrastive_loss arguments. The chunked softmax holds
+# [B_local, chunk_size] logits at a time; the plain one [B_local, B_global];
+# the sigmoid ring [B_local, B_local].
+LOSS_SETTINGS = {
+    "softmax": dict(kind="softmax", chunk_size=0),
+    "softmax_chunked": dict(kind="softmax", chunk_size=512),
+    "sigmoid": dict(kind="sigmoid", chunk_size=0),
+}
+DEFAULT_BATCHES = (1024, 4096, 16384, 32768)
+
+
+def data_parallel_mesh(num_devices):
+    """A mesh with the batch split num_devices ways (data=num_devices)."""
+    return sharding.make_mesh({"data": num_devices, "fsdp": 1, "tensor": 1},
+                              jax.devices()[:num_devices])
+
+
+def memory_bytes(compiled):
+    """{temp, argument, output, bytes_per_device} of a compiled executable, per device."""
+    analysis = compiled.memory_analysis()
+    sizes = {"temp": analysis.temp_size_in_bytes,
+             "argument": analysis.argument_size_in_bytes,
+             "output": analysis.output_size_in_bytes}
+    return {**sizes, "bytes_per_device": sum(sizes.values())}
+
+
+def loss_memory(loss, global_batch, num_devices=8, embed_dim=512, chunk_size=None):
+    """Per-device bytes of the loss and its gradient w.r.t. both embeddings
+    [global_batch, embed_dim], batch sharded over num_devices; compiled, not run.
+    chunk_size, if given, replaces softmax_chunked's chunk (the others have none)."""
+    settings = dict(LOSS_SETTINGS[loss])
+    if chunk_size is not None and settings["chunk_size"]:
+        settings["chunk_size"] = chunk_size
+    mesh = data_parallel_mesh(num_devices)
+    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, **settings)
+
+    def loss_and_grads(image, text, scale, bias):
+        return jax.value_and_grad(lambda i, t: loss_fn(i, t, scale, bias)["loss"],
+                                  argnums=(0, 1))(image, text)
+
+    embeddings = jax.ShapeDtypeStruct((global_batch, embed_dim), jnp.float32,
+                                      sharding=sharding.batch_sharding(mesh))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+    compiled = jax.jit(loss_and_grads).lower(embeddings, embeddings, scalar, scalar).compile()
+    return {"part": "loss", "loss": loss, "global_batch": global_batch, "devices": num_devices,
+            "embed_dim": embed_dim, "chunk_size": settings["chunk_size"],
+            **memory_bytes(compiled)}
+
+
+def _mib(n):
+    return f"{n / 2**20:10.2f}"
+
+
+def measure_all(measure, batches, as_json):
+    """[measure(loss, batch) for every loss and batch], each with its growth
+    normalised to a 4x larger batch (~4: linear, ~16: quadratic); JSON lines
+    are printed as they come."""
+    rows = []
+    for loss in LOSS_SETTINGS:
+        previous = None
+        for batch in batches:
+            row = measure(loss, batch)
+            row["growth_per_4x_batch"] = None if previous is None else round(
+                (row["bytes_per_device"] / previous["bytes_per_device"])
+                ** (math.log(4) / math.log(batch / previous["global_batch"])), 2)
+            previous = row
+            rows.append(row)
+            if as_json:
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(title, rows):
+    print(title)
+    print(f"{'loss':<16} {'global_batch':>12} {'temp':>10} {'argument':>10} {'output':>10} "
+          f"{'total':>10} {'growth per 4x B':>16}")
+    for row in rows:
+        growth = row["growth_per_4x_batch"]
+        print(f"{row['loss']:<16} {row['global_batch']:>12} {_mib(row['temp'])} "
+              f"{_mib(row['argument'])} {_mib(row['output'])} {_mib(row['bytes_per_device'])} "
+              f"{'' if growth is None else f'{growth:.2f}':>16}", flush=True)
+
+
+def run_memory(batches, as_json, train_step):
+    """Measures the loss part (and optionally the tiny train step) at every batch."""
+    rows = measure_all(loss_memory, batches, as_json)
+    chunk = LOSS_SETTINGS["softmax_chunked"]["chunk_size"]
+    if not as_json:
+        print_table(f"Loss + gradient w.r.t. both embeddings [B, {rows[0]['embed_dim']}] float32, "
+                    f"per device, data={rows[0]['devices']}, MiB (softmax_chunked: "
+                    f"chunk_size={chunk}):", rows)
+    if train_step:
+        rows = measure_all(train_step_memory, batches, as_json)
+        if not as_json:
+            print_table(f"Full train step of the `tiny` preset, per device, "
+                        f"data={rows[0]['devices']}, MiB:", rows)
+
+
+def abstract_train_step(config, devices):
+    """(jitted train step, abstract state, abstract batch) for `config` on a mesh
+    over `devices`; jax.eval_shape only, so no parameter is allocated."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model = CLIP(config.model)
+    optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
+    abstract, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
+                                          jax.random.key(0))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
+                                      config.loss.chunk_size)
+    step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
+    size, length = config.model.image.image_size, config.model.text.context_length
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {"images": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
+                                            sharding=batch_sharding),
+             "tokens": jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32,
+                                            sharding=batch_sharding)}
+    return step, abstract, batch
+
+
+def train_step_memory(loss, global_batch, num_devices=8):
+    """Per-device bytes of the `tiny` preset's full train step (data=num_devices)."""
+    settings = LOSS_SETTINGS[loss]
+    config = get_config("tiny")
+    with config.unlocked():
+        config.batch_size = global_batch
+        config.mesh.update(data=num_devices, fsdp=1, tensor=1)
+        config.loss.update(settings)
+        if settings["kind"] == "sigmoid":
+            config.model.logit_bias_init = -10.0
+    step, state, batch = abstract_train_step(config, jax.devices()[:num_devices])
+    compiled = step.lower(state, batch).compile()
+    return {"part": "train_step_tiny", "loss": loss, "global_batch": global_batch,
+            "devices": num_devices, "chunk_size": settings["chunk_size"],
+            **memory_bytes(compiled)}
+
+
+def train_step_compile_times(variant, scan_layers, batch_size=8):
+    """{lower_s, compile_s} of the variant's full train step on one device."""
+    config = get_config(variant)
+    with config.unlocked():
+        config.model.scan_layers = scan_layers
+        config.mesh.update(data=1, fsdp=1, tensor=1)
+        config.batch_size = batch_size
+    step, state, batch = abstract_train_step(config, jax.devices()[:1])
+    # Process CPU time as well as wall time: on a shared machine the wall time
+    # also counts other processes' load.
+    started, started_cpu = time.perf_counter(), time.process_time()
+    lowered = step.lower(state, batch)
+    lowered_at, lowered_cpu = time.perf_counter(), time.process_time()
+    lowered.compile()
+    compiled_at, compiled_cpu = time.perf_counter(), time.process_time()
+    return {"part": "train_step", "variant": variant, "scan_layers": scan_layers,
+            "batch_size": batch_size, "lower_s": round(lowered_at - started, 2),
+            "compile_s": round(compiled_at - lowered_at, 2),
+            "lower_cpu_s": round(lowered_cpu - started_cpu, 2),
+            "compile_cpu_s": round(compiled_cpu - lowered_cpu, 2)}
+
+
+def run_compile(variant, as_json):
+    """Times the variant's train step compile without, then with, scan_layers."""
+    for scan_layers in (False, True):
+        row = train_step_compile_times(variant, scan_layers)
+        if as_json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{variant} train step, 1 device, batch {row['batch_size']}, "
+                  f"scan_layers={scan_layers!s:<5}: lower {row['lower_s']:6.1f} s "
+                  f"({row['lower_cpu_s']:.1f} s CPU), compile {row['compile_s']:6.1f} s "
+                  f"({row['compile_cpu_s']:.1f} s CPU)", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.benchmark",
+                                     description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    memory = commands.add_parser("memory", help="per-device bytes of the loss vs global batch")
+    memory.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)),
+                        help="comma-separated global batch sizes")
+    memory.add_argument("--json", action="store_true", help="one JSON line per measurement")
+    memory.add_argument("--train-step", action="store_true",
+                        help="also measure the tiny preset's full train step")
+    compile_parser = commands.add_parser("compile", help="train-step compile time, scan on/off")
+    compile_parser.add_argument("--variant", default="ViT-L-14", help="configs/clip.py variant")
+    compile_parser.add_argument("--json", action="store_true", help="one JSON line per measurement")
+    args = parser.parse_args(argv)
+    if args.command == "memory":
+        run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
+    else:
+        run_compile(args.variant, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Scanned layers, rematerialisation and bf16 compute: same model, other execution."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from clip_jax import image_ops, losses, optim, sharding
+from clip_jax.models import CLIP
+from clip_jax.models.transformer import stack_layers, unstack_layers
+from clip_jax.train_step import (TrainState, dummy_inputs, jit_train_step, make_train_step,
+                                 state_shardings)
+from tests.conftest import small_config
+from tests.test_train_step import random_batch
+
+TOWERS = ("visual", "text")
+
+
+def init_params(config):
+    model = CLIP(config.model)
+    return model, nn.unbox(model.init(jax.random.key(0), *dummy_inputs(config.model)))["params"]
+
+
+def map_towers(convert, params):
+    """params with `convert` applied to both towers' Transformer params."""
+    return {**params, **{tower: dict(params[tower], transformer=convert(params[tower]["transformer"]))
+                         for tower in TOWERS}}
+
+
+def abstract_params(config):
+    return jax.eval_shape(lambda: init_params(config)[1])
+
+
+def test_default_layout_is_one_subtree_per_block():
+    params = abstract_params(small_config())
+    assert sorted(k for k in params["visual"]["transformer"]) == ["resblocks_0", "resblocks_1"]
+
+
+def test_scanned_towers_equal_unscanned_given_stacked_params():
+    config = small_config()
+    scanned_config = small_config(**{"model.scan_layers": True})
+    model, params = init_params(config)
+    scanned_model, scanned_init = init_params(scanned_config)
+    stacked = map_towers(stack_layers, params)
+    # Converted weights fit the scanned model exactly (names and shapes).
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned_init)
+    jax.tree.map(np.testing.assert_array_equal, map_towers(unstack_layers, stacked), params)
+
+    images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+    tokens = jax.random.randint(jax.random.key(2), (4, 8), 1, 49408)
+    for method, inputs in (("encode_image", images), ("encode_text", tokens)):
+        plain = model.apply({"params": params}, inputs, method=method)
+        scanned = scanned_model.apply({"params": stacked}, inputs, method=method)
+        np.testing.assert_allclose(scanned, plain, rtol=1e-5, atol=1e-6)
+
+
+def embedding_loss_grads(config, params):
+    """Gradients of a scalar of both towers' embeddings w.r.t. all parameters."""
+    model = CLIP(config.model)
+    images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+    tokens = jax.random.randint(jax.random.key(2), (4, 8), 1, 49408)
+
+    def loss(p):
+        image, text, scale, _ = model.apply({"params": p}, images, tokens)
+        return scale * jnp.sum(image @ text.T) + jnp.sum(jnp.sin(image))
+
+    return jax.jit(jax.grad(loss))(params)
+
+
+@pytest.mark.parametrize("remat,scan_layers", [("full", False), ("dots_saveable", True)])
+def test_remat_gives_the_same_gradients(remat, scan_layers):
+    base = small_config(**{"model.scan_layers": scan_layers})
+    _, params = init_params(base)
+    expected = embedding_loss_grads(base, params)
+    got = embedding_loss_grads(small_config(**{"model.scan_layers": scan_layers,
+                                               "model.remat": remat}), params)
+    # Recomputation may reorder float32 sums: tolerance relative to each tensor's
+    # scale, with a floor for gradients that are zero in exact arithmetic (attention
+    # key biases: softmax is invariant to them) and so come out as ~1e-6 noise.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+                     a, b, rtol=1e-5, atol=max(1e-5 * np.abs(b).max(), 1e-5)),
+                 got, expected)
+
+
+def test_bf16_compute_keeps_float32_params_and_a_close_finite_loss():
+    config = small_config(**{"mesh.data": 1})
+    bf16_config = small_config(**{"mesh.data": 1, "model.dtype": "bfloat16"})
+    model, params = init_params(config)
+    bf16_model, bf16_params = init_params(bf16_config)
+    assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
+
+    batch = random_batch(config)
+    loss_fn = losses.contrastive_loss(sharding.make_mesh(config.mesh, jax.devices()[:1]),
+                                      sharding.BATCH_AXES)
+
+    def loss(m, p):
+        image, text, scale, bias = m.apply({"params": p}, image_ops.normalize(batch["images"]),
+                                           batch["tokens"])
+        assert image.dtype == text.dtype == jnp.float32  # the loss runs in float32
+        return loss_fn(image, text, scale, bias)["loss"]
+
+    loss_32 = jax.jit(lambda p: loss(model, p))(params)
+    loss_16, grads_16 = jax.jit(jax.value_and_grad(lambda p: loss(bf16_model, p)))(params)
+    assert np.isfinite(float(loss_16))
+    assert float(loss_16) == pytest.approx(float(loss_32), rel=2e-2)
+    assert all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in jax.tree.leaves(grads_16))
+
+
+def test_weight_decay_mask_ignores_the_stacked_layers_axis():
+    params = abstract_params(small_config())
+    mask = optim.decay_mask(params)
+    stacked = jax.eval_shape(lambda p: map_towers(stack_layers, p), params)
+    # Stacked params get the mask of any one block (resblocks_0), stacking nothing.
+    assert optim.decay_mask(stacked) == map_towers(
+        lambda tower: {**{k: v for k, v in tower.items() if not k.startswith("resblocks_")},
+                       "resblocks": tower["resblocks_0"]}, mask)
+
+
+def one_step(config, devices, params):
+    """(metrics, new params on the host) of one AdamW step from `params` on a mesh
+    over `devices`."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model = CLIP(config.model)
+    optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
+    _, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
+                                   jax.random.key(0))
+    # Blocked so one multi-device program runs at a time: 8 fake devices on few
+    # cores can starve a collective's rendezvous otherwise.
+    state = jax.block_until_ready(jax.jit(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                             opt_state=optimizer.init(p), model_state={}),
+        out_shardings=shardings)(jax.device_put(params, shardings.params)))
+    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES)
+    step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
+    state, metrics = step(state, random_batch(config))
+    return jax.device_get(metrics), jax.device_get(state.params), shardings.params
+
+
+def test_scanned_train_step_on_a_3d_mesh_equals_unscanned():
+    """data=2, fsdp=2, tensor=2: stacked params are sharded by their logical names
+    (leading `layers` axis replicated) and one AdamW step matches the unscanned
+    model's step on one device from the same weights."""
+    config = small_config(**{"mesh.data": 1, "optimizer.warmup_steps": 0})
+    _, params = init_params(config)
+    plain_metrics, plain_params, _ = one_step(config, jax.devices()[:1], params)
+
+    scanned_config = small_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                     "optimizer.warmup_steps": 0, "model.scan_layers": True})
+    scanned_metrics, scanned_params, shardings = one_step(
+        scanned_config, jax.devices(), map_towers(stack_layers, params))
+    query = shardings["visual"]["transformer"]["resblocks"]["attn"]["query"]
+    assert query["kernel"].spec == P(None, "fsdp", "tensor", None)
+
+    for key in plain_metrics:
+        np.testing.assert_allclose(scanned_metrics[key], plain_metrics[key], rtol=1e-5)
+    # Adam amplifies float noise in exactly-zero gradients (see test_train_step).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 map_towers(unstack_layers, scanned_params), plain_params)
