@@ -75,7 +75,13 @@ class CLIP(nn.Module):
         """exp(logit_scale), clipped at logit_scale_max (100) as in the paper."""
         return jnp.exp(jnp.minimum(self.logit_scale, jnp.log(self.config.logit_scale_max)))
 
+    def embed(self, images, tokens, train=False):
+        """(image [B,E], text [B,E]) unit embeddings: the per-example part of `__call__`."""
+        return l2_normalize(self.encode_image(images, train)), l2_normalize(self.encode_text(tokens))
+
+    def logit_params(self):
+        """(temperature_scale scalar, logit_bias scalar or None): the batch-free part."""
+        return self.temperature_scale(), self.logit_bias
+
     def __call__(self, images, tokens, train=False):
-        image_embeddings = l2_normalize(self.encode_image(images, train))
-        text_embeddings = l2_normalize(self.encode_text(tokens))
-        return image_embeddings, text_embeddings, self.temperature_scale(), self.logit_bias
+        return (*self.embed(images, tokens, train), *self.logit_params())
