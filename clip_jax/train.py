@@ -100,7 +100,9 @@ def train(config, workdir):
 
     loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
                                       config.loss.chunk_size)
-    train_step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
+    train_step = jit_train_step(
+        make_train_step(model, optimizer, loss_fn, schedule,
+                        num_microbatches=config.microbatches, mesh=mesh), shardings, mesh)
     evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     batch_sharding = sharding.batch_sharding(mesh)
