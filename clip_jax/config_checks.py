@@ -60,6 +60,12 @@ def check_config(config, num_devices):
                  f"config.{key}={value} is not divisible by the data-parallel size "
                  f"{data_parallel} (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']})")
 
+    microbatches = config.microbatches
+    _require(microbatches >= 1, f"config.microbatches={microbatches} must be >= 1")
+    _require(config.batch_size % (microbatches * data_parallel) == 0,
+             f"config.batch_size={config.batch_size} is not divisible by config.microbatches x "
+             f"data-parallel size = {microbatches} x {data_parallel}")
+
     _require(config.loss.kind in losses.LOSSES,
              f"config.loss.kind={config.loss.kind!r} is unknown; "
              f"choose one of {', '.join(losses.LOSSES)}")

@@ -57,6 +57,11 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def microbatch_sharding(mesh):
+    """Sharding of a micro-batched array [k, B/k, ...]: rows over the batch axes."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def replicated(mesh):
     return NamedSharding(mesh, P())
 

@@ -52,6 +52,28 @@ def _define_flags():
     return config, workdir
 
 
+def _define_distributed_flags():
+    """Multi-process flags -> {keyword of `initialize_distributed`: flag holder}."""
+    return dict(
+        coordinator_address=flags.DEFINE_string(
+            "coordinator_address", None, "Multi-process runs: host:port of process 0, passed "
+            "to jax.distributed.initialize with --num_processes and --process_id. Omit all "
+            "three for a single process."),
+        num_processes=flags.DEFINE_integer(
+            "num_processes", None, "Multi-process runs: total number of processes."),
+        process_id=flags.DEFINE_integer(
+            "process_id", None, "Multi-process runs: this process's index."),
+        auto=flags.DEFINE_bool(
+            "distributed_auto", False, "Call jax.distributed.initialize() without arguments, "
+            "letting JAX detect the cluster (Cloud TPU, SLURM, Kubernetes, MPI). Off by "
+            "default so single-process runs never wait for a coordinator."),
+        cpu_collectives=flags.DEFINE_enum(
+            "cpu_collectives", "gloo", ["gloo", "mpi"], "Cross-process collectives of the CPU "
+            "backend in multi-process runs (jax_cpu_collectives_implementation); accelerators "
+            "ignore it."),
+    )
+
+
 def _print(message):
     """Prints on process 0 only, without breaking the progress bar."""
     if jax.process_index() == 0:
@@ -119,7 +141,9 @@ def train(config, workdir):
 
     loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
                                       config.loss.chunk_size)
-    train_step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
+    train_step = jit_train_step(
+        make_train_step(model, optimizer, loss_fn, schedule,
+                        num_microbatches=config.microbatches, mesh=mesh), shardings, mesh)
     evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -172,10 +196,28 @@ def train(config, workdir):
     return row
 
 
-def main(argv, config_flag, workdir_flag):
+def initialize_distributed(coordinator_address, num_processes, process_id, auto=False,
+                           cpu_collectives="gloo"):
+    """Joins a multi-process run (jax.distributed) before anything touches devices.
+
+    Explicit arguments win; with none, `auto` lets JAX detect the cluster; else
+    this stays a single-process run."""
+    explicit = (coordinator_address, num_processes, process_id)
+    if all(value is None for value in explicit) and not auto:
+        return
+    if any(value is None for value in explicit) and not all(value is None for value in explicit):
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+    # Only the CPU client reads this; accelerators bring their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+
+
+def main(argv, config_flag, workdir_flag, distributed_flags):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    initialize_distributed(**{key: flag.value for key, flag in distributed_flags.items()})
     try:
         train(config_flag.value, workdir_flag.value)
     except ConfigError as error:
@@ -184,4 +226,5 @@ def main(argv, config_flag, workdir_flag):
 
 if __name__ == "__main__":
     _config_flag, _workdir_flag = _define_flags()
-    app.run(lambda argv: main(argv, _config_flag, _workdir_flag))
+    _distributed_flags = _define_distributed_flags()
+    app.run(lambda argv: main(argv, _config_flag, _workdir_flag, _distributed_flags))

@@ -84,26 +84,125 @@ def create_train_state(model, optimizer, shardings, rng):
     return jax.jit(lambda r: _init_state(model, optimizer, r), out_shardings=shardings)(rng)
 
 
-def make_train_step(model, optimizer, loss_fn, schedule):
-    """Returns step(state, batch) -> (state, metrics).
+def _with_logit_params(metrics, logit_scale, logit_bias):
+    metrics["logit_scale"] = logit_scale
+    if logit_bias is not None:
+        metrics["logit_bias"] = logit_bias
+    return metrics
 
-    batch: {"images": uint8 [B, H, W, 3], "tokens": int32 [B, L]}, B global.
-    loss_fn(image [B,E], text [B,E], logit_scale, logit_bias) -> {"loss", ...} over the
-    global batch.
-    """
 
-    def step(state, batch):
+def _full_batch_grads(model, loss_fn):
+    """grads(state, batch) -> (grads, metrics, model_state) in one forward/backward."""
+
+    def grads(state, batch):
         def loss_and_metrics(params):
             (image_embeddings, text_embeddings, logit_scale, logit_bias), model_state = model.apply(
                 {"params": params, **state.model_state}, image_ops.normalize(batch["images"]),
                 batch["tokens"], train=True, mutable=list(state.model_state))
-            metrics = loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias)
-            metrics["logit_scale"] = logit_scale
-            if logit_bias is not None:
-                metrics["logit_bias"] = logit_bias
+            metrics = _with_logit_params(
+                loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias),
+                logit_scale, logit_bias)
             return metrics["loss"], (metrics, model_state)
 
         grads, (metrics, model_state) = jax.grad(loss_and_metrics, has_aux=True)(state.params)
+        return grads, metrics, model_state
+
+    return grads
+
+
+def _split_microbatches(x, num_microbatches, mesh):
+    """[B, ...] -> [k, B/k, ...]. Micro-batch j holds rows j, j + k, j + 2k, ...: with
+    B/k divisible by the batch shards, each device's micro-batch rows come from
+    its own block of the batch, so the split moves no data."""
+    x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, sharding.microbatch_sharding(mesh))
+
+
+def _merge_microbatches(x, mesh):
+    """Inverse of `_split_microbatches`: [k, B/k, ...] -> [B, ...] in batch order."""
+    x = x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+    return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
+
+
+def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
+    """grads(state, batch) -> (grads, metrics, model_state) with GradCache (Gao et al.
+    2021): activations of one micro-batch at a time, the loss over the global batch.
+
+    1. Embed the k micro-batches without gradients -> unit embeddings [B, E].
+    2. Loss over the global batch; its gradient w.r.t. the embeddings [B, E] and
+       the logit scale / bias.
+    3. Re-run each micro-batch under jax.vjp, pulling back its slice of the
+       embedding gradient, and sum the parameter gradients.
+    The gradients equal the full-batch ones. BatchNorm (ResNet) normalises with
+    per-micro-batch statistics and updates its running averages once per
+    micro-batch, in order: inherent to GradCache, not equal to k=1.
+    """
+
+    def embed(params, model_state, images, tokens):
+        """(image [b,E], text [b,E]) unit embeddings of one micro-batch, new model_state."""
+        embeddings, model_state = model.apply(
+            {"params": params, **model_state}, image_ops.normalize(images), tokens, train=True,
+            method="embed", mutable=list(model_state))
+        return embeddings, dict(model_state)
+
+    def loss_and_metrics(image_embeddings, text_embeddings, params):
+        logit_scale, logit_bias = model.apply({"params": params}, method="logit_params")
+        metrics = _with_logit_params(
+            loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias),
+            logit_scale, logit_bias)
+        return metrics["loss"], metrics
+
+    def grads(state, batch):
+        images, tokens = (_split_microbatches(batch[key], num_microbatches, mesh)
+                          for key in ("images", "tokens"))  # [k, B/k, ...]
+
+        def embed_microbatch(model_state, microbatch):
+            embeddings, model_state = embed(state.params, model_state, *microbatch)
+            return model_state, embeddings
+
+        model_state, embeddings = jax.lax.scan(
+            embed_microbatch, dict(state.model_state), (images, tokens))
+        image_embeddings, text_embeddings = (_merge_microbatches(e, mesh) for e in embeddings)
+
+        (_, metrics), (image_grads, text_grads, grads) = jax.value_and_grad(
+            loss_and_metrics, argnums=(0, 1, 2), has_aux=True)(
+                image_embeddings, text_embeddings, state.params)
+        # `grads` so far holds the logit scale / bias terms (zero elsewhere).
+
+        def accumulate(grads, microbatch):
+            images, tokens, image_grads, text_grads = microbatch
+            # The running statistics this forward would write are already updated.
+            _, pullback = jax.vjp(
+                lambda params: embed(params, state.model_state, images, tokens)[0], state.params)
+            (microbatch_grads,) = pullback((image_grads, text_grads))
+            return jax.tree.map(jnp.add, grads, microbatch_grads), None
+
+        embedding_grads = tuple(_split_microbatches(g, num_microbatches, mesh)
+                                for g in (image_grads, text_grads))  # [k, B/k, E] each
+        grads, _ = jax.lax.scan(accumulate, grads, (images, tokens, *embedding_grads))
+        return grads, metrics, model_state
+
+    return grads
+
+
+def make_train_step(model, optimizer, loss_fn, schedule, *, num_microbatches=1, mesh=None):
+    """Returns step(state, batch) -> (state, metrics).
+
+    batch: {"images": uint8 [B, H, W, 3], "tokens": int32 [B, L]}, B global.
+    loss_fn(image [B,E], text [B,E], logit_scale, logit_bias) -> {"loss", ...} over the
+    global batch. num_microbatches > 1 bounds activation memory to one micro-batch
+    of B / num_microbatches with GradCache (needs `mesh`); the loss and gradients
+    stay those of the global batch.
+    """
+    if num_microbatches == 1:
+        compute_grads = _full_batch_grads(model, loss_fn)
+    else:
+        if mesh is None:
+            raise ValueError("make_train_step: num_microbatches > 1 needs the mesh")
+        compute_grads = _gradcache_grads(model, loss_fn, num_microbatches, mesh)
+
+    def step(state, batch):
+        grads, metrics, model_state = compute_grads(state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))

@@ -50,6 +50,9 @@ def _base():
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.batch_size = 256  # global, over all hosts and devices
+    # GradCache: the step holds activations of batch_size / microbatches examples at a
+    # time; loss and gradients stay those of the global batch (BatchNorm excepted).
+    config.microbatches = 1
     config.total_steps = 1000
     config.log_every = 50
     config.eval_every = 500  # 0 disables in-training evaluation (the final one still runs)

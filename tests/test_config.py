@@ -51,6 +51,9 @@ def test_knobs_in_the_config_argument():
     ({"loss.kind": "hinge"}, "config.loss.kind='hinge' is unknown"),
     ({"loss.kind": "sigmoid"}, "config.loss.kind='sigmoid' needs a learned bias"),
     ({"loss.chunk_size": 5}, "config.loss.chunk_size=5 does not divide config.batch_size=16"),
+    ({"microbatches": 0}, "config.microbatches=0 must be >= 1"),
+    ({"microbatches": 4}, "config.batch_size=16 is not divisible by config.microbatches x "
+                          "data-parallel size = 4 x 8"),
 ])
 def test_invalid_values_are_named(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -44,3 +44,57 @@ def test_two_processes_match_one_device(tmp_path):
         np.testing.assert_allclose(result["grad_norm"], float(metrics["grad_norm"]), rtol=1e-5)
         np.testing.assert_allclose(result["logit_scale"], float(state.params["logit_scale"]),
                                    rtol=1e-6)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tests.conftest.small_config as command-line overrides, for a 5-step run.
+TINY_RUN = {"batch_size": 16, "total_steps": 5, "log_every": 1, "eval_every": 0,
+            "checkpoint_every": 0, "optimizer.warmup_steps": 2, "data.shuffle_buffer": 256,
+            "zeroshot.batch_size": 64, "model.embed_dim": 16, "model.image.image_size": 16,
+            "model.image.patch_size": 8, "model.image.width": 32, "model.image.layers": 2,
+            "model.image.heads": 2, "model.text.context_length": 8, "model.text.width": 32,
+            "model.text.layers": 2, "model.text.heads": 2}
+
+
+def launch_trainer(workdir, data_dir, devices, extra_flags=()):
+    """Starts `python -m clip_jax.train` on the tiny run with `devices` CPU devices."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "clip_jax.train", "--workdir", str(workdir),
+               f"--config.data.data_dir={data_dir}", *extra_flags,
+               *(f"--config.{key}={value}" for key, value in TINY_RUN.items())]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def train_losses(processes, workdir):
+    """Waits for the trainer processes; returns train/loss per step from metrics.jsonl."""
+    logs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}, logs[0]
+
+
+def test_trainer_on_two_processes_matches_one_process(tmp_path, monkeypatch):
+    """The real CLI: 2 processes x 4 CPU devices (gloo) log the same per-step
+    losses as 1 process x 8 devices: same global batches, same updates."""
+    from clip_jax.data import pipeline, synthetic_shapes
+    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 256)
+    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 100)
+    data_dir = tmp_path / "tfds"
+    pipeline.prepared_builder("synthetic_shapes", str(data_dir))  # once, for all runs
+
+    single, multi = tmp_path / "one_process", tmp_path / "two_processes"
+    losses_1, _ = train_losses([launch_trainer(single, data_dir, 8)], single)
+    port = free_port()
+    processes = [launch_trainer(multi, data_dir, 4, [f"--coordinator_address=localhost:{port}",
+                                                      "--num_processes=2", f"--process_id={i}"])
+                 for i in range(2)]
+    losses_2, log = train_losses(processes, multi)
+    assert "8 x cpu on 2 process(es)" in log.lower()
+    assert sorted(losses_1) == sorted(losses_2) == [1, 2, 3, 4, 5]
+    for step in losses_1:
+        np.testing.assert_allclose(losses_2[step], losses_1[step], rtol=1e-5, err_msg=f"step {step}")

@@ -87,7 +87,8 @@ class CLIP(nn.Module):
         """exp(logit_scale), clipped at logit_scale_max (100) as in the paper."""
         return jnp.exp(jnp.minimum(self.logit_scale, jnp.log(self.config.logit_scale_max)))
 
-    def __call__(self, images, tokens, train=False):
+    def embed(self, images, tokens, train=False):
+        """(image [B,E], text [B,E]) unit embeddings: the per-example part of `__call__`."""
         image_embeddings = self.encode_image(images, train and "image" not in self.locked)
         text_embeddings = self.encode_text(tokens)
         # Nothing flows into a locked tower, so XLA drops its backward pass entirely.
@@ -95,5 +96,11 @@ class CLIP(nn.Module):
             image_embeddings = jax.lax.stop_gradient(image_embeddings)
         if "text" in self.locked:
             text_embeddings = jax.lax.stop_gradient(text_embeddings)
-        image_embeddings, text_embeddings = l2_normalize(image_embeddings), l2_normalize(text_embeddings)
-        return image_embeddings, text_embeddings, self.temperature_scale(), self.logit_bias
+        return l2_normalize(image_embeddings), l2_normalize(text_embeddings)
+
+    def logit_params(self):
+        """(temperature_scale scalar, logit_bias scalar or None): the batch-free part."""
+        return self.temperature_scale(), self.logit_bias
+
+    def __call__(self, images, tokens, train=False):
+        return (*self.embed(images, tokens, train), *self.logit_params())

@@ -1,0 +1,98 @@
+"""GradCache micro-batching: k micro-batches give the global batch's loss and
+gradients with the activations of one micro-batch."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from clip_jax import image_ops, losses, optim, sharding
+from clip_jax.models import CLIP
+from clip_jax.train_step import create_train_state, jit_train_step, make_train_step, state_shardings
+from tests.conftest import small_config
+from tests.test_train_step import LOSSES, random_batch
+
+MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)]
+
+
+def build(config, optimizer=None, devices=None):
+    """(jitted step, initial state) on `devices` (default all) with config.microbatches."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model = CLIP(config.model)
+    optimizer = optimizer or optim.make_optimizer(config.optimizer, config.total_steps)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
+    rng = jax.random.key(config.seed)
+    _, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules, rng)
+    state = create_train_state(model, optimizer, shardings, rng)
+    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
+                                      config.loss.chunk_size)
+    step = make_train_step(model, optimizer, loss_fn, schedule,
+                           num_microbatches=config.microbatches, mesh=mesh)
+    return jit_train_step(step, shardings, mesh), state
+
+
+def sgd_step(microbatches, mesh, loss, batch_size=32):
+    """(updated params, metrics) after one SGD(1.0) step: the update is -gradient."""
+    config = small_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **LOSSES[loss],
+                          batch_size=batch_size, microbatches=microbatches)
+    step, state = build(config, optax.sgd(1.0))
+    state, metrics = step(state, random_batch(config))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("mesh", MESHES)
+def test_four_microbatches_equal_one(mesh, loss):
+    """Same loss, metrics and gradients (exposed by SGD) as the full batch.
+
+    Tolerance as in test_train_step: 1e-5 relative to each parameter's largest
+    entry, since sums of cancelling terms differ by float32 reduction order."""
+    params_1, metrics_1 = sgd_step(1, mesh, loss)
+    params_4, metrics_4 = sgd_step(4, mesh, loss)
+    assert metrics_4.keys() == metrics_1.keys()
+    for key in metrics_1:
+        np.testing.assert_allclose(metrics_4[key], metrics_1[key], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                         atol=max(1e-5 * np.abs(b).max(), 1e-7)),
+                 params_4, params_1)
+
+
+def test_batchnorm_statistics_update_once_per_microbatch():
+    """ResNet under GradCache: the running statistics are those of k sequential
+    train-mode passes over micro-batches j = rows j, j + k, ... (per-micro-batch
+    BatchNorm, inherent to GradCache)."""
+    config = small_config(**{"mesh.data": 1}, batch_size=16, microbatches=2)
+    with config.unlocked():
+        config.model.image = dict(kind="resnet", image_size=16, stage_layers=(1,), width=8,
+                                  heads=2)
+    step, state = build(config, devices=jax.devices()[:1])  # BatchNorm compiles slowly
+    batch = random_batch(config)
+    embed = jax.jit(lambda variables, images, tokens: CLIP(config.model).apply(
+        variables, image_ops.normalize(images), tokens, train=True, method="embed",
+        mutable=["batch_stats"])[1])
+    expected = state.model_state
+    for j in range(config.microbatches):
+        expected = embed({"params": state.params, **expected},
+                         batch["images"][j::config.microbatches],
+                         batch["tokens"][j::config.microbatches])
+    expected = jax.device_get(expected)
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.device_get(state.model_state), expected)
+
+
+def temp_bytes(microbatches, batch_size):
+    """XLA's scratch memory for the compiled step on one device."""
+    config = small_config(**{"mesh.data": 1}, batch_size=batch_size, microbatches=microbatches)
+    step, state = build(config, devices=jax.devices()[:1])
+    compiled = step.lower(state, random_batch(config)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_microbatches_reduce_activation_memory():
+    """At a batch of 256 on one device activations dominate the scratch memory:
+    four micro-batches need much less of it, gradient accumulator included."""
+    full, micro = temp_bytes(1, 256), temp_bytes(4, 256)
+    print(f"temp bytes: k=1 {full:,}, k=4 {micro:,} ({micro / full:.2f}x)")
+    assert micro < 0.6 * full
