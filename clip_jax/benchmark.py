@@ -1,6 +1,7 @@
-r"""Compile-only benchmarks: nothing is allocated or run, XLA's analysis is read.
+r"""Benchmarks (not tests): figures for the README, printed as a table or JSON lines.
 
-Per-device memory (temp + argument + output bytes) of the sharded contrastive
+Memory and compile benchmarks only compile (nothing is allocated or run; XLA's
+analysis is read). Per-device memory (temp + argument + output bytes) of the sharded contrastive
 loss and its gradient w.r.t. the embeddings, per loss and global batch, on 8
 simulated CPU devices (data=8); --train-step adds the `tiny` preset's full step:
 
@@ -10,6 +11,11 @@ Lower and compile time of a preset's full train step on one device, with and
 without scanned layers:
 
   python -m clip_jax.benchmark compile [--variant ViT-L-14]
+
+Tokenizer throughput, clip_jax.tokenize against OpenCLIP's SimpleTokenizer on
+the same captions (`--no-reference` when OpenCLIP is not installed):
+
+  python -m clip_jax.benchmark tokenizer [--texts 50000] [--json]
 """
 
 import os
@@ -26,19 +32,23 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from clip_jax import losses, optim, sharding  # noqa: E402
+from clip_jax import tokenizer as tokenizer_lib  # noqa: E402
 from clip_jax.models import CLIP  # noqa: E402
 from clip_jax.train_step import jit_train_step, make_train_step, state_shardings  # noqa: E402
 from configs.clip import get_config  # noqa: E402
 
-# Benchmark name -> contrastive_loss arguments. The chunked softmax holds
-# [B_local, chunk_size] logits at a time; the plain one [B_local, B_global];
-# the sigmoid ring [B_local, B_local].
+# Benchmark name -> contrastive_loss arguments. The chunked losses hold
+# [B_local, chunk_size] logits at a time (linear in B at a fixed device count);
+# the plain softmax [B_local, B_global] and the plain sigmoid ring
+# [B_local, B_local] (both quadratic), shown for contrast.
 LOSS_SETTINGS = {
     "softmax": dict(kind="softmax", chunk_size=0),
     "softmax_chunked": dict(kind="softmax", chunk_size=512),
     "sigmoid": dict(kind="sigmoid", chunk_size=0),
+    "sigmoid_chunked": dict(kind="sigmoid", chunk_size=128),
 }
 DEFAULT_BATCHES = (1024, 4096, 16384, 32768)
 
@@ -61,7 +71,7 @@ def memory_bytes(compiled):
 def loss_memory(loss, global_batch, num_devices=8, embed_dim=512, chunk_size=None):
     """Per-device bytes of the loss and its gradient w.r.t. both embeddings
     [global_batch, embed_dim], batch sharded over num_devices; compiled, not run.
-    chunk_size, if given, replaces softmax_chunked's chunk (the others have none)."""
+    chunk_size, if given, replaces the chunked losses' chunk (the others have none)."""
     settings = dict(LOSS_SETTINGS[loss])
     if chunk_size is not None and settings["chunk_size"]:
         settings["chunk_size"] = chunk_size
@@ -118,11 +128,11 @@ def print_table(title, rows):
 def run_memory(batches, as_json, train_step):
     """Measures the loss part (and optionally the tiny train step) at every batch."""
     rows = measure_all(loss_memory, batches, as_json)
-    chunk = LOSS_SETTINGS["softmax_chunked"]["chunk_size"]
+    chunks = ", ".join(f"{name}: chunk_size={settings['chunk_size']}"
+                       for name, settings in LOSS_SETTINGS.items() if settings["chunk_size"])
     if not as_json:
         print_table(f"Loss + gradient w.r.t. both embeddings [B, {rows[0]['embed_dim']}] float32, "
-                    f"per device, data={rows[0]['devices']}, MiB (softmax_chunked: "
-                    f"chunk_size={chunk}):", rows)
+                    f"per device, data={rows[0]['devices']}, MiB ({chunks}):", rows)
     if train_step:
         rows = measure_all(train_step_memory, batches, as_json)
         if not as_json:
@@ -205,6 +215,69 @@ def run_compile(variant, as_json):
                   f"({row['compile_cpu_s']:.1f} s CPU)", flush=True)
 
 
+# ---------------------------------------------------------------- tokenizer
+
+
+def caption_corpus(count, seed=0):
+    """Alt-text-like captions: 4-24 words drawn Zipf-like from the BPE vocabulary's
+    whole words of 2+ letters (merge rank stands in for frequency), capitals, digits and
+    punctuation; 5% carry non-ASCII words (accents, CJK, emoji)."""
+    tokenizer = tokenizer_lib.default_tokenizer()
+    # Merged symbols (ids from 512 on) come in merge order, a proxy for frequency.
+    words = [s[:-4] for s in tokenizer._decoder[512:] if s.endswith("</w>") and s[:-4].isascii()
+             and s[:-4].isalpha() and len(s) > 5]
+    foreign = ["café", "naïve", "日本の", "straße", "🐱", "über", "señor", "ñandú", "北京", "😀"]
+    rng = np.random.default_rng(seed)
+    ranks = (rng.zipf(1.2, size=(count, 24)) - 1) % len(words)  # the heavy tail wraps
+    lengths = rng.integers(4, 25, size=count)
+    captions = []
+    for i in range(count):
+        caption = [words[r] for r in ranks[i, :lengths[i]]]
+        caption[0] = caption[0].capitalize()
+        if rng.random() < 0.3:
+            caption.insert(rng.integers(len(caption)), str(rng.integers(1, 3000)))
+        if rng.random() < 0.05:
+            caption.insert(rng.integers(len(caption)), foreign[rng.integers(len(foreign))])
+        captions.append(" ".join(caption) + rng.choice([".", "", "!", " - stock photo"]))
+    return captions
+
+
+def _texts_per_sec(tokenize, texts, batch=256):
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        tokenize(texts[i:i + batch])
+    return len(texts) / (time.perf_counter() - start)
+
+
+def tokenizer_benchmark(count=50_000, reference=True):
+    """Texts/s of clip_jax.tokenize and OpenCLIP's SimpleTokenizer on the same captions,
+    in batches of 256 after a warm-up on as many other captions (word caches filled, as
+    in a long-running input pipeline)."""
+    warmup, texts = caption_corpus(count, seed=1), caption_corpus(count, seed=2)
+    contenders = {"clip_jax": tokenizer_lib.Tokenizer()}
+    if reference:
+        from clip_jax import references  # noqa: PLC0415
+        _, open_clip_tokenizer, _ = references.open_clip_modules()
+        contenders["open_clip"] = open_clip_tokenizer.SimpleTokenizer()
+    rows = []
+    for name, tokenize in contenders.items():
+        _texts_per_sec(tokenize, warmup)
+        rows.append({"tokenizer": name, "texts": count, "texts_per_sec": _texts_per_sec(tokenize, texts)})
+    return rows
+
+
+def run_tokenizer(count, reference, as_json):
+    rows = tokenizer_benchmark(count, reference)
+    for row in rows:
+        if as_json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{row['tokenizer']:<10} {row['texts_per_sec']:>10,.0f} texts/s "
+                  f"({row['texts']:,} captions, batches of 256)", flush=True)
+    if len(rows) == 2 and not as_json:
+        print(f"clip_jax / open_clip: {rows[0]['texts_per_sec'] / rows[1]['texts_per_sec']:.1f}x")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m clip_jax.benchmark",
                                      description=__doc__.split("\n")[0])
@@ -218,11 +291,17 @@ def main(argv=None):
     compile_parser = commands.add_parser("compile", help="train-step compile time, scan on/off")
     compile_parser.add_argument("--variant", default="ViT-L-14", help="configs/clip.py variant")
     compile_parser.add_argument("--json", action="store_true", help="one JSON line per measurement")
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer texts/s vs OpenCLIP's")
+    tokenizer.add_argument("--texts", type=int, default=50_000, help="captions timed")
+    tokenizer.add_argument("--no-reference", action="store_true", help="skip OpenCLIP")
+    tokenizer.add_argument("--json", action="store_true", help="one JSON line per tokenizer")
     args = parser.parse_args(argv)
     if args.command == "memory":
         run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
-    else:
+    elif args.command == "compile":
         run_compile(args.variant, args.json)
+    else:
+        run_tokenizer(args.texts, not args.no_reference, args.json)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,12 @@ def check_config(config, num_devices):
     chunk = config.loss.chunk_size
     _require(chunk == 0 or config.batch_size % chunk == 0,
              f"config.loss.chunk_size={chunk} does not divide config.batch_size={config.batch_size}")
+    # The sigmoid ring chunks each device's [B_local, B_local] block.
+    local_batch = config.batch_size // data_parallel
+    _require(config.loss.kind != "sigmoid" or chunk == 0 or chunk >= local_batch
+             or local_batch % chunk == 0,
+             f"config.loss.chunk_size={chunk} does not divide the per-device batch {local_batch} "
+             "(sigmoid loss)")
 
     model = config.model
     _require(model.image.kind in IMAGE_TOWERS,

@@ -8,7 +8,8 @@ pseudocode on one device.
 
 sigmoid (SigLIP, Zhai et al. 2023): every (image, text) pair is an independent
 binary problem. Text shards travel around the batch axes with ppermute; each
-device only ever holds [B_local, B_local] logits.
+device only ever holds [B_local, B_local] logits, or [B_local, chunk] with
+chunking.
 """
 
 import functools
@@ -79,11 +80,46 @@ def local_softmax_loss(local_image, local_text, logit_scale, logit_bias=None, *,
     }
 
 
+def _sigmoid_pair_loss(images, texts, logit_scale, logit_bias, has_positives, chunk_size):
+    """-sum log sigmoid(z * (scale * images @ texts.T + bias)) over an [N, M] block:
+    z = +1 on the diagonal (row i, column i) when `has_positives`, -1 elsewhere.
+    With 0 < chunk_size < M the columns are visited in chunks under remat, holding
+    [N, chunk_size] logits at a time."""
+    rows = jnp.arange(images.shape[0])[:, None]
+
+    def block_loss(block_texts, first_column):
+        logits = logit_scale * images @ block_texts.T + logit_bias  # [N, c]
+        if not has_positives:
+            return -jnp.sum(jax.nn.log_sigmoid(-logits))
+        columns = first_column + jnp.arange(block_texts.shape[0])[None, :]
+        signs = jnp.where(rows == columns, 1.0, -1.0)
+        return -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+
+    if chunk_size <= 0 or chunk_size >= texts.shape[0]:
+        return block_loss(texts, 0)
+    if texts.shape[0] % chunk_size:
+        raise ValueError(f"config.loss.chunk_size={chunk_size} does not divide the per-device "
+                         f"batch {texts.shape[0]}")
+    chunks = texts.reshape(-1, chunk_size, texts.shape[-1])
+
+    @jax.checkpoint
+    def visit(total, chunk_and_index):
+        chunk, index = chunk_and_index
+        return total + block_loss(chunk, index * chunk_size), None
+
+    # Built from `images` so the carry varies over the same mesh axes as the body's output.
+    total, _ = jax.lax.scan(visit, jnp.zeros_like(images[0, 0]),
+                            (chunks, jnp.arange(chunks.shape[0])))
+    return total
+
+
 def local_sigmoid_loss(local_image, local_text, logit_scale, logit_bias, *, axis_names,
                        chunk_size=0):
     """SigLIP loss from inside shard_map: -sum log sigmoid(z * logit) / B_global
-    over all B_global^2 pairs (z = +1 for matching pairs, -1 otherwise)."""
-    del chunk_size  # the ring already bounds the logits to [B_local, B_local]
+    over all B_global^2 pairs (z = +1 for matching pairs, -1 otherwise).
+
+    Holds [B_local, B_local] logits per hop, or [B_local, chunk_size] with chunking,
+    so memory grows linearly in the global batch at a fixed device count."""
     num_shards = jax.lax.psum(1, axis_names)
     local_batch = local_image.shape[0]
     # Shard s sends its texts to shard s + 1, so at hop k this shard holds
@@ -91,9 +127,8 @@ def local_sigmoid_loss(local_image, local_text, logit_scale, logit_bias, *, axis
     ring = [(s, (s + 1) % num_shards) for s in range(num_shards)]
 
     def pair_loss(texts, positive):
-        logits = logit_scale * local_image @ texts.T + logit_bias  # [B_local, B_local]
-        signs = jnp.where(positive, 2 * jnp.eye(local_batch) - 1, -1.0)
-        return -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+        return _sigmoid_pair_loss(local_image, texts, logit_scale, logit_bias,
+                                  positive, chunk_size)
 
     @jax.checkpoint
     def hop(carry, _):

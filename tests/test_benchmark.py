@@ -16,6 +16,12 @@ def test_chunked_softmax_memory_grows_linearly_with_the_global_batch():
     assert 3 < growth < 6  # linear: ~4x for a 4x batch, far from the 16x of B x B logits
 
 
+def test_chunked_sigmoid_ring_memory_grows_linearly_with_the_global_batch():
+    # B_local 512 -> 2048, chunks of 128: the plain ring's [B_local, B_local] would be 16x.
+    growth = loss_bytes("sigmoid_chunked", 16384) / loss_bytes("sigmoid_chunked", 4096)
+    assert 3 < growth < 6
+
+
 def test_the_measurement_sees_the_plain_softmax_logits():
     """The plain softmax holds [B_local, B_global] logits per device, quadratic
     in B at a fixed device count; the benchmark must be able to see that."""

@@ -51,6 +51,8 @@ def test_knobs_in_the_config_argument():
     ({"loss.kind": "hinge"}, "config.loss.kind='hinge' is unknown"),
     ({"loss.kind": "sigmoid"}, "config.loss.kind='sigmoid' needs a learned bias"),
     ({"loss.chunk_size": 5}, "config.loss.chunk_size=5 does not divide config.batch_size=16"),
+    ({"batch_size": 96, "loss.kind": "sigmoid", "model.logit_bias_init": -10.0,
+      "loss.chunk_size": 8}, "config.loss.chunk_size=8 does not divide the per-device batch 12"),
     ({"microbatches": 0}, "config.microbatches=0 must be >= 1"),
     ({"microbatches": 4}, "config.batch_size=16 is not divisible by config.microbatches x "
                           "data-parallel size = 4 x 8"),

@@ -95,7 +95,7 @@ def test_sigmoid_ring_loss_matches_numpy(data, fsdp):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind,chunk_size", [("softmax", 16), ("sigmoid", 0)])
+@pytest.mark.parametrize("kind,chunk_size", [("softmax", 16), ("sigmoid", 0), ("sigmoid", 4)])
 def test_memory_bounded_losses_give_plain_gradients(kind, chunk_size):
     """Chunked softmax and ring sigmoid on 8 shards: same loss and gradients
     (embeddings, scale, bias) as the plain loss on one device."""
@@ -128,9 +128,10 @@ def test_chunked_accuracy_matches_plain():
 @pytest.mark.parametrize("kind,chunk_size,held,absent", [
     ("softmax", 16, "f32[8,16]", "f32[8,64]"),  # [B_local, chunk], never [B_local, B_global]
     ("sigmoid", 0, "f32[8,8]", "f32[8,64]"),  # [B_local, B_local]
+    ("sigmoid", 4, "f32[8,4]", "f32[8,8]"),  # [B_local, chunk]
 ])
 def test_memory_bounded_losses_hold_small_logits(kind, chunk_size, held, absent):
-    image, text = random_embeddings(64)
+    image, text = random_embeddings(64, dim=24)  # no embedding shape looks like a logit block
     loss_fn = losses.contrastive_loss(make_mesh(8), sharding.BATCH_AXES, kind, chunk_size)
     hlo = jax.jit(jax.grad(lambda i, t: loss_fn(i, t, 1.0, 0.0)["loss"])).lower(
         image, text).compile().as_text()

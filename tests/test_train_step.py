@@ -74,7 +74,9 @@ def run_on_one_and_eight(mesh, steps, optimizer_name="adamw", loss="softmax"):
             run_steps(sharded, jax.devices(), steps, optimizer_name)]
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+# The chunked softmax equals the plain one in values and gradients (test_losses.py),
+# so the mesh sweep runs the two loss kinds.
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_adamw_steps_on_8_devices_equal_one_device(mesh, loss):
     (params_1, history_1), (params_8, history_8) = run_on_one_and_eight(mesh, 2, loss=loss)
