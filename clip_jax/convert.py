@@ -28,6 +28,7 @@ import numpy as np
 
 from clip_jax.models import zoo
 from clip_jax.models.clip import CLIP
+from clip_jax.models.transformer import stack_layers, unstack_layers
 
 # Keys in OpenAI/OpenCLIP files that are not weights (OpenAI's TorchScript archives
 # store the input sizes; old OpenCLIP versions saved the causal mask).
@@ -202,6 +203,27 @@ def _resolve(model):
     return model, "the given config"
 
 
+def _unscanned(model_config):
+    """The config of the per-block layout (resblocks_i), which the rules describe."""
+    config = model_config.copy_and_resolve_references()
+    config.scan_layers = False
+    return config
+
+
+def _transformer_paths(model_config):
+    """Paths of the Transformer stacks whose blocks scan_layers stacks."""
+    towers = ("visual", "text") if model_config.image.kind == "vit" else ("text",)
+    return [("params", tower, "transformer") for tower in towers]
+
+
+def _relayout(variables, model_config, convert_stack):
+    """variables with every Transformer stack passed through `convert_stack`."""
+    for path in _transformer_paths(model_config):
+        parent = _get(variables, path[:-1])
+        parent[path[-1]] = jax.device_get(convert_stack(parent[path[-1]]))
+    return variables
+
+
 def abstract_variables(model_config):
     """Flax variable shapes of an architecture, without allocating them."""
     from clip_jax.train_step import dummy_inputs  # noqa: PLC0415 (train_step imports optax)
@@ -319,6 +341,7 @@ def from_torch(source: Union[str, os.PathLike, Mapping], model) -> dict:
     Raises ConversionError naming the first missing, mis-shaped or unexpected key.
     """
     model_config, name = _resolve(model)
+    scanned, model_config = model_config.get("scan_layers", False), _unscanned(model_config)
     state_dict = load_state_dict(source)
     abstract = flax.core.unfreeze(abstract_variables(model_config))
     variables = {}
@@ -342,13 +365,16 @@ def from_torch(source: Union[str, os.PathLike, Mapping], model) -> dict:
     if unexpected:
         raise ConversionError(f"{name}: unexpected key {unexpected[0]!r} in the checkpoint "
                               f"({len(unexpected)} unexpected in all): a different architecture?")
-    return variables
+    return _relayout(variables, model_config, stack_layers) if scanned else variables
 
 
 def to_torch(variables: Mapping, model) -> dict:
     """{"params": ..., ["batch_stats": ...]} -> OpenCLIP/OpenAI state dict of numpy arrays."""
     model_config, _ = _resolve(model)
     variables = flax.core.unfreeze(variables)
+    if model_config.get("scan_layers", False):
+        variables = _relayout(variables, model_config, unstack_layers)  # unfreeze copied it
+    model_config = _unscanned(model_config)
     # Fresh C-ordered arrays: transposed views would be written wrongly by writers that
     # take the raw buffer.
     return {rule.torch_key: np.array(rule.to_torch(tuple(np.asarray(_get(variables, p))
@@ -372,18 +398,21 @@ def main(argv=None):
                         help="orbax checkpoint directory; with --to-torch a .safetensors file")
     parser.add_argument("--to-torch", action="store_true",
                         help="orbax checkpoint -> OpenCLIP-loadable .safetensors")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="the orbax side uses the scanned layout (config.model.scan_layers)")
     args = parser.parse_args(argv)
     from clip_jax import checkpoint  # noqa: PLC0415 (orbax import is slow; not needed for --help)
     try:
+        model_config = zoo.model_config(args.model)
+        model_config.scan_layers = args.scan_layers
         if args.to_torch:
-            model_config = zoo.model_config(args.model)
             variables = checkpoint.load_variables(args.input, abstract_variables(model_config))
             from safetensors.numpy import save_file  # noqa: PLC0415
             state_dict = to_torch(jax.device_get(variables), model_config)
             save_file(state_dict, args.output)
             print(f"wrote {len(state_dict)} tensors to {args.output}")
         else:
-            variables = from_torch(args.input, args.model)
+            variables = from_torch(args.input, model_config if args.scan_layers else args.model)
             checkpoint.save_variables(args.output, variables)
             count = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
             print(f"wrote {count:,} parameters of {args.model} to {args.output}")

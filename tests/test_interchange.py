@@ -200,3 +200,22 @@ def test_files_safetensors_pickle_and_torchscript(tmp_path):
     got = convert.from_torch(tmp_path / "openai.pt", config)  # float16 -> float32
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), got, expected)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(got))
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_scanned_models_convert_through_the_stacked_layout(kind):
+    state_dict = {k: v.numpy() for k, v in open_clip_model(kind).state_dict().items()}
+    config = our_config(kind)
+    scanned = our_config(kind)
+    scanned.scan_layers = True
+    variables = convert.from_torch(state_dict, scanned)
+    shapes = convert.abstract_variables(scanned)
+    assert jax.tree.structure(variables) == jax.tree.structure(shapes)
+    images, tokens = images_for(kind), tokenize(CAPTIONS)
+    for ours, expected in zip(embeddings(scanned, variables, images, tokens),
+                              embeddings(config, convert.from_torch(state_dict, config), images,
+                                         tokens)):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    back = convert.to_torch(variables, scanned)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
