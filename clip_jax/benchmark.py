@@ -34,10 +34,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax import losses, optim, sharding  # noqa: E402
+from clip_jax import losses, sharding  # noqa: E402
 from clip_jax import tokenizer as tokenizer_lib  # noqa: E402
-from clip_jax.models import CLIP  # noqa: E402
-from clip_jax.train_step import jit_train_step, make_train_step, state_shardings  # noqa: E402
+from clip_jax.train_step import setup_training  # noqa: E402
 from configs.clip import get_config  # noqa: E402
 
 # Benchmark name -> contrastive_loss arguments. The chunked losses hold
@@ -143,17 +142,10 @@ def run_memory(batches, as_json, train_step):
 def abstract_train_step(config, devices):
     """(jitted train step, abstract state, abstract batch) for `config` on a mesh
     over `devices`; jax.eval_shape only, so no parameter is allocated."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    model = CLIP(config.model)
-    optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    abstract, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
-                                          jax.random.key(0))
+    training = setup_training(config, devices)
+    mesh, step = training.mesh, training.step
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
-                                      config.loss.chunk_size)
-    step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
+                            training.abstract_state, training.shardings)
     size, length = config.model.image.image_size, config.model.text.context_length
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {"images": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,

@@ -16,13 +16,11 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clip_jax import checkpoint, losses, optim, sharding
+from clip_jax import checkpoint, sharding
 from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.data import pipeline
 from clip_jax.metrics import MetricWriter
-from clip_jax.models import CLIP
-from clip_jax.models.clip import TOWER_PARAMS
-from clip_jax.train_step import create_train_state, jit_train_step, make_train_step, state_shardings
+from clip_jax.train_step import setup_training
 from clip_jax.zeroshot import ZeroShotEvaluator
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -116,20 +114,15 @@ def _is_due(step, every, total_steps):
 def train(config, workdir):
     """Runs training to config.total_steps and returns the last logged metrics."""
     check_config(config, jax.device_count())
-    mesh = sharding.make_mesh(config.mesh)
-    locked = tuple(tower for tower in TOWER_PARAMS if config[f"lock_{tower}"])
-    model = CLIP(config.model, locked=locked)
-    optimizer = optim.make_optimizer(config.optimizer, config.total_steps,
-                                     frozen=tuple(TOWER_PARAMS[tower] for tower in locked))
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    rng = jax.random.key(config.seed)
-    abstract_state, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules, rng)
+    training = setup_training(config)
+    mesh, model, shardings = training.mesh, training.model, training.shardings
+    abstract_state = training.abstract_state
 
     manager = checkpoint.make_manager(workdir, config)
     state = checkpoint.restore_latest(manager, jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings))
     if state is None:
-        state = create_train_state(model, optimizer, shardings, rng)
+        state = training.init_state(jax.random.key(config.seed))
         if config.init_from:
             state = _initialise_from(config.init_from, state, abstract_state, shardings)
     start_step = int(state.step)
@@ -139,11 +132,6 @@ def train(config, workdir):
         with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
-                                      config.loss.chunk_size)
-    train_step = jit_train_step(
-        make_train_step(model, optimizer, loss_fn, schedule,
-                        num_microbatches=config.microbatches, mesh=mesh), shardings, mesh)
     evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -158,7 +146,7 @@ def train(config, workdir):
         batch = _global_batch(next(batches), batch_sharding)
         # Any implicit host<->device copy inside the step is a bug: fail loudly.
         with jax.transfer_guard("disallow"):
-            state, metrics = train_step(state, batch)
+            state, metrics = training.step(state, batch)
         # Keep one step in flight: enough to hide dispatch, and a deeper queue of
         # collectives can starve the rendezvous of many fake devices on few CPU cores.
         jax.block_until_ready(in_flight)

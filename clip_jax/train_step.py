@@ -4,7 +4,7 @@
 the mesh with explicit in/out shardings and donates the old state.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clip_jax import image_ops, sharding
+from clip_jax import image_ops, losses, optim, sharding
+from clip_jax.models.clip import CLIP, TOWER_PARAMS
 
 
 @flax.struct.dataclass
@@ -220,3 +221,38 @@ def jit_train_step(step, shardings, mesh):
                    in_shardings=(shardings, {"images": batch_sharding, "tokens": batch_sharding}),
                    out_shardings=(shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
+
+
+@flax.struct.dataclass
+class Training:
+    """Everything a run builds from its config before the first step."""
+
+    model: CLIP = flax.struct.field(pytree_node=False)
+    optimizer: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    mesh: jax.sharding.Mesh = flax.struct.field(pytree_node=False)
+    abstract_state: TrainState  # shapes and dtypes only
+    shardings: TrainState  # of NamedShardings
+    step: Callable = flax.struct.field(pytree_node=False)  # jitted step(state, batch)
+
+    def init_state(self, rng):
+        """A fresh TrainState, created directly in its shardings."""
+        return create_train_state(self.model, self.optimizer, self.shardings, rng)
+
+
+def setup_training(config, devices=None, optimizer=None) -> Training:
+    """config -> mesh, model (with locked towers), optimizer, state shardings and the
+    jitted step; `optimizer` replaces the config's AdamW (tests use plain SGD)."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    locked = tuple(tower for tower in TOWER_PARAMS if config[f"lock_{tower}"])
+    model = CLIP(config.model, locked=locked)
+    optimizer = optimizer or optim.make_optimizer(
+        config.optimizer, config.total_steps, frozen=tuple(TOWER_PARAMS[t] for t in locked))
+    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
+    abstract, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
+                                          jax.random.key(config.seed))
+    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
+                                      config.loss.chunk_size)
+    step = make_train_step(model, optimizer, loss_fn, schedule,
+                           num_microbatches=config.microbatches, mesh=mesh)
+    return Training(model=model, optimizer=optimizer, mesh=mesh, abstract_state=abstract,
+                    shardings=shardings, step=jit_train_step(step, shardings, mesh))

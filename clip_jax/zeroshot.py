@@ -10,12 +10,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import image_ops, sharding, tokenizer
 from clip_jax.data import pipeline, synthetic_shapes
 from clip_jax.models import l2_normalize
-
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotTask:
@@ -23,7 +21,6 @@ class ZeroShotTask:
     templates: tuple
     # Applied to each filled-in prompt, e.g. to fix "a orange" -> "an orange".
     edit_prompt: Callable[[str], str] = lambda prompt: prompt
-
 
 # Dataset name -> its class names and prompt templates.
 ZEROSHOT_TASKS = {
@@ -35,13 +32,11 @@ ZEROSHOT_TASKS = {
     ),
 }
 
-
 def zeroshot_task(dataset):
     if dataset not in ZEROSHOT_TASKS:
         raise ValueError(f"config.zeroshot.dataset={dataset!r} has no class names/templates; "
                          f"known: {', '.join(ZEROSHOT_TASKS)}")
     return ZEROSHOT_TASKS[dataset]
-
 
 def class_embeddings(encode_text, task, context_length):
     """Unit prompt-ensemble embeddings [C, E]; encode_text: tokens [N, L] -> [N, E]."""
@@ -50,7 +45,6 @@ def class_embeddings(encode_text, task, context_length):
     text = l2_normalize(encode_text(tokenizer.tokenize(prompts, context_length)))  # [C*T, E]
     text = text.reshape(len(task.class_names), len(task.templates), -1)
     return l2_normalize(text.mean(axis=1))
-
 
 def _count_hits(variables, model, batch, classes):
     """(top-1 hits, top-5 hits, examples) for one masked batch; classes [C, E]."""
@@ -62,7 +56,6 @@ def _count_hits(variables, model, batch, classes):
     top1_hits = jnp.sum((top5[:, 0] == labels) & mask)
     top5_hits = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) & mask)
     return top1_hits, top5_hits, jnp.sum(mask)
-
 
 class ZeroShotEvaluator:
     """evaluator(variables) -> {"zeroshot/<dataset>/top1": float, ".../top5": float},

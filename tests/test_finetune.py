@@ -9,11 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import checkpoint, convert, losses, optim, sharding
+from clip_jax import checkpoint, convert
 from clip_jax.models import CLIP, zoo
-from clip_jax.models.clip import TOWER_PARAMS
 from clip_jax.train import _initialise_from
-from clip_jax.train_step import create_train_state, jit_train_step, make_train_step, state_shardings
+from clip_jax.train_step import setup_training
 from tests.conftest import small_config
 from tests.test_train_step import random_batch
 
@@ -29,17 +28,13 @@ def resnet_config():
 
 
 def one_step(config, locked):
-    mesh = sharding.make_mesh(config.mesh)
-    model = CLIP(config.model, locked=locked)
-    optimizer = optim.make_optimizer(config.optimizer, config.total_steps,
-                                     frozen=tuple(TOWER_PARAMS[tower] for tower in locked))
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    _, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules, jax.random.key(0))
-    state = create_train_state(model, optimizer, shardings, jax.random.key(0))
+    with config.unlocked():
+        for tower in locked:
+            config[f"lock_{tower}"] = True
+    training = setup_training(config)
+    state = training.init_state(jax.random.key(0))
     before = jax.device_get(state)
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, "softmax", 0)
-    step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
-    after, _ = step(state, random_batch(config))
+    after, _ = training.step(state, random_batch(config))
     return before, jax.device_get(after)
 
 
@@ -65,18 +60,14 @@ def test_locked_tower_gets_no_update_and_keeps_running_stats(locked):
 
 def test_converted_weights_initialise_training(tmp_path):
     config = small_config(**{"mesh.data": 8})
-    model = CLIP(config.model)
-    mesh = sharding.make_mesh(config.mesh)
-    optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
-                                          jax.random.key(0))
-    pretrained = jax.device_get(nn.unbox(model.init(jax.random.key(7), *(
+    training = setup_training(config)
+    pretrained = jax.device_get(nn.unbox(training.model.init(jax.random.key(7), *(
         np.zeros((1, 16, 16, 3), np.float32), np.zeros((1, 8), np.int32)))))
     checkpoint.save_variables(str(tmp_path / "converted"), pretrained)
-    state = create_train_state(model, optimizer, shardings, jax.random.key(0))
-    state = _initialise_from(str(tmp_path / "converted"), state, abstract, shardings)
+    state = _initialise_from(str(tmp_path / "converted"), training.init_state(jax.random.key(0)),
+                             training.abstract_state, training.shardings)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), pretrained["params"])
-    assert state.params["visual"]["proj"].sharding == shardings.params["visual"]["proj"]
+    assert state.params["visual"]["proj"].sharding == training.shardings.params["visual"]["proj"]
 
 
 def test_wrong_architecture_in_init_from_is_one_line(tmp_path):

@@ -6,36 +6,19 @@ import numpy as np
 import optax
 import pytest
 
-from clip_jax import image_ops, losses, optim, sharding
+from clip_jax import image_ops
 from clip_jax.models import CLIP
-from clip_jax.train_step import create_train_state, jit_train_step, make_train_step, state_shardings
 from tests.conftest import small_config
-from tests.test_train_step import LOSSES, random_batch
+from tests.test_train_step import LOSSES, build, random_batch
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)]
-
-
-def build(config, optimizer=None, devices=None):
-    """(jitted step, initial state) on `devices` (default all) with config.microbatches."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    model = CLIP(config.model)
-    optimizer = optimizer or optim.make_optimizer(config.optimizer, config.total_steps)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    rng = jax.random.key(config.seed)
-    _, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules, rng)
-    state = create_train_state(model, optimizer, shardings, rng)
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
-                                      config.loss.chunk_size)
-    step = make_train_step(model, optimizer, loss_fn, schedule,
-                           num_microbatches=config.microbatches, mesh=mesh)
-    return jit_train_step(step, shardings, mesh), state
 
 
 def sgd_step(microbatches, mesh, loss, batch_size=32):
     """(updated params, metrics) after one SGD(1.0) step: the update is -gradient."""
     config = small_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **LOSSES[loss],
                           batch_size=batch_size, microbatches=microbatches)
-    step, state = build(config, optax.sgd(1.0))
+    step, state = build(config, jax.devices(), optax.sgd(1.0))
     state, metrics = step(state, random_batch(config))
     return jax.device_get(state.params), jax.device_get(metrics)
 
@@ -67,7 +50,7 @@ def test_batchnorm_statistics_update_once_per_microbatch():
     with config.unlocked():
         config.model.image = dict(kind="resnet", image_size=16, stage_layers=(1,), width=8,
                                   heads=2)
-    step, state = build(config, devices=jax.devices()[:1])  # BatchNorm compiles slowly
+    step, state = build(config, jax.devices()[:1])  # BatchNorm compiles slowly
     batch = random_batch(config)
     embed = jax.jit(lambda variables, images, tokens: CLIP(config.model).apply(
         variables, image_ops.normalize(images), tokens, train=True, method="embed",
@@ -87,7 +70,7 @@ def test_batchnorm_statistics_update_once_per_microbatch():
 def temp_bytes(microbatches, batch_size):
     """XLA's scratch memory for the compiled step on one device."""
     config = small_config(**{"mesh.data": 1}, batch_size=batch_size, microbatches=microbatches)
-    step, state = build(config, devices=jax.devices()[:1])
+    step, state = build(config, jax.devices()[:1])
     compiled = step.lower(state, random_batch(config)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

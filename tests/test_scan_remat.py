@@ -10,8 +10,7 @@ from jax.sharding import PartitionSpec as P
 from clip_jax import image_ops, losses, optim, sharding
 from clip_jax.models import CLIP
 from clip_jax.models.transformer import stack_layers, unstack_layers
-from clip_jax.train_step import (TrainState, dummy_inputs, jit_train_step, make_train_step,
-                                 state_shardings)
+from clip_jax.train_step import TrainState, dummy_inputs, setup_training
 from tests.conftest import small_config
 from tests.test_train_step import random_batch
 
@@ -121,20 +120,15 @@ def test_weight_decay_mask_ignores_the_stacked_layers_axis():
 def one_step(config, devices, params):
     """(metrics, new params on the host) of one AdamW step from `params` on a mesh
     over `devices`."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    model = CLIP(config.model)
-    optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    _, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
-                                   jax.random.key(0))
+    training = setup_training(config, devices)
+    optimizer, shardings = training.optimizer, training.shardings
     # Blocked so one multi-device program runs at a time: 8 fake devices on few
     # cores can starve a collective's rendezvous otherwise.
     state = jax.block_until_ready(jax.jit(
         lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                              opt_state=optimizer.init(p), model_state={}),
         out_shardings=shardings)(jax.device_put(params, shardings.params)))
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES)
-    step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
+    step = training.step
     state, metrics = step(state, random_batch(config))
     return jax.device_get(metrics), jax.device_get(state.params), shardings.params
 

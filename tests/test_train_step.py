@@ -7,9 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from clip_jax import losses, optim, sharding
-from clip_jax.models import CLIP
-from clip_jax.train_step import create_train_state, jit_train_step, make_train_step, state_shardings
+from clip_jax import optim
+from clip_jax.train_step import setup_training
 from tests.conftest import small_config
 
 
@@ -24,17 +23,8 @@ def random_batch(config, seed=0):
 
 def build(config, devices, optimizer=None):
     """(jitted step, initial state) on a mesh over `devices`."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    model = CLIP(config.model)
-    optimizer = optimizer or optim.make_optimizer(config.optimizer, config.total_steps)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    rng = jax.random.key(config.seed)
-    _, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules, rng)
-    state = create_train_state(model, optimizer, shardings, rng)
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
-                                      config.loss.chunk_size)
-    step = jit_train_step(make_train_step(model, optimizer, loss_fn, schedule), shardings, mesh)
-    return step, state
+    training = setup_training(config, devices, optimizer)
+    return training.step, training.init_state(jax.random.key(config.seed))
 
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
