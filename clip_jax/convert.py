@@ -251,7 +251,11 @@ def _load_torch_file(path):
     try:  # OpenAI's released models are TorchScript archives
         state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 (pickle, zip and torch errors alike)
+            raise ConversionError(f"{path}: not a readable PyTorch checkpoint "
+                                  f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
     if "state_dict" in state_dict:  # an OpenCLIP training checkpoint
         state_dict = state_dict["state_dict"]
     return state_dict
@@ -265,7 +269,11 @@ def load_state_dict(source) -> dict:
             raise ConversionError(f"{path}: no such file")
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file  # noqa: PLC0415
-            source = load_file(path)
+            try:
+                source = load_file(path)
+            except Exception as error:  # noqa: BLE001 (safetensors raises its own error types)
+                raise ConversionError(f"{path}: not a readable .safetensors file "
+                                      f"({str(error).splitlines()[0]})") from None
         else:
             source = _load_torch_file(path)
     state_dict = {}

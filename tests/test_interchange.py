@@ -219,3 +219,11 @@ def test_scanned_models_convert_through_the_stacked_layout(kind):
     back = convert.to_torch(variables, scanned)
     for key, value in state_dict.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["broken.pt", "broken.safetensors"])
+def test_unreadable_files_are_one_line_errors(tmp_path, name):
+    (tmp_path / name).write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(convert.ConversionError, match=f"{name}: not a readable") as error:
+        convert.from_torch(tmp_path / name, our_config("vit"))
+    assert "\n" not in str(error.value)
