@@ -12,6 +12,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from clip_jax.pytree import get_path, set_path
+
 
 def make_manager(workdir, config):
     """A CheckpointManager under WORKDIR/checkpoints keeping the last 3 saves."""
@@ -82,23 +84,11 @@ def load_variables(path, abstract_variables):
             raise ValueError(f"{path}: {'/'.join(names)} has shape {tuple(node.shape)}, "
                              f"the model expects {tuple(spec.shape)}")
         sharding = getattr(spec, "sharding", None) or default
-        _nested_set(target, stored_path(names), jax.ShapeDtypeStruct(spec.shape, spec.dtype,
+        set_path(target, stored_path(names), jax.ShapeDtypeStruct(spec.shape, spec.dtype,
                                                                      sharding=sharding))
     restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
     return jax.tree_util.tree_map_with_path(
-        lambda key, _: _nested_get(restored, stored_path(tuple(k.key for k in key))),
+        lambda key, _: get_path(restored, stored_path(tuple(k.key for k in key))),
         abstract_variables)
-
-
-def _nested_set(tree, names, value):
-    for name in names[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[names[-1]] = value
-
-
-def _nested_get(tree, names):
-    for name in names:
-        tree = tree[name]
-    return tree

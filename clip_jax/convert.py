@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from clip_jax.models import zoo
+from clip_jax.pytree import get_path, set_path
 from clip_jax.models.clip import CLIP
 from clip_jax.models.transformer import stack_layers, unstack_layers
 
@@ -219,7 +220,7 @@ def _transformer_paths(model_config):
 def _relayout(variables, model_config, convert_stack):
     """variables with every Transformer stack passed through `convert_stack`."""
     for path in _transformer_paths(model_config):
-        parent = _get(variables, path[:-1])
+        parent = get_path(variables, path[:-1])
         parent[path[-1]] = jax.device_get(convert_stack(parent[path[-1]]))
     return variables
 
@@ -329,18 +330,6 @@ def _from_hugging_face(hf):
 # ---------------------------------------------------------------- conversion
 
 
-def _get(tree, path):
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set(tree, path, value):
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def from_torch(source: Union[str, os.PathLike, Mapping], model) -> dict:
     """OpenAI / OpenCLIP / Hugging Face weights -> {"params": ..., ["batch_stats": ...]}.
 
@@ -363,12 +352,12 @@ def from_torch(source: Union[str, os.PathLike, Mapping], model) -> dict:
         used.add(rule.torch_key)
         if not rule.paths:
             continue
-        expected = jax.eval_shape(rule.to_torch, tuple(_get(abstract, p) for p in rule.paths))
+        expected = jax.eval_shape(rule.to_torch, tuple(get_path(abstract, p) for p in rule.paths))
         if tuple(value.shape) != tuple(expected.shape):
             raise ConversionError(f"{name}: key {rule.torch_key!r} has shape {tuple(value.shape)}, "
                                   f"expected {tuple(expected.shape)}")
         for path, leaf in zip(rule.paths, rule.to_flax(value)):
-            _set(variables, path, np.array(leaf, dtype=_get(abstract, path).dtype))
+            set_path(variables, path, np.array(leaf, dtype=get_path(abstract, path).dtype))
     unexpected = [key for key in state_dict if key not in used]
     if unexpected:
         raise ConversionError(f"{name}: unexpected key {unexpected[0]!r} in the checkpoint "
@@ -385,7 +374,7 @@ def to_torch(variables: Mapping, model) -> dict:
     model_config = _unscanned(model_config)
     # Fresh C-ordered arrays: transposed views would be written wrongly by writers that
     # take the raw buffer.
-    return {rule.torch_key: np.array(rule.to_torch(tuple(np.asarray(_get(variables, p))
+    return {rule.torch_key: np.array(rule.to_torch(tuple(np.asarray(get_path(variables, p))
                                                          for p in rule.paths)), order="C")
             for rule in rules_for(model_config)}
 

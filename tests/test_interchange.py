@@ -15,6 +15,7 @@ import torch
 
 from clip_jax import convert, tokenize
 from clip_jax.models import CLIP, zoo
+from clip_jax.pytree import get_path
 from clip_jax.references import open_clip_config, open_clip_modules
 
 TEXT = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2)
@@ -134,17 +135,11 @@ def test_every_preset_has_open_clip_shapes(name):
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     abstract = convert.abstract_variables(zoo.model_config(name))
     ours = {rule.torch_key: tuple(jax.eval_shape(rule.to_torch, tuple(
-        _leaf(abstract, p) for p in rule.paths)).shape) if rule.paths else ()
+        get_path(abstract, p) for p in rule.paths)).shape) if rule.paths else ()
         for rule in convert.rules_for(zoo.model_config(name))}
     assert ours == expected
     count = sum(np.prod(v.shape) for v in jax.tree.leaves(abstract["params"]))
     assert count == sum(p.numel() for p in reference.parameters())
-
-
-def _leaf(tree, path):
-    for name in path:
-        tree = tree[name]
-    return tree
 
 
 def test_published_parameter_counts():
