@@ -25,19 +25,28 @@ def make_manager(workdir, config):
                                  options=options, metadata={"config": json.loads(config.to_json())})
 
 
-def save(manager, state):
-    """Starts an asynchronous save of `state` at its step."""
-    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+def save(manager, state, input_state=None):
+    """Starts an asynchronous save of `state` at its step, with the input position
+    (`pipeline.gather_input_states`, JSON) when given."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if input_state is not None:
+        items["input"] = ocp.args.JsonSave(input_state)
+    manager.save(int(state.step), args=ocp.args.Composite(**items))
 
 
 def restore_latest(manager, abstract_state):
-    """The latest saved state, placed per `abstract_state`'s shardings, or None."""
+    """(state, input position) of the latest save, the state placed per
+    `abstract_state`'s shardings; (None, None) without one. The input position
+    is None for checkpoints saved without it."""
     step = manager.latest_step()
     if step is None:
-        return None
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored.state
+        return None, None
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    has_input = (epath.Path(manager.directory) / str(step) / "input").exists()
+    if has_input:
+        items["input"] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored.state, (restored.input if has_input else None)
 
 
 def save_variables(path, variables):

@@ -6,6 +6,7 @@ Each problem is reported as one line naming the key, its value and the fix.
 import jax.numpy as jnp
 
 from clip_jax import losses, sharding
+from clip_jax.data import pipeline
 from clip_jax.models.clip import IMAGE_TOWERS
 from clip_jax.models.transformer import ACTIVATIONS, REMAT_NAMES
 
@@ -40,11 +41,11 @@ def _lookup(config, dotted):
 def check_config(config, num_devices):
     """Raises ConfigError for the first invalid value, given the device count."""
     _positive(config, "batch_size", "total_steps", "log_every", "optimizer.eps",
-              "data.shuffle_buffer", "zeroshot.batch_size", "model.embed_dim",
+              "zeroshot.batch_size", "model.embed_dim",
               "model.logit_scale_max", "model.text.mlp_ratio")
     _non_negative(config, "loss.chunk_size", "eval_every", "checkpoint_every", "optimizer.lr",
                   "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
-                  "data.prefetch")
+                  "data.prefetch", "data.workers")
     for key in ("optimizer.b1", "optimizer.b2"):
         value = _lookup(config, key)
         _require(0 <= value < 1, f"config.{key}={value!r} must be in [0, 1)")
@@ -59,6 +60,8 @@ def check_config(config, num_devices):
         _require(value % data_parallel == 0,
                  f"config.{key}={value} is not divisible by the data-parallel size "
                  f"{data_parallel} (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']})")
+
+    _check_data(config.data)
 
     microbatches = config.microbatches
     _require(microbatches >= 1, f"config.microbatches={microbatches} must be >= 1")
@@ -119,3 +122,14 @@ def check_config(config, num_devices):
                      f"({', '.join(sharding.MESH_AXES)})")
     _require(len(set(rule_names)) == len(rule_names),
              f"config.sharding_rules names a logical axis twice: {rule_names}")
+
+
+def _check_data(data):
+    try:
+        pipeline.parse_split(data.train)
+    except ValueError as error:
+        raise ConfigError(f"config.data.train={data.train!r}: {error}") from None
+    low, high = data.crop_scale
+    _require(0 < low <= high <= 1,
+             f"config.data.crop_scale={tuple(data.crop_scale)!r} must be (low, high) "
+             "with 0 < low <= high <= 1")

@@ -114,18 +114,24 @@ def _is_due(step, every, total_steps):
 def train(config, workdir):
     """Runs training to config.total_steps and returns the last logged metrics."""
     check_config(config, jax.device_count())
+    started = time.time()
     training = setup_training(config)
     mesh, model, shardings = training.mesh, training.model, training.shardings
     abstract_state = training.abstract_state
 
     manager = checkpoint.make_manager(workdir, config)
-    state = checkpoint.restore_latest(manager, jax.tree.map(
+    state, saved_input = checkpoint.restore_latest(manager, jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings))
     if state is None:
         state = training.init_state(jax.random.key(config.seed))
         if config.init_from:
             state = _initialise_from(config.init_from, state, abstract_state, shardings)
     start_step = int(state.step)
+    input_state, input_warning = pipeline.local_input_state(saved_input, start_step,
+                                                            config.batch_size)
+    if start_step and input_warning:
+        logging.warning("input: %s", input_warning)
+        _print(f"warning: {input_warning}")
     _describe_start(config, mesh, state, shardings, start_step)
     if jax.process_index() == 0:
         tf.io.gfile.makedirs(workdir)
@@ -135,18 +141,42 @@ def train(config, workdir):
     evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     batch_sharding = sharding.batch_sharding(mesh)
-    batches = pipeline.train_dataset(config, start_step=start_step)
+    with pipeline.TrainInput(config, input_state) as batches:
+        row = _train_loop(config, training, state, batches, input_state, start_step,
+                          batch_sharding, evaluator, writer, manager)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    _print(f"done: step {config.total_steps} in {time.time() - started:.0f}s; "
+           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(row.items())
+                       if k in ("train/loss",) or k.startswith("zeroshot/")))
+    return row
 
+
+def _next_device_batch(batches, batch_sharding):
+    """(global device batch, input state after it) from the host input."""
+    host_batch, input_state = next(batches)
+    del host_batch["indices"]  # record ids: for tests and debugging, not the step
+    return _global_batch(host_batch, batch_sharding), input_state
+
+
+def _train_loop(config, training, state, batches, input_state, start_step, batch_sharding,
+                evaluator, writer, manager):
+    """Steps start_step + 1 .. total_steps; returns the last logged metrics."""
     progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step",
                          disable=jax.process_index() != 0, dynamic_ncols=True)
-    row, started = {}, time.time()
+    row = {}
     last_time, last_step = None, start_step
     in_flight = None
+    upcoming = _next_device_batch(batches, batch_sharding) if start_step < config.total_steps else None
     for step in range(start_step + 1, config.total_steps + 1):
-        batch = _global_batch(next(batches), batch_sharding)
+        batch, input_state = upcoming
         # Any implicit host<->device copy inside the step is a bug: fail loudly.
         with jax.transfer_guard("disallow"):
             state, metrics = training.step(state, batch)
+        # The next batch goes to the devices while this step runs.
+        upcoming = (_next_device_batch(batches, batch_sharding)
+                    if step < config.total_steps else None)
         # Keep one step in flight: enough to hide dispatch, and a deeper queue of
         # collectives can starve the rendezvous of many fake devices on few CPU cores.
         jax.block_until_ready(in_flight)
@@ -157,6 +187,7 @@ def train(config, workdir):
             last_time, last_step = time.time(), step
         if _is_due(step, config.log_every, config.total_steps):
             row = {f"train/{name}": value for name, value in jax.device_get(metrics).items()}
+            row.update(pipeline.skipped_metrics(pipeline.gather_input_states(input_state)))
             if step > last_step:  # the first step of a run is compilation, not throughput
                 now = time.time()
                 row["train/samples_per_sec"] = ((step - last_step) * config.batch_size
@@ -171,16 +202,10 @@ def train(config, workdir):
             row.update(eval_row)
             _print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
         if _is_due(step, config.checkpoint_every, config.total_steps):
-            checkpoint.save(manager, state)
+            checkpoint.save(manager, state, pipeline.gather_input_states(input_state))
         if _is_due(step, config.eval_every, config.total_steps):
             last_time, last_step = time.time(), step  # throughput counts training only
     progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    _print(f"done: step {config.total_steps} in {time.time() - started:.0f}s; "
-           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(row.items())
-                       if k in ("train/loss",) or k.startswith("zeroshot/")))
     return row
 
 

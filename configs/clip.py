@@ -7,7 +7,7 @@ Train the default (CPU-sized) model on the built-in synthetic dataset:
 A paper-sized preset, with any key overridden from the command line:
 
   python -m clip_jax.train --config configs/clip.py:ViT-B-32 --workdir gs://bucket/run \
-      --config.batch_size=32768 --config.data.name=my_prepared_dataset
+      --config.batch_size=32768 --config.data.train=my_prepared_dataset:train
 
 `arg` is `VARIANT` or `VARIANT,key=value,...` (big_vision style), e.g.
 `configs/clip.py:tiny,total_steps=100`; the named knobs are the top-level keys.
@@ -63,15 +63,18 @@ def _base():
         grad_clip_norm=1.0,  # 0 disables clipping
     ))
 
+    # Training data: any prepared TFDS split stored as ArrayRecord (random access,
+    # which makes the input exactly resumable): the built-in dataset, a catalogue
+    # dataset built with `--file_format=array_record`, or image-text shards/CSVs
+    # prepared by `python -m clip_jax.data.prepare`.
     config.data = ml_collections.ConfigDict(dict(
-        name="synthetic_shapes",  # TFDS name[:version]
+        train="synthetic_shapes:train",  # TFDS 'name[:version]:split'
         data_dir=ml_collections.FieldReference(None, field_type=str),  # None: TFDS default
-        train_split="train",
-        image_key="image",
-        caption_key="caption",
-        shuffle_buffer=20_000,
-        cache=True,  # keep decoded, resized images in memory (small datasets)
-        prefetch=2,  # batches prepared ahead of the step
+        image_key="image",  # feature keys; 'a/b' reaches nested features
+        caption_key="caption",  # a list of captions (e.g. coco_captions) gives a random one
+        crop_scale=(0.9, 1.0),  # RandomResizedCrop area range; (1.0, 1.0): no crop
+        workers=0,  # decoding threads per process; 0: one per CPU core
+        prefetch=4,  # batches prepared ahead of the step
     ))
 
     # Zero-shot classification on a held-out split, with the dataset's registered

@@ -49,7 +49,7 @@ def test_two_processes_match_one_device(tmp_path):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests.conftest.small_config as command-line overrides, for a 5-step run.
 TINY_RUN = {"batch_size": 16, "total_steps": 5, "log_every": 1, "eval_every": 0,
-            "checkpoint_every": 0, "optimizer.warmup_steps": 2, "data.shuffle_buffer": 256,
+            "checkpoint_every": 0, "optimizer.warmup_steps": 2,
             "zeroshot.batch_size": 64, "model.embed_dim": 16, "model.image.image_size": 16,
             "model.image.patch_size": 8, "model.image.width": 32, "model.image.layers": 2,
             "model.image.heads": 2, "model.text.context_length": 8, "model.text.width": 32,

@@ -26,7 +26,7 @@ def small_dataset(monkeypatch):
 
 
 def e2e_config(data_dir, total_steps):
-    return small_config(**{"data.data_dir": data_dir, "data.shuffle_buffer": 256,
+    return small_config(**{"data.data_dir": data_dir,
                            "total_steps": total_steps, "log_every": 2, "eval_every": 3,
                            "checkpoint_every": 3, "optimizer.warmup_steps": 2})
 

@@ -1,113 +1,307 @@
-"""Input pipelines: TFDS -> images + tokens, batched, this process's rows.
+"""Input pipelines: prepared TFDS splits (ArrayRecord, random access) -> batches.
 
-Training: every process follows one seeded stream of global batches and keeps
-its rows, so the global batch does not depend on the process count. Evaluation:
-each process reads a disjoint slice of the split. Images travel to the devices
-as uint8 (4x less host->device traffic than float32) and are normalised inside
-the jitted step.
+Training (`TrainInput`): each process reads only its own rows of each global
+batch (see `sampling` for who reads what), decodes and augments them in a thread
+pool (PIL releases the GIL in its codecs), tokenizes, and keeps `prefetch`
+batches ready in a background thread while the step runs. Every sample's crop
+and caption choice come from its own seed (seed, stream position), so batches
+do not depend on thread count or timing, and the cursor in `InputState` resumes
+the stream exactly. Images travel to the devices as uint8 (4x less traffic than
+float32) and are normalised inside the jitted step.
+
+Evaluation (`eval_batches`): each process reads a disjoint, contiguous slice of
+the split; shorter side resized and centre-cropped.
 """
 
+import concurrent.futures
+import dataclasses
 import math
+import os
+import queue
+import threading
 
 import jax
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from clip_jax import tokenizer
+from clip_jax.data import augment, decode, sampling
 from clip_jax.data import synthetic_shapes  # noqa: F401  (registers the built-in dataset)
 
-# tf.data only feeds the host; keep TensorFlow off any accelerator.
-tf.config.set_visible_devices([], "GPU")
+_ARRAY_RECORD = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
+# A batch that needs this many replacements means the data, not a few files, is broken.
+_MAX_SKIPS_PER_BATCH_FACTOR = 10
+
+
+def parse_split(spec):
+    """'name[:version]:split' -> ('name[:version]', 'split')."""
+    name, sep, split = spec.rpartition(":")
+    if not sep or not name or not split:
+        raise ValueError(f"{spec!r} is not 'name[:version]:split' (e.g. 'synthetic_shapes:train')")
+    return name, split
 
 
 def prepared_builder(name, data_dir):
-    """A TFDS builder for `name[:version]`, preparing it first where it can be
-    generated locally (the built-in synthetic dataset needs no download)."""
+    """The TFDS builder of `name[:version]`, preparing it first (as ArrayRecord)
+    where it can be generated locally, e.g. the built-in synthetic dataset."""
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(f"config.data.name={name!r}: no such TFDS dataset ({error})") from None
+        raise ValueError(f"{name!r}: no such TFDS dataset in data_dir={data_dir!r} "
+                         f"({str(error).splitlines()[0]})") from None
     if not builder.is_prepared():
         # One process prepares first, so hosts sharing a data_dir never race.
         if jax.process_index() == 0:
-            builder.download_and_prepare()
+            tfds.builder(name, data_dir=data_dir, file_format=_ARRAY_RECORD).download_and_prepare()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"prepare {name}")
+        builder = tfds.builder(name, data_dir=data_dir, file_format=_ARRAY_RECORD)
         if not builder.is_prepared():
             builder.download_and_prepare()
     return builder
 
 
-def _resize(image, size):
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]; bicubic with antialiasing."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    resized = tf.image.resize(image, (size, size), method="bicubic", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+def open_split(name, split, data_dir, image_key):
+    """Random-access records of a prepared split, images left encoded (bytes)."""
+    builder = prepared_builder(name, data_dir)
+    if builder.info.file_format != _ARRAY_RECORD:
+        raise ValueError(
+            f"{name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}; "
+            "the input pipeline needs random access: re-prepare it as ArrayRecord "
+            f"(`tfds build {name.split(':')[0]} --file_format=array_record`, or "
+            "`python -m clip_jax.data.prepare` for image-text shards and CSVs)")
+    if split not in builder.info.splits:
+        raise ValueError(f"{name!r} has no split {split!r}; it has {', '.join(builder.info.splits)}")
+    decoders = {}
+    node = decoders
+    *parents, leaf = image_key.split("/")
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    node[leaf] = tfds.decode.SkipDecoding()
+    return builder.as_data_source(split=split, decoders=decoders)
 
 
-def train_dataset(config, *, start_step=0):
-    """Endless iterator of this process's batches: {"images": uint8 [b, S, S, 3],
-    "tokens": int32 [b, L]}, with b = batch_size / process_count.
+def _field(record, key):
+    """record['a/b'] -> record['a']['b']; None when absent."""
+    for part in key.split("/"):
+        if not isinstance(record, dict) or part not in record:
+            return None
+        record = record[part]
+    return record
 
-    Every process runs the same seeded stream of global batches and keeps its own
-    rows (process p: rows p * b to (p + 1) * b), so the global batch at every step
-    is the same for any number of processes: a run on N hosts matches one on a
-    single host, step for step. The cost: each process reads and decodes the whole
-    split, not 1/N of it, which suits the in-memory datasets this trainer ships
-    with; sharded random access (array_record + grain) is the way past that.
+
+@dataclasses.dataclass
+class InputState:
+    """Where this process is in its input stream: positions consumed (`cursor`)
+    and samples skipped so far, by reason."""
+    cursor: int = 0
+    skipped: dict = dataclasses.field(default_factory=dict)
+
+    def copy(self):
+        return InputState(self.cursor, dict(self.skipped))
+
+
+class TrainInput:
+    """Endless iterator of this process's training batches.
+
+    next() -> (batch, state): batch = {"images": uint8 [b, S, S, 3],
+    "tokens": int32 [b, L], "indices": int64 [b] (record of each row)} with
+    b = batch_size / process_count; state = the InputState right after this
+    batch, which restarts the stream at the next one. Close it (or use `with`)
+    to stop the reader thread.
     """
-    data, model = config.data, config.model
-    local_batch = config.batch_size // jax.process_count()
-    first_row = jax.process_index() * local_batch
-    builder = prepared_builder(data.name, data.data_dir)
-    ds = builder.as_dataset(split=data.train_split, shuffle_files=True,
-                            read_config=tfds.ReadConfig(shuffle_seed=config.seed))
-    size = model.image.image_size
-    ds = ds.map(lambda ex: {"images": _resize(ex[data.image_key], size),
-                            "captions": ex[data.caption_key]},
-                num_parallel_calls=tf.data.AUTOTUNE)
-    if data.cache:
-        ds = ds.cache()
-    ds = ds.shuffle(data.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(config.batch_size, drop_remainder=True)
-    ds = ds.map(lambda batch: {key: value[first_row:first_row + local_batch]
-                               for key, value in batch.items()})
-    # Resuming replays the batch order up to start_step; exact constant-time
-    # resume is the data-state issue's.
-    ds = ds.skip(start_step).prefetch(data.prefetch)
-    context_length = model.text.context_length
-    # Tokenised here, once per batch (~3 ms for 256 captions thanks to the word
-    # cache), while the previous step runs on the devices. Not inside tf.data:
-    # a tf.numpy_function in a prefetching pipeline deadlocks on the GIL when the
-    # iterator is torn down at interpreter exit.
-    for batch in ds.as_numpy_iterator():
-        captions = [caption.decode("utf-8") for caption in batch["captions"]]
-        yield {"images": batch["images"], "tokens": tokenizer.tokenize(captions, context_length)}
+
+    def __init__(self, config, state=None, *, process_index=None, process_count=None):
+        data = config.data
+        self._process_index = jax.process_index() if process_index is None else process_index
+        self._process_count = jax.process_count() if process_count is None else process_count
+        self._local_batch = config.batch_size // self._process_count
+        self._seed = config.seed
+        self._image_size = config.model.image.image_size
+        self._context_length = config.model.text.context_length
+        self._crop_scale = tuple(data.crop_scale)
+        self._draft = augment.draft_size(self._image_size, self._crop_scale[0])
+        self._image_key, self._caption_key = data.image_key, data.caption_key
+        name, split = parse_split(data.train)
+        self._records = open_split(name, split, data.data_dir, data.image_key)
+        self._num_records = len(self._records)
+        if self._num_records == 0:
+            raise ValueError(f"config.data.train={data.train!r} is empty")
+        self._state = (state or InputState()).copy()
+        self._pool = concurrent.futures.ThreadPoolExecutor(data.workers or os.cpu_count())
+        self._ready = queue.Queue(maxsize=max(1, data.prefetch))
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read_ahead, daemon=True,
+                                        name="clip_jax-input")
+        self._reader.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        while self._reader.is_alive():  # unblock a reader waiting to put
+            try:
+                self._ready.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _read_ahead(self):
+        try:
+            while not self._stop.is_set():
+                batch = self._next_batch()
+                item = (batch, self._state.copy())
+                while not self._stop.is_set():
+                    try:
+                        self._ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # surfaced to the consumer by __next__
+            self._ready.put(error)
+
+    def _next_batch(self):
+        images, captions, indices = [], [], []
+        skipped_here = 0
+        while len(images) < self._local_batch:
+            cursors = np.arange(self._state.cursor,
+                                self._state.cursor + self._local_batch - len(images))
+            positions = sampling.global_positions(cursors, self._local_batch,
+                                                  self._process_index, self._process_count)
+            record_ids, _ = sampling.record_indices(positions, self._num_records, self._seed)
+            records = self._records.__getitems__(record_ids.tolist())
+            examples = self._pool.map(self._example, records, positions.tolist())
+            self._state.cursor += len(cursors)
+            for record_id, example in zip(record_ids.tolist(), examples):
+                if isinstance(example, decode.Skipped):
+                    self._state.skipped[example.reason] = (
+                        self._state.skipped.get(example.reason, 0) + 1)
+                    skipped_here += 1
+                    continue
+                images.append(example[0])
+                captions.append(example[1])
+                indices.append(record_id)
+            if skipped_here > _MAX_SKIPS_PER_BATCH_FACTOR * self._local_batch:
+                raise ValueError(
+                    f"config.data.train={self._records!r}: {skipped_here} bad samples while "
+                    f"filling one batch of {self._local_batch} (skipped so far: "
+                    f"{self._state.skipped}); is config.data.image_key/caption_key right?")
+        return {"images": np.stack(images),
+                "tokens": tokenizer.tokenize(captions, self._context_length),
+                "indices": np.asarray(indices, np.int64)}
+
+    def _example(self, record, position):
+        """(uint8 pixels, caption) of one record, or the Skipped it raised."""
+        rng = np.random.default_rng([self._seed, 1, position])
+        try:
+            caption = _choose_caption(_field(record, self._caption_key), rng)
+            image = decode.open_rgb(_field(record, self._image_key), min_size=self._draft)
+            return augment.random_resized_crop(image, self._image_size, rng, self._crop_scale), caption
+        except decode.Skipped as skipped:
+            return skipped
+
+
+def _choose_caption(raw, rng):
+    """One caption from a field holding one caption or several (e.g. coco_captions'
+    five): a random one, seeded per sample."""
+    if isinstance(raw, (list, tuple, np.ndarray)) and not isinstance(raw, (bytes, str)):
+        if len(raw) == 0:
+            raise decode.Skipped(decode.MISSING_CAPTION)
+        raw = raw[int(rng.integers(len(raw)))]
+    return decode.decode_caption(raw)
 
 
 def eval_batches(config, dataset, split, label_key, global_batch):
     """Yields this process's share of a labelled split in fixed-size batches:
     {"images": uint8 [b, S, S, 3], "labels": int32 [b], "mask": bool [b]}.
 
-    Every process yields the same number of batches (the tail padded with
-    mask=False), so all hosts run the same number of collective steps.
+    Every process yields the same number of batches (padding rows have
+    mask=False), so all hosts run the same number of collective steps. An
+    undecodable image is a masked row, counted in the evaluator's results.
     """
-    builder = prepared_builder(dataset, config.data.data_dir)
-    num_batches = math.ceil(builder.info.splits[split].num_examples / global_batch)
-    local_batch = global_batch // jax.process_count()
-    size = config.model.image.image_size
-    ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
-    ds = ds.map(lambda ex: {"images": _resize(ex[config.data.image_key], size),
-                            "labels": tf.cast(ex[label_key], tf.int32)},
-                num_parallel_calls=tf.data.AUTOTUNE)
-    batches = ds.batch(local_batch).prefetch(2).as_numpy_iterator()
-    empty = {"images": np.zeros((0, size, size, 3), np.uint8), "labels": np.zeros((0,), np.int32)}
-    for _ in range(num_batches):
-        batch = next(batches, empty)
-        pad = local_batch - len(batch["labels"])
-        yield {"images": np.pad(batch["images"], ((0, pad), (0, 0), (0, 0), (0, 0))),
-               "labels": np.pad(batch["labels"], (0, pad)),
-               "mask": np.arange(local_batch) < len(batch["labels"])}
+    image_key, size = config.data.image_key, config.model.image.image_size
+    records = open_split(dataset, split, config.data.data_dir, image_key)
+    process_count, local_batch = jax.process_count(), global_batch // jax.process_count()
+    per_process = math.ceil(len(records) / process_count)
+    start = min(len(records), jax.process_index() * per_process)
+    stop = min(len(records), start + per_process)
+    blank = np.zeros((size, size, 3), np.uint8)
+
+    def load(record):
+        try:
+            image = decode.open_rgb(_field(record, image_key), min_size=(size, size))
+            return augment.resize_centre_crop(image, size), int(_field(record, label_key)), True
+        except decode.Skipped:
+            return blank, 0, False
+
+    with concurrent.futures.ThreadPoolExecutor(config.data.workers or os.cpu_count()) as pool:
+        for first in range(start, start + math.ceil(per_process / local_batch) * local_batch,
+                           local_batch):
+            ids = list(range(first, min(stop, first + local_batch)))
+            rows = list(pool.map(load, records.__getitems__(ids))) if ids else []
+            pad = local_batch - len(rows)
+            rows += [(blank, 0, False)] * pad
+            images, labels, valid = zip(*rows)
+            yield {"images": np.stack(images), "labels": np.asarray(labels, np.int32),
+                   "mask": np.asarray(valid, bool)}
+
+
+def gather_input_states(local_state):
+    """Every process's InputState as one JSON-able dict (a collective: all
+    processes call it at the same step): what a checkpoint stores."""
+    row = np.array([local_state.cursor] + [local_state.skipped.get(reason, 0)
+                                           for reason in decode.REASONS], np.int64)
+    rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, row.size)
+    return {"process_count": len(rows),
+            "cursors": rows[:, 0].tolist(),
+            "skipped": [dict(zip(decode.REASONS, counts)) for counts in rows[:, 1:].tolist()]}
+
+
+def skipped_metrics(global_states):
+    """{"data/skipped": total, "data/skipped/<reason>": count, ...} summed over processes."""
+    totals = {reason: sum(skipped.get(reason, 0) for skipped in global_states["skipped"])
+              for reason in decode.REASONS}
+    metrics = {f"data/skipped/{reason}": count for reason, count in totals.items() if count}
+    return {"data/skipped": sum(totals.values()), **metrics}
+
+
+def local_input_state(global_states, step, batch_size):
+    """This process's InputState to resume at `step` from `gather_input_states`'
+    output (None: a checkpoint without one).
+
+    With the same process count the stream resumes exactly. Otherwise the
+    positions consumed are assumed to be step x batch_size, which is exact
+    unless samples were skipped before; the skip counts then carry over on
+    process 0 so totals stay right. Returns (state, warning or None).
+    """
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if global_states and global_states["process_count"] == process_count:
+        return InputState(global_states["cursors"][process_index],
+                          dict(global_states["skipped"][process_index])), None
+    state = InputState(cursor=step * (batch_size // process_count))
+    if not global_states:
+        return state, (f"the checkpoint at step {step} has no input position; resuming the "
+                       "input at step x batch_size")
+    totals = skipped_metrics(global_states)
+    if process_index == 0:
+        state.skipped = {reason: count for reason, count in
+                         ((r, totals.get(f"data/skipped/{r}", 0)) for r in decode.REASONS) if count}
+    if totals["data/skipped"]:
+        return state, (f"the checkpoint was written by {global_states['process_count']} processes "
+                       f"and {totals['data/skipped']} bad samples had been skipped, so the input "
+                       f"resumes at step x batch_size: up to that many samples may repeat")
+    return state, None

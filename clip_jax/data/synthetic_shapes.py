@@ -199,8 +199,11 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     image (train: a second, smaller object 30% of the time), so its label is
     unambiguous."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "8 colours x 6 shapes, 64 px, captions from 12 templates."}
+    # 1.1.0 has the same examples; training prepares it as ArrayRecord (random
+    # access), and a new version keeps older TFRecord copies from being picked up.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "8 colours x 6 shapes, 64 px, captions from 12 templates.",
+                     "1.1.0": "Same examples, prepared as ArrayRecord by clip_jax."}
     # Split sizes; tests shrink them (e.g. with monkeypatch.setattr on the class).
     train_examples = TRAIN_EXAMPLES
     test_examples = TEST_EXAMPLES

@@ -1,0 +1,205 @@
+"""The training input: who reads what (sampling), exact resume from the input
+state, independence from thread and process counts, and counted skips."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax.data import augment, decode, pipeline, sampling
+from tests.conftest import small_config
+
+
+@pytest.mark.parametrize("num_records", [1, 2, 3, 5, 64, 1000, 4097])
+def test_each_epoch_is_a_permutation_and_epochs_differ(num_records):
+    first = sampling.shuffled_index(np.arange(num_records), num_records, seed=0, epoch=0)
+    second = sampling.shuffled_index(np.arange(num_records), num_records, seed=0, epoch=1)
+    assert sorted(first.tolist()) == list(range(num_records))
+    assert sorted(second.tolist()) == list(range(num_records))
+    if num_records >= 64:
+        assert (first != second).mean() > 0.9
+        other_seed = sampling.shuffled_index(np.arange(num_records), num_records, 1, 0)
+        assert (first != other_seed).mean() > 0.9
+        # Shuffled, not merely rotated: neighbours land far apart on average.
+        assert np.abs(np.diff(first)).mean() > num_records / 5
+
+
+def test_processes_own_disjoint_blocks_that_tile_the_global_batches():
+    global_batch, processes, steps = 12, 3, 5
+    local = global_batch // processes
+    per_process = [sampling.global_positions(np.arange(steps * local), local, p, processes)
+                   for p in range(processes)]
+    # Step s of process p is rows p*local..(p+1)*local of global batch s.
+    for step in range(steps):
+        rows = np.concatenate([positions[step * local:(step + 1) * local]
+                               for positions in per_process])
+        np.testing.assert_array_equal(rows, np.arange(step * global_batch,
+                                                      (step + 1) * global_batch))
+
+
+def _png(colour, size=24):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class FakeRecords(list):
+    """A list with the batched random access of TFDS data sources."""
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+
+def _records(num, bad=()):
+    """Records whose image colour encodes their index; indices in `bad` are broken
+    in rotating ways (truncated image, empty file, blank caption, no caption)."""
+    records = []
+    for index in range(num):
+        record = {"image": _png((index % 256, index // 256, 77)),
+                  "caption": f"record number {index}".encode()}
+        if index in bad:
+            kind = sorted(bad).index(index) % 4
+            if kind == 0:
+                record["image"] = record["image"][:40]
+            elif kind == 1:
+                record["image"] = b""
+            elif kind == 2:
+                record["caption"] = b"  \n "
+            else:
+                del record["caption"]
+        records.append(record)
+    return FakeRecords(records)
+
+
+@pytest.fixture
+def fake_source(monkeypatch):
+    """Makes pipeline.open_split serve `records` instead of a TFDS split."""
+    holder = {}
+    monkeypatch.setattr(pipeline, "open_split", lambda *args: holder["records"])
+    return holder
+
+
+def _config(batch_size=8, workers=2, **overrides):
+    return small_config(**{"batch_size": batch_size, "data.workers": workers,
+                           "data.prefetch": 2, **overrides})
+
+
+def _take(config, steps, state=None, **process):
+    with pipeline.TrainInput(config, state, **process) as batches:
+        return [next(batches) for _ in range(steps)]
+
+
+def test_resuming_from_a_mid_epoch_state_gives_exactly_the_remaining_batches(fake_source):
+    fake_source["records"] = _records(50, bad={3, 7, 8, 20, 33, 41, 42, 43})
+    config = _config()
+    straight = _take(config, 12)  # 96 good samples: crosses into the second epoch
+    for stop in (1, 4, 5):
+        _, state = straight[stop - 1]
+        resumed = _take(config, 12 - stop, state)
+        for (expected, expected_state), (batch, batch_state) in zip(straight[stop:], resumed):
+            for key in expected:
+                np.testing.assert_array_equal(batch[key], expected[key])
+            assert batch_state == expected_state
+
+
+def test_one_epoch_reads_every_good_record_once_and_counts_every_skip(fake_source):
+    bad = {0, 5, 6, 17, 18, 19, 30, 47}
+    fake_source["records"] = _records(48, bad=bad)
+    batches = _take(_config(), 5)  # 40 good samples = the whole first epoch
+    indices = np.concatenate([batch["indices"] for batch, _ in batches])
+    assert sorted(indices.tolist()) == sorted(set(range(48)) - bad)
+    final = batches[-1][1]
+    assert final.cursor == 48
+    assert final.skipped == {decode.CORRUPT_IMAGE: 2, decode.EMPTY_IMAGE: 2,
+                             decode.EMPTY_CAPTION: 2, decode.MISSING_CAPTION: 2}
+    # Each row's pixels and tokens belong to its record.
+    for batch, _ in batches:
+        for row, index in enumerate(batch["indices"]):
+            assert tuple(batch["images"][row, 0, 0]) == (index % 256, index // 256, 77)
+
+
+def test_batches_do_not_depend_on_the_number_of_threads(fake_source):
+    fake_source["records"] = _records(40, bad={2, 9})
+    one, four = _take(_config(workers=1), 6), _take(_config(workers=4), 6)
+    for (a, _), (b, _) in zip(one, four):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_two_processes_read_disjoint_halves_of_the_same_global_batches(fake_source):
+    fake_source["records"] = _records(64)
+    config = _config(batch_size=8)
+    single = _take(config, 6, process_index=0, process_count=1)
+    halves = [_take(config, 6, process_index=p, process_count=2) for p in range(2)]
+    for step in range(6):
+        for key in ("images", "tokens", "indices"):
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][0][key], halves[1][step][0][key]]),
+                single[step][0][key])
+    # With bad samples the processes still never share a record.
+    fake_source["records"] = _records(64, bad={1, 2, 40})
+    seen = [np.concatenate([b["indices"] for b, _ in _take(config, 7, process_index=p,
+                                                             process_count=2)])
+            for p in range(2)]
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
+
+
+def test_a_dataset_of_only_bad_samples_stops_with_a_clear_error(fake_source):
+    fake_source["records"] = _records(20, bad=set(range(20)))
+    with pytest.raises(ValueError, match="bad samples while filling one batch"):
+        _take(_config(), 1)
+
+
+def test_input_state_round_trips_and_adapts_to_another_process_count():
+    state = pipeline.InputState(cursor=37, skipped={decode.EMPTY_IMAGE: 3})
+    saved = pipeline.gather_input_states(state)  # one process here
+    assert saved == {"process_count": 1, "cursors": [37],
+                     "skipped": [{reason: (3 if reason == decode.EMPTY_IMAGE else 0)
+                                  for reason in decode.REASONS}]}
+    assert pipeline.skipped_metrics(saved) == {"data/skipped": 3,
+                                               f"data/skipped/{decode.EMPTY_IMAGE}": 3}
+    restored, warning = pipeline.local_input_state(saved, step=4, batch_size=8)
+    assert (restored.cursor, restored.skipped[decode.EMPTY_IMAGE], warning) == (37, 3, None)
+    # Written by 2 processes with nothing skipped: exact at step x local batch.
+    clean = {"process_count": 2, "cursors": [16, 16], "skipped": [{}, {}]}
+    restored, warning = pipeline.local_input_state(clean, step=4, batch_size=8)
+    assert (restored.cursor, warning) == (32, None)
+    # With skips, the totals survive and the approximation is announced.
+    dirty = {"process_count": 2, "cursors": [17, 18],
+             "skipped": [{decode.EMPTY_IMAGE: 1}, {decode.CORRUPT_IMAGE: 2}]}
+    restored, warning = pipeline.local_input_state(dirty, step=4, batch_size=8)
+    assert restored.cursor == 32 and "3 bad samples" in warning
+    assert pipeline.skipped_metrics(pipeline.gather_input_states(restored))["data/skipped"] == 3
+    _, warning = pipeline.local_input_state(None, step=4, batch_size=8)
+    assert "no input position" in warning
+
+
+def test_random_resized_crop_stays_inside_the_image_and_in_the_scale_range():
+    rng = np.random.default_rng(0)
+    for width, height in [(100, 100), (300, 120), (50, 400)]:
+        for _ in range(200):
+            left, top, right, bottom = augment.crop_box(width, height, rng, (0.9, 1.0))
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+            ratio = (right - left) / (bottom - top)
+            assert 3 / 4 - 0.05 <= ratio <= 4 / 3 + 0.05
+    # Square images usually get a crop within the area range.
+    areas = [(r - l) * (b - t) / 1e4 for l, t, r, b in
+             (augment.crop_box(100, 100, rng, (0.9, 1.0)) for _ in range(200))]
+    assert 0.88 <= min(areas) and max(areas) <= 1.0
+
+
+def test_eval_transform_centres_the_shorter_side():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 20:60] = 255  # the centre square is white, the sides black
+    out = augment.resize_centre_crop(Image.fromarray(image), 16)
+    # The filter reaches half a source pixel past the box: only edge columns blend.
+    assert out.shape == (16, 16, 3) and out[:, 1:-1].min() == 255 and out.min() > 200
+
+
+def test_bad_data_config_is_one_line():
+    with pytest.raises(ValueError, match="name\\[:version\\]:split"):
+        pipeline.parse_split("synthetic_shapes")
+    config = _config(**{"data.train": "no_such_dataset_xyz:train"})
+    with pytest.raises(ValueError, match="no such TFDS dataset"):
+        pipeline.TrainInput(config)
