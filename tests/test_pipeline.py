@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from clip_jax.data import augment, decode, pipeline, sampling
@@ -51,6 +52,13 @@ class FakeRecords(list):
         return [self[i] for i in indices]
 
 
+def _serialize(record):
+    """{"key": bytes} -> a serialized tf.train.Example, as TFDS stores records."""
+    features = {key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+                for key, value in record.items()}
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
 def _records(num, bad=()):
     """Records whose image colour encodes their index; indices in `bad` are broken
     in rotating ways (truncated image, empty file, blank caption, no caption)."""
@@ -68,7 +76,7 @@ def _records(num, bad=()):
                 record["caption"] = b"  \n "
             else:
                 del record["caption"]
-        records.append(record)
+        records.append(_serialize(record))
     return FakeRecords(records)
 
 
@@ -175,17 +183,25 @@ def test_input_state_round_trips_and_adapts_to_another_process_count():
     assert "no input position" in warning
 
 
+def test_per_sample_draws_are_uniform_and_depend_only_on_seed_and_position():
+    draws = sampling.uniforms(0, np.arange(20_000), 3)
+    assert draws.shape == (20_000, 3) and 0 <= draws.min() and draws.max() < 1
+    assert abs(draws.mean() - 0.5) < 0.01 and abs(draws.var() - 1 / 12) < 0.005
+    np.testing.assert_array_equal(sampling.uniforms(0, [7, 19_999], 3), draws[[7, 19_999]])
+    assert not np.array_equal(sampling.uniforms(1, [7], 3), draws[[7]])
+
+
 def test_random_resized_crop_stays_inside_the_image_and_in_the_scale_range():
-    rng = np.random.default_rng(0)
+    draws = sampling.uniforms(0, np.arange(1000), augment.CROP_DRAWS)
     for width, height in [(100, 100), (300, 120), (50, 400)]:
-        for _ in range(200):
-            left, top, right, bottom = augment.crop_box(width, height, rng, (0.9, 1.0))
+        for sample in draws[:200]:
+            left, top, right, bottom = augment.crop_box(width, height, sample, (0.9, 1.0))
             assert 0 <= left < right <= width and 0 <= top < bottom <= height
             ratio = (right - left) / (bottom - top)
             assert 3 / 4 - 0.05 <= ratio <= 4 / 3 + 0.05
     # Square images usually get a crop within the area range.
     areas = [(r - l) * (b - t) / 1e4 for l, t, r, b in
-             (augment.crop_box(100, 100, rng, (0.9, 1.0)) for _ in range(200))]
+             (augment.crop_box(100, 100, sample, (0.9, 1.0)) for sample in draws[200:400])]
     assert 0.88 <= min(areas) and max(areas) <= 1.0
 
 

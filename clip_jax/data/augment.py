@@ -22,20 +22,25 @@ def draft_size(size, min_scale=1.0):
     return side, side
 
 
-def crop_box(width, height, rng, scale):
+# Draws per sample that crop_box may use: up to 10 tries of 4 numbers.
+CROP_DRAWS = 40
+
+
+def crop_box(width, height, draws, scale):
     """torchvision's RandomResizedCrop box (left, top, right, bottom): area a
     uniform fraction `scale` of the image, log-uniform aspect ratio in
-    CROP_RATIO, up to 10 tries, else the largest centred box within the ratios."""
+    CROP_RATIO, up to 10 tries, else the largest centred box within the ratios.
+    draws: CROP_DRAWS uniforms in [0, 1) (see sampling.uniforms)."""
     area = width * height
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(*log_ratio))
+    low, high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for area_draw, ratio_draw, left_draw, top_draw in np.reshape(draws, (-1, 4)).tolist():
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * area_draw)
+        ratio = math.exp(low + (high - low) * ratio_draw)
         crop_w = round(math.sqrt(target_area * ratio))
         crop_h = round(math.sqrt(target_area / ratio))
         if 0 < crop_w <= width and 0 < crop_h <= height:
-            left = int(rng.integers(0, width - crop_w + 1))
-            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(left_draw * (width - crop_w + 1))
+            top = int(top_draw * (height - crop_h + 1))
             return left, top, left + crop_w, top + crop_h
     ratio = min(max(width / height, CROP_RATIO[0]), CROP_RATIO[1])
     crop_w, crop_h = (width, round(width / ratio)) if width / height < ratio else (
@@ -44,10 +49,10 @@ def crop_box(width, height, rng, scale):
     return left, top, left + crop_w, top + crop_h
 
 
-def random_resized_crop(image, size, rng, scale=(0.9, 1.0)):
+def random_resized_crop(image, size, draws, scale=(0.9, 1.0)):
     """PIL RGB image -> uint8 [size, size, 3]: a random crop (see crop_box) resized
     bicubically. scale=(1, 1) with a square image is a plain resize."""
-    box = crop_box(image.width, image.height, rng, scale)
+    box = crop_box(image.width, image.height, draws, scale)
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 

@@ -79,3 +79,16 @@ def record_indices(positions, num_records, seed):
         in_epoch = epochs == epoch
         indices[in_epoch] = shuffled_index(offsets[in_epoch], num_records, seed, int(epoch))
     return indices, epochs
+
+
+def uniforms(seed, positions, count):
+    """float64 [len(positions), count] uniform in [0, 1): the random draws of each
+    stream position (crop, caption choice), from a counter-based hash, so a
+    sample's augmentation depends on (seed, position) only and costs no
+    per-sample generator set-up."""
+    positions = np.asarray(positions, dtype=np.uint64)[:, None]
+    counters = positions * np.uint64(count) + np.arange(count, dtype=np.uint64)[None, :]
+    key = np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0]
+    with np.errstate(over="ignore"):
+        bits = _mix(counters * np.uint64(0x9E3779B97F4A7C15), key, _MASK64)
+    return (bits >> np.uint64(11)).astype(np.float64) / float(1 << 53)
