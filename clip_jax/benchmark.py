@@ -16,6 +16,12 @@ Tokenizer throughput, clip_jax.tokenize against OpenCLIP's SimpleTokenizer on
 the same captions (`--no-reference` when OpenCLIP is not installed):
 
   python -m clip_jax.benchmark tokenizer [--texts 50000] [--json]
+
+Input throughput (decode + augment + tokenize + batch at 224 px) of webdataset
+shards, against an OpenCLIP-style webdataset reader (see clip_jax/data/throughput.py):
+
+  python -m clip_jax.benchmark data --source 'shards/*.tar' [--no-reference] [--json]
+  python -m clip_jax.benchmark data --synthetic 6000   # writes photo-like JPEG shards first
 """
 
 import os
@@ -270,6 +276,25 @@ def run_tokenizer(count, reference, as_json):
         print(f"clip_jax / open_clip: {rows[0]['texts_per_sec'] / rows[1]['texts_per_sec']:.1f}x")
 
 
+def run_data(args):
+    from clip_jax.data import throughput  # noqa: PLC0415
+    if not args.source and not args.synthetic:
+        raise SystemExit("data: give --source 'shards/*.tar' or --synthetic N")
+    rows = throughput.data_benchmark(args.source, synthetic=args.synthetic,
+                                     image_size=args.image_size, batch_size=args.batch_size,
+                                     batches=args.batches, workers=args.workers or None,
+                                     reference=not args.no_reference)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{row['pipeline']:<28} {row['samples_per_sec']:>8,.0f} samples/s "
+                  f"({row['samples_per_sec_per_core']:,.0f} per core, {row['cores']} cores)",
+                  flush=True)
+    if len(rows) == 3 and not args.json:
+        print(f"clip_jax / reference: {rows[1]['samples_per_sec'] / rows[2]['samples_per_sec']:.2f}x")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m clip_jax.benchmark",
                                      description=__doc__.split("\n")[0])
@@ -287,11 +312,23 @@ def main(argv=None):
     tokenizer.add_argument("--texts", type=int, default=50_000, help="captions timed")
     tokenizer.add_argument("--no-reference", action="store_true", help="skip OpenCLIP")
     tokenizer.add_argument("--json", action="store_true", help="one JSON line per tokenizer")
+    data = commands.add_parser("data", help="input samples/s vs an OpenCLIP-style reader")
+    data.add_argument("--source", default="", help="webdataset shards (glob)")
+    data.add_argument("--synthetic", type=int, default=0,
+                      help="write this many photo-like JPEGs into shards and read those")
+    data.add_argument("--image-size", type=int, default=224)
+    data.add_argument("--batch-size", type=int, default=256)
+    data.add_argument("--batches", type=int, default=20, help="batches timed per pipeline")
+    data.add_argument("--workers", type=int, default=0, help="threads/processes; 0: CPU count")
+    data.add_argument("--no-reference", action="store_true", help="skip the OpenCLIP-style reader")
+    data.add_argument("--json", action="store_true", help="one JSON line per pipeline")
     args = parser.parse_args(argv)
     if args.command == "memory":
         run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
     elif args.command == "compile":
         run_compile(args.variant, args.json)
+    elif args.command == "data":
+        run_data(args)
     else:
         run_tokenizer(args.texts, not args.no_reference, args.json)
 
