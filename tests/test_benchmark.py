@@ -37,3 +37,16 @@ def test_json_lines_have_the_documented_keys(capsys):
         row = json.loads(line)
         assert {"loss", "global_batch", "devices", "bytes_per_device"} <= set(row)
         assert row["devices"] == 8 and row["bytes_per_device"] > 0
+
+
+def test_data_benchmark_reads_the_same_shards_in_both_pipelines(capsys):
+    """Tiny run of `benchmark data`: both readers produce full batches of the
+    shards' samples; figures are for the README, not asserted."""
+    benchmark.main(["data", "--synthetic", "40", "--image-size", "32", "--batch-size", "8",
+                    "--batches", "2", "--workers", "2", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("{")]
+    assert [row["pipeline"] for row in rows] == ["prepare (once)", "clip_jax",
+                                                "open_clip-style webdataset"]
+    assert rows[0]["samples"] == 40
+    assert all(row["samples_per_sec"] > 0 and row["cores"] >= 1 for row in rows)

@@ -6,11 +6,8 @@ tokenize + batch of webdataset shards at 224 px:
 - clip_jax: the shards prepared once into a TFDS ArrayRecord dataset (originals
   kept byte for byte), read by `pipeline.TrainInput` (uint8 out; normalisation
   happens on the device);
-- reference: OpenCLIP's webdataset recipe (tar streaming per DataLoader worker,
-  PIL decode to RGB, torchvision-style RandomResizedCrop(scale=(0.9, 1)) +
-  bicubic resize, ToTensor + Normalize, OpenCLIP's tokenizer per sample, torch
-  DataLoader batching), written out here because torchvision does not import
-  beside the CPU torch build.
+- reference: OpenCLIP's webdataset recipe with a torch DataLoader
+  (`clip_jax/data/openclip_reader.py`), normalised float32 out.
 
 `--synthetic N` first writes N photo-sized JPEGs into shards to read.
 """
@@ -18,6 +15,7 @@ tokenize + batch of webdataset shards at 224 px:
 import glob
 import io
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -25,8 +23,6 @@ import time
 import numpy as np
 from PIL import Image
 
-from clip_jax.data import augment, sampling
-from clip_jax.image_ops import CLIP_MEAN, CLIP_STD
 
 
 def write_photo_shards(directory, count, *, per_shard=500, seed=0, captions=None):
@@ -70,54 +66,15 @@ def clip_jax_samples_per_sec(config, batches, warmup=2):
         return batches * config.batch_size / (time.perf_counter() - start)
 
 
-def _tar_samples(paths):
-    """(jpeg bytes, caption bytes) of webdataset shards, streamed member by member."""
-    for path in paths:
-        with tarfile.open(path, "r|*") as tar:
-            current, sample = None, {}
-            for member in tar:
-                key, _, extension = os.path.basename(member.name).partition(".")
-                if key != current:
-                    if "jpg" in sample and "txt" in sample:
-                        yield sample["jpg"], sample["txt"]
-                    current, sample = key, {}
-                sample[extension] = tar.extractfile(member).read()
-            if "jpg" in sample and "txt" in sample:
-                yield sample["jpg"], sample["txt"]
-
-
-def _open_clip_style_dataset(paths, image_size, seed):
-    """A torch IterableDataset doing OpenCLIP's per-sample webdataset work."""
-    import torch  # noqa: PLC0415
-
-    from clip_jax import references  # noqa: PLC0415
-    _, open_clip_tokenizer, _ = references.open_clip_modules()
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            worker = torch.utils.data.get_worker_info()
-            worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-            tokenize = open_clip_tokenizer.SimpleTokenizer()
-            for index, (jpeg, caption) in enumerate(_tar_samples(paths[worker_id::workers])):
-                image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-                draws = sampling.uniforms(seed, [index], augment.CROP_DRAWS)[0]
-                box = augment.crop_box(image.width, image.height, draws, (0.9, 1.0))
-                image = image.crop(box).resize((image_size, image_size),
-                                               Image.Resampling.BICUBIC)
-                pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
-                yield (pixels - mean) / std, tokenize([caption.decode("utf-8")])[0]
-
-    return Stream()
-
-
 def reference_samples_per_sec(paths, image_size, batch_size, batches, workers, warmup=2, seed=0):
-    """Samples/s of the OpenCLIP-style reader (torch DataLoader with `workers`)."""
+    """Samples/s of the OpenCLIP-style reader (torch DataLoader with `workers`
+    processes, spawned: forking a process that runs JAX threads can deadlock)."""
     import torch  # noqa: PLC0415
+
+    from clip_jax.data import openclip_reader  # noqa: PLC0415
     loader = torch.utils.data.DataLoader(
-        _open_clip_style_dataset(paths, image_size, seed), batch_size=batch_size,
-        num_workers=workers, persistent_workers=False, prefetch_factor=2)
+        openclip_reader.WebDatasetStream(paths, image_size, seed), batch_size=batch_size,
+        num_workers=workers, prefetch_factor=2, multiprocessing_context="spawn")
     stream = iter(loader)
     for _ in range(warmup):
         next(stream)
@@ -129,25 +86,34 @@ def reference_samples_per_sec(paths, image_size, batch_size, batches, workers, w
 
 def data_benchmark(source, *, synthetic=0, image_size=224, batch_size=256, batches=20,
                    workers=None, reference=True):
-    """Rows of {"pipeline", "samples_per_sec", "samples_per_sec_per_core", ...}."""
+    """Rows of {"pipeline", "samples_per_sec", "samples_per_sec_per_core", ...};
+    scratch files (shards, prepared dataset) are removed afterwards."""
+    workers = workers or os.cpu_count()
+    scratch = tempfile.mkdtemp(prefix="clip_jax_data_benchmark_")
+    try:
+        return _measure(source, scratch, synthetic, image_size, batch_size, batches, workers,
+                        reference)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _measure(source, scratch, synthetic, image_size, batch_size, batches, workers, reference):
     from clip_jax.data import prepare  # noqa: PLC0415
     from configs.clip import get_config  # noqa: PLC0415
     cores = os.cpu_count()
-    workers = workers or cores
-    scratch = tempfile.mkdtemp(prefix="clip_jax_data_benchmark_")
     if synthetic:
         from clip_jax.benchmark import caption_corpus  # noqa: PLC0415
-        source = os.path.join(write_photo_shards(os.path.join(scratch, "shards"), synthetic,
-                                                 captions=caption_corpus(synthetic))[0]
-                              .rsplit("/", 1)[0], "*.tar")
-    paths = sorted(glob.glob(source))
+        paths = write_photo_shards(os.path.join(scratch, "shards"), synthetic,
+                                   captions=caption_corpus(synthetic))
+    else:
+        paths = sorted(glob.glob(source))
     if not paths:
         raise SystemExit(f"--source {source!r}: no files match")
     start = time.perf_counter()
     report = prepare.prepare({"train": paths}, "benchmark_shards", os.path.join(scratch, "tfds"),
                              max_side=100_000, workers=workers)
     prepare_seconds = time.perf_counter() - start
-    written = report["splits"]["train"]["written"] if "splits" in report else report["train"]["written"]
+    written = report["splits"]["train"]["written"]
     config = get_config("tiny")
     with config.unlocked():
         config.batch_size = batch_size
