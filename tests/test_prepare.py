@@ -237,6 +237,30 @@ def test_tar_keys_must_be_adjacent(tmp_path):
         prepare.prepare({"train": [str(shard)]}, NAME, str(tmp_path / "tfds"))
 
 
+def test_a_truncated_shard_keeps_what_came_before_and_is_counted(tmp_path):
+    shard = tmp_path / "shard.tar"
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    with tarfile.open(shard, "w") as tar:
+        for index, colour in enumerate(colours):
+            image = io.BytesIO()
+            Image.new("RGB", (64, 64), colour).save(image, "JPEG")
+            for name, data in ((f"{index}.jpg", image.getvalue()),
+                               (f"{index}.txt", f"caption {index}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    whole = shard.read_bytes()
+    # Cut inside the third sample's image: two samples survive.
+    third_image = whole.index(b"2.jpg")
+    (tmp_path / "cut.tar").write_bytes(whole[:third_image + 700])
+    report = prepare.prepare({"train": [str(tmp_path / "cut.tar")]}, NAME,
+                             str(tmp_path / "tfds"))
+    split = report["splits"]["train"]
+    assert (split["written"], split["skipped"]) == (2, {"corrupt_shard": 1})
+    assert [e["key"].decode() for e in read_split(str(tmp_path / "tfds"), "train")] == [
+        "cut.tar/0", "cut.tar/1"]
+
+
 def test_cli_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["--source", str(tmp_path / "*.tar"), "--name", NAME,

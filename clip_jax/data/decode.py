@@ -23,8 +23,11 @@ IMAGE_TOO_LARGE = "image_too_large"  # more pixels than max_pixels after JPEG dr
 MISSING_IMAGE = "missing_image"  # a caption without an image file
 MISSING_CAPTION = "missing_caption"  # an image without a caption
 EMPTY_CAPTION = "empty_caption"  # blank after stripping whitespace
+# A tar shard unreadable from some point on (truncated download, bad block): the
+# samples before it are kept, the rest of the shard is lost, counted once.
+CORRUPT_SHARD = "corrupt_shard"
 REASONS = (EMPTY_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, MISSING_CAPTION,
-           EMPTY_CAPTION)
+           EMPTY_CAPTION, CORRUPT_SHARD)
 
 # PIL's own default bomb limit (~89 Mpixel, 1024 * 1024 * 1024 // 4 // 3). We apply it
 # ourselves after JPEG draft mode, so a huge JPEG that decodes at 1/8 scale is kept.

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from clip_jax import references
-from clip_jax.data import augment, sampling, sources
+from clip_jax.data import augment, decode, sampling, sources
 from clip_jax.image_ops import CLIP_MEAN, CLIP_STD
 
 
@@ -36,7 +36,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         std = torch.tensor(CLIP_STD).view(3, 1, 1)
         samples = (sample for path in self.paths[worker_id::workers]
                    for sample in sources.read_samples(path, image_column="", caption_column=""))
-        for index, sample in enumerate(samples):
+        for index, sample in enumerate(s for s in samples if not isinstance(s, decode.Skipped)):
             image = Image.open(io.BytesIO(sample.image)).convert("RGB")
             draws = sampling.uniforms(self.seed, [index], augment.CROP_DRAWS)[0]
             box = augment.crop_box(image.width, image.height, draws, (0.9, 1.0))

@@ -107,7 +107,11 @@ def prepare_sample(raw, *, max_side, jpeg_quality):
     """sources.RawSample -> PreparedSample, or the decode.Skipped saying why not.
 
     Checks run cheapest first: image present, caption usable, image decodable.
+    A broken-off shard arrives as a decode.Skipped already and is passed on.
     """
+    if isinstance(raw, decode.Skipped):
+        print(f"warning: {raw}", file=sys.stderr)
+        return raw
     try:
         encoded = raw.image if raw.image_path is None else sources.read_image_file(raw.image_path)
         if encoded is None:

@@ -17,6 +17,8 @@ from typing import Iterator, NamedTuple
 
 import tensorflow as tf
 
+from clip_jax.data import decode
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order within one key
 _CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
@@ -54,7 +56,8 @@ def check_columns(path, *, image_column, caption_column):
 
 
 def read_samples(path, *, image_column, caption_column):
-    """Iterator of RawSample from one .tar shard or .csv/.tsv file, in file order."""
+    """Iterator of RawSample from one .tar shard or .csv/.tsv file, in file order;
+    a tar shard that breaks off ends with a decode.Skipped(CORRUPT_SHARD)."""
     if path.endswith(".tar"):
         return _tar_samples(path)
     return _table_samples(path, image_column=image_column, caption_column=caption_column)
@@ -66,29 +69,37 @@ def _extension(path):
 
 def _tar_samples(path) -> Iterator[RawSample]:
     """Streams a webdataset shard: members of one key are adjacent, so a key is
-    complete when the next one starts, and at most one sample is held in memory."""
+    complete when the next one starts, and at most one sample is held in memory.
+    A shard that breaks off (truncated, corrupt header) ends with a
+    decode.Skipped(CORRUPT_SHARD) in place of the samples it lost."""
     shard_name = os.path.basename(path)
     seen_keys = set()
     key, members = None, {}
-    # Member names that are not UTF-8 stay distinct, and storable, as escapes.
-    with (tf.io.gfile.GFile(path, "rb") as file,
-          tarfile.open(fileobj=file, mode="r|*", encoding="utf-8",
-                       errors="backslashreplace") as tar):
-        for member in tar:
-            member_key, extension = _split_member_name(member.name)
-            if not member.isfile() or member_key is None:
-                continue
-            if member_key != key:
-                if key is not None:
-                    yield _tar_sample(f"{shard_name}/{key}", members)
-                if member_key in seen_keys:
-                    raise SourceError(
-                        f"{path}: members of key {member_key!r} are not adjacent; rewrite the "
-                        "shard with each key's files together (as webdataset/img2dataset do)")
-                seen_keys.add(member_key)
-                key, members = member_key, {}
-            # The first member with a given extension wins, like the first image type.
-            members.setdefault(extension, tar.extractfile(member).read())
+    try:
+        # Member names that are not UTF-8 stay distinct, and storable, as escapes.
+        with (tf.io.gfile.GFile(path, "rb") as file,
+              tarfile.open(fileobj=file, mode="r|*", encoding="utf-8",
+                           errors="backslashreplace") as tar):
+            for member in tar:
+                member_key, extension = _split_member_name(member.name)
+                if not member.isfile() or member_key is None:
+                    continue
+                if member_key != key:
+                    if key is not None:
+                        yield _tar_sample(f"{shard_name}/{key}", members)
+                    if member_key in seen_keys:
+                        raise SourceError(
+                            f"{path}: members of key {member_key!r} are not adjacent; rewrite "
+                            "the shard with each key's files together (as webdataset/img2dataset "
+                            "do)")
+                    seen_keys.add(member_key)
+                    key, members = member_key, {}
+                # The first member with a given extension wins, like the first image type.
+                members.setdefault(extension, tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError, OSError) as error:
+        # The key being read when the shard broke off may be incomplete: dropped too.
+        yield decode.Skipped(decode.CORRUPT_SHARD, f"{path} after key {key!r}: {error}")
+        return
     if key is not None:
         yield _tar_sample(f"{shard_name}/{key}", members)
 
