@@ -16,8 +16,11 @@ from clip_jax.pytree import get_path, set_path
 
 
 def make_manager(workdir, config):
-    """A CheckpointManager under WORKDIR/checkpoints keeping the last 3 saves."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=3, create=True,
+    """A CheckpointManager under WORKDIR/checkpoints keeping the newest
+    `config.keep_checkpoints` saves. Saves are asynchronous and atomic: orbax
+    writes into a temporary directory and renames it when every host is done,
+    so a save cut short (crash, SIGKILL) is never listed as a step."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            save_interval_steps=1)
     # Local paths must be absolute for orbax; gs:// and other URLs pass through.
     root = workdir if "://" in workdir else os.path.abspath(workdir)
@@ -34,19 +37,28 @@ def save(manager, state, input_state=None):
     manager.save(int(state.step), args=ocp.args.Composite(**items))
 
 
-def restore_latest(manager, abstract_state):
-    """(state, input position) of the latest save, the state placed per
-    `abstract_state`'s shardings; (None, None) without one. The input position
-    is None for checkpoints saved without it."""
-    step = manager.latest_step()
-    if step is None:
-        return None, None
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_input = (epath.Path(manager.directory) / str(step) / "input").exists()
-    if has_input:
-        items["input"] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return restored.state, (restored.input if has_input else None)
+def restore_latest(manager, abstract_state, warn=print):
+    """(state, input position) of the newest readable save, the state placed per
+    `abstract_state`'s shardings (any mesh: orbax reshards); (None, None) without
+    one. The input position is None for checkpoints saved without it.
+
+    A save that cannot be read (truncated or corrupted files) is reported through
+    `warn` in one line and the next older one is tried.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        has_input = (epath.Path(manager.directory) / str(step) / "input").exists()
+        if has_input:
+            items["input"] = ocp.args.JsonRestore()
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # noqa: BLE001  (any unreadable save: fall back)
+            reason = " ".join(str(error).split())[:300]
+            warn(f"checkpoint at step {step} in {manager.directory} is unreadable, trying an "
+                 f"older one ({type(error).__name__}: {reason})")
+            continue
+        return restored.state, (restored.input if has_input else None)
+    return None, None
 
 
 def save_variables(path, variables):

@@ -41,9 +41,11 @@ def _lookup(config, dotted):
 def check_config(config, num_devices):
     """Raises ConfigError for the first invalid value, given the device count."""
     _positive(config, "batch_size", "total_steps", "log_every", "optimizer.eps",
+              "keep_checkpoints", "max_bad_steps",
               "zeroshot.batch_size", "model.embed_dim",
               "model.logit_scale_max", "model.text.mlp_ratio")
-    _non_negative(config, "loss.chunk_size", "eval_every", "checkpoint_every", "optimizer.lr",
+    _non_negative(config, "loss.chunk_size", "eval_every", "checkpoint_every",
+                  "checkpoint_minutes", "optimizer.lr",
                   "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
                   "data.prefetch", "data.workers")
     for key in ("optimizer.b1", "optimizer.b2"):

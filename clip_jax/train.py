@@ -11,12 +11,14 @@ import sys
 import time
 
 import jax
+import numpy as np
 import tensorflow as tf
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from clip_jax import checkpoint, sharding
+from clip_jax import checkpoint, preemption, sharding
 from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.data import pipeline
 from clip_jax.metrics import MetricWriter
@@ -121,7 +123,8 @@ def train(config, workdir):
 
     manager = checkpoint.make_manager(workdir, config)
     state, saved_input = checkpoint.restore_latest(manager, jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings))
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+        shardings), warn=lambda message: _print(f"warning: {message}"))
     if state is None:
         state = training.init_state(jax.random.key(config.seed))
         if config.init_from:
@@ -140,17 +143,26 @@ def train(config, workdir):
 
     evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    batch_sharding = sharding.batch_sharding(mesh)
-    with pipeline.TrainInput(config, input_state) as batches:
-        row = _train_loop(config, training, state, batches, input_state, start_step,
-                          batch_sharding, evaluator, writer, manager)
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    run = _Run(config, training, sharding.batch_sharding(mesh), evaluator, writer, manager)
+    try:
+        with (pipeline.TrainInput(config, input_state) as batches,
+              preemption.PreemptionWatcher() as watcher):
+            row, preempted_at = run.loop(state, batches, input_state, start_step, watcher)
+    finally:
+        manager.wait_until_finished()  # a started save always completes
+        manager.close()
+        writer.close()
+    if preempted_at is not None:
+        _print(f"preempted: saved step {preempted_at}; re-run the same command to resume")
+        return row
     _print(f"done: step {config.total_steps} in {time.time() - started:.0f}s; "
            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(row.items())
                        if k in ("train/loss",) or k.startswith("zeroshot/")))
     return row
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot usefully go on (e.g. diverged); the message is one line."""
 
 
 def _next_device_batch(batches, batch_sharding):
@@ -160,53 +172,99 @@ def _next_device_batch(batches, batch_sharding):
     return _global_batch(host_batch, batch_sharding), input_state
 
 
-def _train_loop(config, training, state, batches, input_state, start_step, batch_sharding,
-                evaluator, writer, manager):
-    """Steps start_step + 1 .. total_steps; returns the last logged metrics."""
-    progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step",
-                         disable=jax.process_index() != 0, dynamic_ncols=True)
-    row = {}
-    last_time, last_step = None, start_step
-    in_flight = None
-    upcoming = _next_device_batch(batches, batch_sharding) if start_step < config.total_steps else None
-    for step in range(start_step + 1, config.total_steps + 1):
-        batch, input_state = upcoming
-        # Any implicit host<->device copy inside the step is a bug: fail loudly.
-        with jax.transfer_guard("disallow"):
-            state, metrics = training.step(state, batch)
-        # The next batch goes to the devices while this step runs.
-        upcoming = (_next_device_batch(batches, batch_sharding)
-                    if step < config.total_steps else None)
-        # Keep one step in flight: enough to hide dispatch, and a deeper queue of
-        # collectives can starve the rendezvous of many fake devices on few CPU cores.
-        jax.block_until_ready(in_flight)
-        in_flight = metrics
-        progress.update(1)
-        if last_time is None:  # exclude compilation from the throughput figure
-            jax.block_until_ready(metrics)
-            last_time, last_step = time.time(), step
-        if _is_due(step, config.log_every, config.total_steps):
-            row = {f"train/{name}": value for name, value in jax.device_get(metrics).items()}
-            row.update(pipeline.skipped_metrics(pipeline.gather_input_states(input_state)))
-            if step > last_step:  # the first step of a run is compilation, not throughput
-                now = time.time()
-                row["train/samples_per_sec"] = ((step - last_step) * config.batch_size
-                                                / (now - last_time))
-                last_time, last_step = now, step
-                progress.set_postfix(loss=f"{row['train/loss']:.3f}",
-                                     samples_per_sec=f"{row['train/samples_per_sec']:.0f}")
-            writer.write(step, row)
-        if _is_due(step, config.eval_every, config.total_steps):
-            eval_row = evaluator(state.variables())
-            writer.write(step, eval_row)
-            row.update(eval_row)
-            _print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
-        if _is_due(step, config.checkpoint_every, config.total_steps):
-            checkpoint.save(manager, state, pipeline.gather_input_states(input_state))
-        if _is_due(step, config.eval_every, config.total_steps):
-            last_time, last_step = time.time(), step  # throughput counts training only
-    progress.close()
-    return row
+def _all_agree(flag):
+    """Process 0's value of `flag` on every process (a collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))
+
+
+def _diverged_message(step, metrics, config):
+    metrics = jax.device_get(metrics)
+    names = ["loss"] + sorted(name for name in metrics if name.startswith("grad_norm"))
+    values = {name: float(metrics[name]) for name in names}
+    bad = [name for name, value in values.items() if not np.isfinite(value)]
+    return (f"step {step}: {int(metrics['bad_steps_in_a_row'])} steps in a row with non-finite "
+            f"values (config.max_bad_steps={config.max_bad_steps}); non-finite: "
+            f"{', '.join(bad) or 'none reported'} ("
+            + ", ".join(f"{name}={value:.4g}" for name, value in values.items())
+            + "); the last good parameters are checkpointed")
+
+
+class _Run:
+    """The step loop of one run and what it writes (metrics, evals, checkpoints)."""
+
+    def __init__(self, config, training, batch_sharding, evaluator, writer, manager):
+        self.config, self.training, self.batch_sharding = config, training, batch_sharding
+        self.evaluator, self.writer, self.manager = evaluator, writer, manager
+        self.last_save_time = time.time()
+
+    def save(self, state, input_state):
+        checkpoint.save(self.manager, state, pipeline.gather_input_states(input_state))
+        self.last_save_time = time.time()
+
+    def loop(self, state, batches, input_state, start_step, watcher):
+        """Steps start_step + 1 .. total_steps -> (last logged metrics, the step
+        saved for a preemption or None)."""
+        config = self.config
+        progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step",
+                             disable=jax.process_index() != 0, dynamic_ncols=True)
+        row = {}
+        last_time, last_step = None, start_step
+        in_flight = None
+        upcoming = (_next_device_batch(batches, self.batch_sharding)
+                    if start_step < config.total_steps else None)
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch, input_state = upcoming
+            # Any implicit host<->device copy inside the step is a bug: fail loudly.
+            with jax.transfer_guard("disallow"):
+                state, metrics = self.training.step(state, batch)
+            # The next batch goes to the devices while this step runs.
+            upcoming = (_next_device_batch(batches, self.batch_sharding)
+                        if step < config.total_steps else None)
+            # Keep one step in flight: enough to hide dispatch, and a deeper queue of
+            # collectives can starve the rendezvous of many fake devices on few CPU cores.
+            jax.block_until_ready(in_flight)
+            if (in_flight is not None
+                    and int(in_flight["bad_steps_in_a_row"]) >= config.max_bad_steps):
+                self.save(state, input_state)  # bad steps left the parameters untouched
+                raise TrainingStopped(_diverged_message(step - 1, in_flight, config))
+            in_flight = metrics
+            progress.update(1)
+            if last_time is None:  # exclude compilation from the throughput figure
+                jax.block_until_ready(metrics)
+                last_time, last_step = time.time(), step
+            logged = _is_due(step, config.log_every, config.total_steps)
+            if logged:
+                row = {f"train/{name}": value for name, value in jax.device_get(metrics).items()
+                       if name != "bad_steps_in_a_row"}
+                row.update(pipeline.skipped_metrics(pipeline.gather_input_states(input_state)))
+                if step > last_step:  # the first step of a run is compilation, not throughput
+                    now = time.time()
+                    row["train/samples_per_sec"] = ((step - last_step) * config.batch_size
+                                                    / (now - last_time))
+                    last_time, last_step = now, step
+                    progress.set_postfix(loss=f"{row['train/loss']:.3f}",
+                                         samples_per_sec=f"{row['train/samples_per_sec']:.0f}")
+                self.writer.write(step, row)
+            evaluated = _is_due(step, config.eval_every, config.total_steps)
+            if evaluated:
+                eval_row = self.evaluator(state.variables())
+                self.writer.write(step, eval_row)
+                row.update(eval_row)
+                _print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
+            if watcher.reached(step):
+                self.save(state, input_state)
+                progress.close()
+                return row, step
+            overdue = logged and config.checkpoint_minutes > 0 and _all_agree(
+                time.time() - self.last_save_time >= 60 * config.checkpoint_minutes)
+            if overdue or _is_due(step, config.checkpoint_every, config.total_steps):
+                self.save(state, input_state)
+            if evaluated:
+                last_time, last_step = time.time(), step  # throughput counts training only
+        progress.close()
+        return row, None
 
 
 def initialize_distributed(coordinator_address, num_processes, process_id, auto=False,
@@ -235,6 +293,8 @@ def main(argv, config_flag, workdir_flag, distributed_flags):
         train(config_flag.value, workdir_flag.value)
     except ConfigError as error:
         sys.exit(f"config error: {error}")
+    except TrainingStopped as error:
+        sys.exit(f"training stopped: {error}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 the mesh with explicit in/out shardings and donates the old state.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -18,11 +19,15 @@ from clip_jax.models.clip import CLIP, TOWER_PARAMS
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: number of updates applied
+    step: jax.Array  # int32 scalar: steps taken (skipped updates included)
     params: Any
     opt_state: Any
     # Non-trained collections, e.g. {"batch_stats": ...} for ResNets; {} for ViTs.
     model_state: Any
+    # Steps whose loss or gradients were not finite, so their update was dropped:
+    # in all, and in a row up to now (the run stops at config.max_bad_steps).
+    skipped_steps: jax.Array = 0
+    bad_steps_in_a_row: jax.Array = 0
 
     def variables(self):
         """The model's variables for `model.apply`."""
@@ -46,8 +51,10 @@ def state_shardings(model, optimizer, mesh, rules, rng):
                                             sharding.replicated(mesh))
     # Running statistics are small: replicate them.
     model_state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract.model_state)
-    return abstract, TrainState(step=sharding.replicated(mesh), params=param_shardings,
-                                opt_state=opt_shardings, model_state=model_state_shardings)
+    replicated = sharding.replicated(mesh)
+    return abstract, TrainState(step=replicated, params=param_shardings,
+                                opt_state=opt_shardings, model_state=model_state_shardings,
+                                skipped_steps=replicated, bad_steps_in_a_row=replicated)
 
 
 def _mirror_param_shardings(opt_state, params, param_shardings, replicated):
@@ -75,8 +82,9 @@ def _mirror_param_shardings(opt_state, params, param_shardings, replicated):
 def _init_state(model, optimizer, rng):
     variables = nn.unbox(model.init(rng, *dummy_inputs(model.config)))
     params = variables.pop("params")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), model_state=variables)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                      model_state=variables, skipped_steps=zero, bad_steps_in_a_row=zero)
 
 
 def create_train_state(model, optimizer, shardings, rng):
@@ -206,9 +214,23 @@ def make_train_step(model, optimizer, loss_fn, schedule, *, num_microbatches=1, 
         grads, metrics, model_state = compute_grads(state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               model_state=dict(model_state))
+        # A non-finite loss or gradient must not reach the parameters or the Adam
+        # moments: the step keeps the old state (its data is still consumed).
+        grad_norms = {f"grad_norm/{name}": optax.tree.norm(subtree)
+                      for name, subtree in grads.items()}
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+            jnp.isfinite(jnp.stack(list(grad_norms.values()))))
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        bad = (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1, params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            model_state=keep(dict(model_state), dict(state.model_state)),
+            skipped_steps=state.skipped_steps + bad,
+            bad_steps_in_a_row=(state.bad_steps_in_a_row + bad) * bad)
+        metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step), **grad_norms,
+                       skipped_steps=new_state.skipped_steps,
+                       bad_steps_in_a_row=new_state.bad_steps_in_a_row)
         return new_state, metrics
 
     return step

@@ -57,6 +57,13 @@ def _base():
     config.log_every = 50
     config.eval_every = 500  # 0 disables in-training evaluation (the final one still runs)
     config.checkpoint_every = 500  # a checkpoint is always written at the end
+    # Also save when this many minutes passed since the last save (0: off); checked
+    # at log steps, when all hosts agree on it.
+    config.checkpoint_minutes = 0.0
+    config.keep_checkpoints = 3  # the newest ones; older ones are deleted
+    # Steps whose loss or gradients are not finite are skipped (train/skipped_steps);
+    # this many in a row stop the run with a diagnostic and a checkpoint.
+    config.max_bad_steps = 10
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=5e-4, warmup_steps=100, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6,

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import small_config
 from tests.test_train_step import build, random_batch
+from tests.trainer_process import launch_trainer, read_metrics
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
@@ -46,35 +47,12 @@ def test_two_processes_match_one_device(tmp_path):
                                    rtol=1e-6)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# tests.conftest.small_config as command-line overrides, for a 5-step run.
-TINY_RUN = {"batch_size": 16, "total_steps": 5, "log_every": 1, "eval_every": 0,
-            "checkpoint_every": 0, "optimizer.warmup_steps": 2,
-            "zeroshot.batch_size": 64, "model.embed_dim": 16, "model.image.image_size": 16,
-            "model.image.patch_size": 8, "model.image.width": 32, "model.image.layers": 2,
-            "model.image.heads": 2, "model.text.context_length": 8, "model.text.width": 32,
-            "model.text.layers": 2, "model.text.heads": 2}
-
-
-def launch_trainer(workdir, data_dir, devices, extra_flags=()):
-    """Starts `python -m clip_jax.train` on the tiny run with `devices` CPU devices."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "clip_jax.train", "--workdir", str(workdir),
-               f"--config.data.data_dir={data_dir}", *extra_flags,
-               *(f"--config.{key}={value}" for key, value in TINY_RUN.items())]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def train_losses(processes, workdir):
     """Waits for the trainer processes; returns train/loss per step from metrics.jsonl."""
     logs = [process.communicate(timeout=600)[0] for process in processes]
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(workdir)
     return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}, logs[0]
 
 

@@ -1,0 +1,217 @@
+"""Fault tolerance: bitwise resume after SIGKILL, SIGTERM saves and exits 0,
+restore onto other meshes, damaged checkpoints, and skipped non-finite steps."""
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import checkpoint, convert
+from clip_jax import train as train_lib
+from clip_jax.data import pipeline, synthetic_shapes
+from clip_jax.train_step import setup_training
+from tests.conftest import small_config
+from tests.test_train_step import random_batch
+from tests.trainer_process import launch_trainer, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A shrunk built-in dataset, prepared once for the in-process and CLI runs."""
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 256)
+        patch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 100)
+        pipeline.prepared_builder("synthetic_shapes", directory)
+    return directory
+
+
+def _logged_steps(workdir):
+    return [row["step"] for row in read_metrics(workdir) if "train/loss" in row]
+
+
+def _wait_for_step(process, workdir, step, timeout=600):
+    deadline = time.time() + timeout
+    while max(_logged_steps(workdir), default=0) < step:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.time() < deadline, f"no step {step} within {timeout}s"
+        time.sleep(0.02)
+
+
+def _finish(process):
+    log = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, log[-3000:]
+    return log
+
+
+def _saved_steps(workdir):
+    return sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
+                  if name.isdigit())
+
+
+def _final_variables(workdir):
+    return checkpoint.load_variables(str(workdir), convert.abstract_variables(small_config().model))
+
+
+def _saved_input(workdir, step):
+    with open(os.path.join(workdir, "checkpoints", str(step), "input", "metadata")) as f:
+        return json.load(f)
+
+
+KILL_RUN = {"total_steps": 12, "checkpoint_every": 2}
+
+
+def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_dir, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    _finish(launch_trainer(straight, data_dir, config=KILL_RUN))
+    # Killed after steps 3 (between saves), 6 and 10 (while a save may be in flight),
+    # each time resumed by re-running the same command.
+    for kill_after in (3, 6, 10):
+        process = launch_trainer(interrupted, data_dir, config=KILL_RUN)
+        _wait_for_step(process, interrupted, kill_after)
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+    _finish(launch_trainer(interrupted, data_dir, config=KILL_RUN))
+
+    reference = {row["step"]: row for row in read_metrics(straight) if "train/loss" in row}
+    rows = [row for row in read_metrics(interrupted) if "train/loss" in row]
+    assert sorted({row["step"] for row in rows}) == list(range(1, 13))
+    assert len(rows) > 12  # steps after the last save before a kill ran twice
+    for row in rows:  # every run of every step: the same loss and gradient norm, bitwise
+        for key in ("train/loss", "train/grad_norm", "train/logit_scale"):
+            assert row[key] == reference[row["step"]][key], (row["step"], key)
+    jax.tree.map(np.testing.assert_array_equal, _final_variables(interrupted),
+                 _final_variables(straight))
+    assert _saved_input(interrupted, 12) == _saved_input(straight, 12)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    process = launch_trainer(workdir, data_dir, config={"total_steps": 100_000})
+    _wait_for_step(process, workdir, 3)
+    process.send_signal(signal.SIGTERM)
+    log = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, log[-3000:]
+    last = max(_logged_steps(workdir))
+    assert _saved_steps(workdir) == [last]  # checkpoint_every=0: only the preemption save
+    assert f"preempted: saved step {last}" in log
+    assert _saved_input(workdir, last)["cursors"] == [last * 16]
+
+
+def _one_step_state(config, devices=None):
+    training = setup_training(config, devices)
+    state = training.init_state(jax.random.key(0))
+    state, _ = training.step(state, random_batch(config))
+    return training, jax.block_until_ready(state)
+
+
+def _abstract(training):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        training.abstract_state, training.shardings)
+
+
+@pytest.mark.parametrize("mesh, devices", [({"data": 1, "fsdp": 4, "tensor": 1}, 4),
+                                           ({"data": 1, "fsdp": 2, "tensor": 2}, 4),
+                                           ({"data": 1, "fsdp": 1, "tensor": 1}, 1)])
+def test_a_checkpoint_from_8_devices_restores_onto_other_meshes(tmp_path, mesh, devices):
+    config = small_config()  # data=8
+    _, state = _one_step_state(config)
+    manager = checkpoint.make_manager(str(tmp_path), config)
+    checkpoint.save(manager, state)
+    manager.wait_until_finished()
+
+    other = small_config(**{f"mesh.{axis}": size for axis, size in mesh.items()})
+    training = setup_training(other, jax.devices()[:devices])
+    restored, _ = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path), other),
+                                            _abstract(training))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+    placed = jax.tree.leaves(jax.tree.map(lambda leaf: leaf.sharding, restored.params))
+    assert all(len(s.device_set) == devices for s in placed)
+    assert jax.tree.map(lambda leaf: leaf.sharding, restored) == training.shardings
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    config = small_config()
+    training, state = _one_step_state(config)
+    manager = checkpoint.make_manager(str(tmp_path), config)
+    checkpoint.save(manager, state)  # step 1
+    manager.wait_until_finished()
+    saved = jax.device_get(state)  # the step below donates `state`
+    later, _ = training.step(state, random_batch(config, seed=1))
+    checkpoint.save(manager, later)  # step 2
+    manager.wait_until_finished()
+    # A half-written data file, as a disk filling up or a bad copy leaves it.
+    files = [os.path.join(root, name) for root, _, names in
+             os.walk(tmp_path / "checkpoints" / "2" / "state") for name in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+    warnings = []
+    restored, _ = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path), config),
+                                            _abstract(training), warn=warnings.append)
+    assert int(restored.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+    assert len(warnings) == 1 and "checkpoint at step 2" in warnings[0]
+    assert "\n" not in warnings[0]
+
+
+def _poisoned(batch):
+    """NaN pixels (float images go through the same normalisation as uint8), so
+    the loss and every gradient are NaN, as an overflow would make them."""
+    return dict(batch, images=np.full(batch["images"].shape, np.nan, np.float32))
+
+
+def test_a_non_finite_step_is_skipped_and_counted():
+    config = small_config()
+    training, state = _one_step_state(config)
+    before = jax.device_get(state)
+    state, metrics = training.step(state, _poisoned(random_batch(config, seed=1)))
+    metrics = jax.device_get(metrics)
+    assert not np.isfinite(metrics["loss"])
+    assert (metrics["skipped_steps"], metrics["bad_steps_in_a_row"]) == (1, 1)
+    after = jax.device_get(state)
+    assert int(after.step) == 2  # the step is taken, its update dropped
+    jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+    jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+    state, metrics = training.step(state, random_batch(config, seed=2))
+    metrics = jax.device_get(metrics)
+    assert np.isfinite(metrics["loss"])
+    assert (metrics["skipped_steps"], metrics["bad_steps_in_a_row"]) == (1, 0)
+
+
+def test_too_many_bad_steps_in_a_row_stop_with_a_diagnostic_and_a_checkpoint(
+        data_dir, tmp_path, monkeypatch):
+    config = small_config(**{"data.data_dir": data_dir, "total_steps": 12, "log_every": 1,
+                             "eval_every": 0, "checkpoint_every": 0, "max_bad_steps": 2})
+    good_run = small_config(**{"data.data_dir": data_dir, "total_steps": 2, "log_every": 1,
+                               "eval_every": 0, "checkpoint_every": 0})
+    train_lib.train(good_run, str(tmp_path / "good"))
+
+    fetch = train_lib._next_device_batch
+    fetched = []
+
+    def poison_from_step_3(batches, batch_sharding):
+        fetched.append(1)
+        batch, input_state = fetch(batches, batch_sharding)
+        if len(fetched) >= 3:
+            batch = dict(batch, images=jax.device_put(_poisoned(jax.device_get(batch))["images"],
+                                                      batch["images"].sharding))
+        return batch, input_state
+
+    monkeypatch.setattr(train_lib, "_next_device_batch", poison_from_step_3)
+    workdir = tmp_path / "diverging"
+    with pytest.raises(train_lib.TrainingStopped, match="2 steps in a row") as stopped:
+        train_lib.train(config, str(workdir))
+    assert "non-finite: loss" in str(stopped.value) and "\n" not in str(stopped.value)
+    rows = [row for row in read_metrics(workdir) if "train/loss" in row]
+    assert [row["train/skipped_steps"] for row in rows][:4] == [0, 0, 1, 2]
+    # The checkpoint holds the parameters of the last good step (2).
+    jax.tree.map(np.testing.assert_array_equal, _final_variables(workdir),
+                 _final_variables(tmp_path / "good"))
