@@ -15,26 +15,36 @@ from etils import epath
 from clip_jax.pytree import get_path, set_path
 
 
-def make_manager(workdir, config):
+def make_manager(workdir, config, *, best_metric=None):
     """A CheckpointManager under WORKDIR/checkpoints keeping the newest
     `config.keep_checkpoints` saves. Saves are asynchronous and atomic: orbax
     writes into a temporary directory and renames it when every host is done,
-    so a save cut short (crash, SIGKILL) is never listed as a step."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           save_interval_steps=1)
+    so a save cut short (crash, SIGKILL) is never listed as a step.
+
+    best_metric: instead, the one save with the highest value of that metric
+    (pass it as `save(..., metrics=...)`); use WORKDIR/best as its workdir.
+    """
+    if best_metric:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda metrics: metrics[best_metric],
+            best_mode="max", keep_checkpoints_without_metrics=False)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                               create=True, save_interval_steps=1)
     # Local paths must be absolute for orbax; gs:// and other URLs pass through.
     root = workdir if "://" in workdir else os.path.abspath(workdir)
     return ocp.CheckpointManager(os.path.join(root, "checkpoints"),
                                  options=options, metadata={"config": json.loads(config.to_json())})
 
 
-def save(manager, state, input_state=None):
+def save(manager, state, input_state=None, metrics=None):
     """Starts an asynchronous save of `state` at its step, with the input position
-    (`pipeline.gather_input_states`, JSON) when given."""
+    (`pipeline.gather_input_states`, JSON) when given; `metrics` rank the saves of
+    a best-checkpoint manager."""
     items = {"state": ocp.args.StandardSave(state)}
     if input_state is not None:
         items["input"] = ocp.args.JsonSave(input_state)
-    manager.save(int(state.step), args=ocp.args.Composite(**items))
+    manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics)
 
 
 def restore_latest(manager, abstract_state, warn=print):

@@ -143,14 +143,20 @@ def train(config, workdir):
 
     evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    run = _Run(config, training, sharding.batch_sharding(mesh), evaluator, writer, manager)
+    best_manager = (checkpoint.make_manager(os.path.join(workdir, "best"), config,
+                                            best_metric=config.keep_best)
+                    if config.keep_best else None)
+    run = _Run(config, training, sharding.batch_sharding(mesh), evaluator, writer, manager,
+               best_manager)
     try:
         with (pipeline.TrainInput(config, input_state) as batches,
               preemption.PreemptionWatcher() as watcher):
             row, preempted_at = run.loop(state, batches, input_state, start_step, watcher)
     finally:
-        manager.wait_until_finished()  # a started save always completes
-        manager.close()
+        for open_manager in (manager, best_manager):
+            if open_manager is not None:
+                open_manager.wait_until_finished()  # a started save always completes
+                open_manager.close()
         writer.close()
     if preempted_at is not None:
         _print(f"preempted: saved step {preempted_at}; re-run the same command to resume")
@@ -194,10 +200,20 @@ def _diverged_message(step, metrics, config):
 class _Run:
     """The step loop of one run and what it writes (metrics, evals, checkpoints)."""
 
-    def __init__(self, config, training, batch_sharding, evaluator, writer, manager):
+    def __init__(self, config, training, batch_sharding, evaluator, writer, manager,
+                 best_manager=None):
         self.config, self.training, self.batch_sharding = config, training, batch_sharding
         self.evaluator, self.writer, self.manager = evaluator, writer, manager
+        self.best_manager = best_manager
         self.last_save_time = time.time()
+
+    def save_if_best(self, state, input_state, eval_row):
+        metric = self.config.keep_best
+        if metric not in eval_row:
+            raise ConfigError(f"config.keep_best={metric!r} is not an eval metric; "
+                              f"they are {', '.join(sorted(eval_row))}")
+        checkpoint.save(self.best_manager, state, pipeline.gather_input_states(input_state),
+                        metrics={metric: float(eval_row[metric])})
 
     def save(self, state, input_state):
         checkpoint.save(self.manager, state, pipeline.gather_input_states(input_state))
@@ -253,6 +269,8 @@ class _Run:
                 self.writer.write(step, eval_row)
                 row.update(eval_row)
                 _print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
+                if self.best_manager is not None:
+                    self.save_if_best(state, input_state, eval_row)
             if watcher.reached(step):
                 self.save(state, input_state)
                 progress.close()

@@ -61,6 +61,9 @@ def _base():
     # at log steps, when all hosts agree on it.
     config.checkpoint_minutes = 0.0
     config.keep_checkpoints = 3  # the newest ones; older ones are deleted
+    # Also keep the save with the best value of this eval metric (higher is better),
+    # e.g. "zeroshot/synthetic_shapes/top1", in WORKDIR/best ("": off).
+    config.keep_best = ""
     # Steps whose loss or gradients are not finite are skipped (train/skipped_steps);
     # this many in a row stop the run with a diagnostic and a checkpoint.
     config.max_bad_steps = 10

@@ -16,7 +16,7 @@ from clip_jax.data import pipeline, synthetic_shapes
 from clip_jax.train_step import setup_training
 from tests.conftest import small_config
 from tests.test_train_step import random_batch
-from tests.trainer_process import launch_trainer, read_metrics
+from tests.trainer_process import distributed_flags, free_port, launch_trainer, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,23 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
     assert _saved_steps(workdir) == [last]  # checkpoint_every=0: only the preemption save
     assert f"preempted: saved step {last}" in log
     assert _saved_input(workdir, last)["cursors"] == [last * 16]
+
+
+def test_sigterm_on_one_of_two_processes_saves_the_same_step_on_both(data_dir, tmp_path):
+    """A preemption notice reaches one host; JAX's preemption sync manager makes
+    both hosts save the same step (2 processes x 4 CPU devices, gloo)."""
+    workdir, port = tmp_path / "run", free_port()
+    processes = [launch_trainer(workdir, data_dir, 4, distributed_flags(port, i),
+                                config={"total_steps": 100_000}) for i in range(2)]
+    _wait_for_step(processes[0], workdir, 3)
+    processes[1].send_signal(signal.SIGTERM)
+    logs = [process.communicate(timeout=180)[0] for process in processes]
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+    saved = _saved_steps(workdir)
+    assert len(saved) == 1 and saved[0] >= 3
+    assert f"preempted: saved step {saved[0]}" in logs[0]
+    assert _saved_input(workdir, saved[0])["cursors"] == [saved[0] * 8] * 2
 
 
 def _one_step_state(config, devices=None):
@@ -215,3 +232,22 @@ def test_too_many_bad_steps_in_a_row_stop_with_a_diagnostic_and_a_checkpoint(
     # The checkpoint holds the parameters of the last good step (2).
     jax.tree.map(np.testing.assert_array_equal, _final_variables(workdir),
                  _final_variables(tmp_path / "good"))
+
+
+def test_keep_best_holds_the_save_with_the_best_eval_metric(data_dir, tmp_path):
+    metric = "zeroshot/synthetic_shapes/top1"
+    config = small_config(**{"data.data_dir": data_dir, "total_steps": 4, "log_every": 1,
+                             "eval_every": 1, "checkpoint_every": 0, "keep_best": metric,
+                             "optimizer.lr": 1e-2})
+    workdir = tmp_path / "run"
+    train_lib.train(config, str(workdir))
+    scores = {row["step"]: row[metric] for row in read_metrics(workdir) if metric in row}
+    kept = _saved_steps(workdir / "best")
+    assert len(kept) == 1 and scores[kept[0]] == max(scores.values())
+    assert _saved_steps(workdir) == [4]  # the regular saves are unaffected
+    best = _final_variables(workdir / "best")  # a best save reads like a workdir
+    assert jax.tree.leaves(best)
+
+    with pytest.raises(train_lib.ConfigError, match="not an eval metric"):
+        train_lib.train(small_config(**{"data.data_dir": data_dir, "total_steps": 1,
+                                        "keep_best": "zeroshot/nope"}), str(tmp_path / "bad"))

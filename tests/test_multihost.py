@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,16 +11,10 @@ import pytest
 
 from tests.conftest import small_config
 from tests.test_train_step import build, random_batch
-from tests.trainer_process import launch_trainer, read_metrics
+from tests.trainer_process import distributed_flags, free_port, launch_trainer, read_metrics
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_match_one_device(tmp_path):
@@ -68,9 +61,7 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, monkeypatch):
     single, multi = tmp_path / "one_process", tmp_path / "two_processes"
     losses_1, _ = train_losses([launch_trainer(single, data_dir, 8)], single)
     port = free_port()
-    processes = [launch_trainer(multi, data_dir, 4, [f"--coordinator_address=localhost:{port}",
-                                                      "--num_processes=2", f"--process_id={i}"])
-                 for i in range(2)]
+    processes = [launch_trainer(multi, data_dir, 4, distributed_flags(port, i)) for i in range(2)]
     losses_2, log = train_losses(processes, multi)
     assert "8 x cpu on 2 process(es)" in log.lower()
     assert sorted(losses_1) == sorted(losses_2) == [1, 2, 3, 4, 5]

@@ -4,6 +4,7 @@ runs, signals, kills."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -37,3 +38,15 @@ def read_metrics(workdir):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def distributed_flags(port, process_id, num_processes=2):
+    """The trainer's flags for process `process_id` of a localhost run."""
+    return [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+            f"--process_id={process_id}"]
