@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from clip_jax import tokenizer
 from clip_jax.data import augment, decode, pipeline, sampling
 from tests.conftest import small_config
 
@@ -151,6 +152,22 @@ def test_two_processes_read_disjoint_halves_of_the_same_global_batches(fake_sour
                                                              process_count=2)])
             for p in range(2)]
     assert not set(seen[0].tolist()) & set(seen[1].tolist())
+
+
+def test_several_captions_per_image_give_a_seeded_choice_among_them(fake_source):
+    """coco_captions-like records: a nested, repeated caption feature."""
+    captions = [b"a dog on a beach", b"a brown dog running", b"sand and sea"]
+    features = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_png((1, 2, 3))])),
+                "captions/text": tf.train.Feature(bytes_list=tf.train.BytesList(value=captions))}
+    record = tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    fake_source["records"] = FakeRecords([record] * 16)
+    config = _config(**{"data.caption_key": "captions/text"})
+    first, again = _take(config, 4), _take(config, 4)
+    chosen = np.concatenate([batch["tokens"] for batch, _ in first])
+    np.testing.assert_array_equal(chosen, np.concatenate([b["tokens"] for b, _ in again]))
+    expected = {tuple(row) for row in tokenizer.tokenize([c.decode() for c in captions],
+                                                         config.model.text.context_length)}
+    assert {tuple(row) for row in chosen} == expected  # every caption gets drawn
 
 
 def test_a_dataset_of_only_bad_samples_stops_with_a_clear_error(fake_source):
