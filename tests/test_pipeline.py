@@ -172,7 +172,8 @@ def test_several_captions_per_image_give_a_seeded_choice_among_them(fake_source)
 
 def test_a_dataset_of_only_bad_samples_stops_with_a_clear_error(fake_source):
     fake_source["records"] = _records(20, bad=set(range(20)))
-    with pytest.raises(ValueError, match="bad samples while filling one batch"):
+    with pytest.raises(ValueError, match=r"'synthetic_shapes:train': \d+ bad samples while "
+                                         "filling one batch of 8"):
         _take(_config(), 1)
 
 

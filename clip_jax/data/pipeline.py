@@ -123,6 +123,7 @@ class TrainInput:
         self._crop_scale = tuple(data.crop_scale)
         self._draft = augment.draft_size(self._image_size, self._crop_scale[0])
         self._image_key, self._caption_key = data.image_key, data.caption_key
+        self._train_spec = data.train
         name, split = parse_split(data.train)
         self._records = open_split(name, split, data.data_dir)
         self._num_records = len(self._records)
@@ -198,7 +199,7 @@ class TrainInput:
                 indices.append(record_id)
             if skipped_here > _MAX_SKIPS_PER_BATCH_FACTOR * self._local_batch:
                 raise ValueError(
-                    f"config.data.train={self._records!r}: {skipped_here} bad samples while "
+                    f"config.data.train={self._train_spec!r}: {skipped_here} bad samples while "
                     f"filling one batch of {self._local_batch} (skipped so far: "
                     f"{self._state.skipped}); is config.data.image_key/caption_key right?")
         return {"images": np.stack(images),
