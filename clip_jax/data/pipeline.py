@@ -9,13 +9,11 @@ do not depend on thread count or timing, and the cursor in `InputState` resumes
 the stream exactly. Images travel to the devices as uint8 (4x less traffic than
 float32) and are normalised inside the jitted step.
 
-Evaluation (`eval_batches`): each process reads a disjoint, contiguous slice of
-the split; shorter side resized and centre-cropped.
+Evaluation input lives in `eval_input`.
 """
 
 import concurrent.futures
 import dataclasses
-import math
 import os
 import queue
 import threading
@@ -66,7 +64,7 @@ def prepared_builder(name, data_dir):
 def open_split(name, split, data_dir):
     """Random-access records of a prepared split as serialized tf.train.Examples.
 
-    Parsing the protobuf ourselves (`_field`) is ~6x cheaper per record than
+    Parsing the protobuf ourselves (`record_field`) is ~6x cheaper per record than
     TFDS's feature decoding, and leaves images encoded for PIL."""
     builder = prepared_builder(name, data_dir)
     if builder.info.file_format != _ARRAY_RECORD:
@@ -81,7 +79,7 @@ def open_split(name, split, data_dir):
                                   deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
 
 
-def _field(example, key):
+def record_field(example, key):
     """The values of feature `key` ('a/b' for nested features, as TFDS flattens
     them) of a parsed tf.train.Example: a list of bytes or ints; None if absent."""
     if key not in example.features.feature:
@@ -210,15 +208,16 @@ class TrainInput:
         """(uint8 pixels, caption) of one serialized record, or the Skipped it raised."""
         example = example_pb2.Example.FromString(record)
         try:
-            caption = _choose_caption(_field(example, self._caption_key), draws[-1])
-            image = decode.open_rgb(_single(_field(example, self._image_key)), min_size=self._draft)
+            caption = _choose_caption(record_field(example, self._caption_key), draws[-1])
+            image = decode.open_rgb(single_value(record_field(example, self._image_key)),
+                                    min_size=self._draft)
             return (augment.random_resized_crop(image, self._image_size, draws[:-1],
                                                 self._crop_scale), caption)
         except decode.Skipped as skipped:
             return skipped
 
 
-def _single(values):
+def single_value(values):
     """The one value of a scalar feature; None when absent or empty."""
     return values[0] if values else None
 
@@ -229,45 +228,6 @@ def _choose_caption(captions, draw):
     if not captions:
         raise decode.Skipped(decode.MISSING_CAPTION)
     return decode.decode_caption(captions[int(draw * len(captions))])
-
-
-def eval_batches(config, dataset, split, label_key, global_batch):
-    """Yields this process's share of a labelled split in fixed-size batches:
-    {"images": uint8 [b, S, S, 3], "labels": int32 [b], "mask": bool [b]}.
-
-    Every process yields the same number of batches (padding rows have
-    mask=False), so all hosts run the same number of collective steps. An
-    undecodable image is a masked row, counted in the evaluator's results.
-    """
-    image_key, size = config.data.image_key, config.model.image.image_size
-    records = open_split(dataset, split, config.data.data_dir)
-    process_count, local_batch = jax.process_count(), global_batch // jax.process_count()
-    per_process = math.ceil(len(records) / process_count)
-    start = min(len(records), jax.process_index() * per_process)
-    stop = min(len(records), start + per_process)
-    blank = np.zeros((size, size, 3), np.uint8)
-
-    def load(record):
-        example = example_pb2.Example.FromString(record)
-        try:
-            image = decode.open_rgb(_single(_field(example, image_key)), min_size=(size, size))
-            label = _single(_field(example, label_key))
-            if label is None:
-                raise decode.Skipped("missing_label")
-            return augment.resize_centre_crop(image, size), int(label), True
-        except decode.Skipped:
-            return blank, 0, False
-
-    with concurrent.futures.ThreadPoolExecutor(config.data.workers or os.cpu_count()) as pool:
-        for first in range(start, start + math.ceil(per_process / local_batch) * local_batch,
-                           local_batch):
-            ids = list(range(first, min(stop, first + local_batch)))
-            rows = list(pool.map(load, records.__getitems__(ids))) if ids else []
-            pad = local_batch - len(rows)
-            rows += [(blank, 0, False)] * pad
-            images, labels, valid = zip(*rows)
-            yield {"images": np.stack(images), "labels": np.asarray(labels, np.int32),
-                   "mask": np.asarray(valid, bool)}
 
 
 def gather_input_states(local_state):
