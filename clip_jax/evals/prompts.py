@@ -1,0 +1,68 @@
+"""Class names and prompt templates for zero-shot classification, per TFDS dataset.
+
+The names and templates are CLIP's (openai/CLIP), shipped as package data in
+clip_jax/assets/zeroshot/<dataset>.json and written by
+tools/make_zeroshot_assets.py, which puts class_names[i] at TFDS label i.
+"""
+
+import dataclasses
+import functools
+import importlib.resources
+import json
+from typing import Callable
+
+from clip_jax.data import synthetic_shapes
+
+_ASSETS = "assets/zeroshot"
+
+# Datasets labelled with another dataset's classes in the same order: one file serves both.
+_ALIASES = {
+    "imagenet_v2": "imagenet2012",
+    "imagenet_sketch": "imagenet2012",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotTask:
+    class_names: tuple
+    templates: tuple
+    # Applied to each filled-in prompt, e.g. to fix "a orange" -> "an orange".
+    edit_prompt: Callable[[str], str] = lambda prompt: prompt
+    source: str = ""
+
+
+# Built in code: the classes come from the dataset's own module, not a file.
+_SYNTHETIC_SHAPES = ZeroShotTask(
+    class_names=tuple(synthetic_shapes.CLASS_NAMES),
+    templates=("a {}.", "a photo of a {}.", "there is a {}.", "a picture of a {}.",
+               "an image of a {}."),
+    edit_prompt=synthetic_shapes.with_articles,
+    source="clip_jax.data.synthetic_shapes",
+)
+
+
+def _asset_dir():
+    return importlib.resources.files("clip_jax") / _ASSETS
+
+
+@functools.cache
+def known_datasets() -> tuple[str, ...]:
+    """Every dataset name zeroshot_task accepts, sorted."""
+    files = [entry.name.removesuffix(".json") for entry in _asset_dir().iterdir()
+             if entry.name.endswith(".json")]
+    return tuple(sorted({*files, *_ALIASES, "synthetic_shapes"}))
+
+
+@functools.cache
+def zeroshot_task(dataset: str) -> ZeroShotTask:
+    """The class names (in TFDS label order) and prompt templates of `dataset`."""
+    if dataset == "synthetic_shapes":
+        return _SYNTHETIC_SHAPES
+    if dataset in _ALIASES:
+        return zeroshot_task(_ALIASES[dataset])  # the very same (cached) object
+    if dataset not in known_datasets():
+        raise ValueError(f"no class names/templates for {dataset!r}; "
+                         f"known: {', '.join(known_datasets())}")
+    data = json.loads((_asset_dir() / f"{dataset}.json").read_text(encoding="utf-8"))
+    return ZeroShotTask(class_names=tuple(data["class_names"]),
+                        templates=tuple(data["templates"]), source=data["source"])
