@@ -79,6 +79,17 @@ def save_variables(path, variables):
     checkpointer.wait_until_finished()
 
 
+def latest_step(workdir):
+    """The newest complete save's step under WORKDIR/checkpoints; None if there is none."""
+    path = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+    if not (path / "checkpoints").exists():
+        return None
+    manager = ocp.CheckpointManager(path / "checkpoints")
+    step = manager.latest_step()
+    manager.close()
+    return step
+
+
 def load_variables(path, abstract_variables):
     """Model variables from `path`: a `save_variables` checkpoint or a training workdir
     (the parameters and running statistics of its latest state), placed per the
@@ -91,9 +102,7 @@ def load_variables(path, abstract_variables):
         raise ValueError(f"{path}: no such checkpoint directory")
     item_dir, stored_path = path, lambda variables_path: variables_path
     if (path / "checkpoints").exists():
-        manager = ocp.CheckpointManager(path / "checkpoints")
-        step = manager.latest_step()
-        manager.close()
+        step = latest_step(path)
         if step is None:
             raise ValueError(f"{path}: the workdir holds no complete checkpoint")
         item_dir = path / "checkpoints" / str(step) / "state"

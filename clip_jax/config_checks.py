@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from clip_jax import losses, sharding
 from clip_jax.data import pipeline
+from clip_jax.evals import specs
 from clip_jax.models.clip import IMAGE_TOWERS
 from clip_jax.models.transformer import ACTIVATIONS, REMAT_NAMES
 
@@ -42,7 +43,7 @@ def check_config(config, num_devices):
     """Raises ConfigError for the first invalid value, given the device count."""
     _positive(config, "batch_size", "total_steps", "log_every", "optimizer.eps",
               "keep_checkpoints", "max_bad_steps",
-              "zeroshot.batch_size", "model.embed_dim",
+              "model.embed_dim",
               "model.logit_scale_max", "model.text.mlp_ratio")
     _non_negative(config, "loss.chunk_size", "eval_every", "checkpoint_every",
                   "checkpoint_minutes", "optimizer.lr",
@@ -57,11 +58,14 @@ def check_config(config, num_devices):
     except ValueError as error:
         raise ConfigError(str(error)) from None
     data_parallel = mesh["data"] * mesh["fsdp"]
-    for key in ("batch_size", "zeroshot.batch_size"):
-        value = _lookup(config, key)
-        _require(value % data_parallel == 0,
-                 f"config.{key}={value} is not divisible by the data-parallel size "
-                 f"{data_parallel} (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']})")
+    _require(config.batch_size % data_parallel == 0,
+             f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
+             f"{data_parallel} (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']})")
+    for key, entry in config.evals.items():
+        try:
+            specs.check_entry(key, entry, data_parallel)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     _check_data(config.data)
 

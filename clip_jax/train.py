@@ -23,7 +23,7 @@ from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.data import pipeline
 from clip_jax.metrics import MetricWriter
 from clip_jax.train_step import setup_training
-from clip_jax.zeroshot import ZeroShotEvaluator
+from clip_jax.evals.suite import EvalSuite
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "clip.py")
@@ -52,7 +52,7 @@ def _define_flags():
     return config, workdir
 
 
-def _define_distributed_flags():
+def define_distributed_flags():
     """Multi-process flags -> {keyword of `initialize_distributed`: flag holder}."""
     return dict(
         coordinator_address=flags.DEFINE_string(
@@ -141,7 +141,12 @@ def train(config, workdir):
         with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    evaluator = ZeroShotEvaluator(config, model, mesh, shardings.variables())
+    try:
+        evaluator = EvalSuite(config.evals, model, mesh, shardings.variables(),
+                              eval_every=config.eval_every,
+                              default_data_dir=config.data.data_dir, workers=config.data.workers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     best_manager = (checkpoint.make_manager(os.path.join(workdir, "best"), config,
                                             best_metric=config.keep_best)
@@ -163,7 +168,7 @@ def train(config, workdir):
         return row
     _print(f"done: step {config.total_steps} in {time.time() - started:.0f}s; "
            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(row.items())
-                       if k in ("train/loss",) or k.startswith("zeroshot/")))
+                       if k == "train/loss" or k.endswith(("/top1", "_r1"))))
     return row
 
 
@@ -263,12 +268,16 @@ class _Run:
                     progress.set_postfix(loss=f"{row['train/loss']:.3f}",
                                          samples_per_sec=f"{row['train/samples_per_sec']:.0f}")
                 self.writer.write(step, row)
-            evaluated = _is_due(step, config.eval_every, config.total_steps)
+            evaluated = bool(self.evaluator.due(step, final=step == config.total_steps))
             if evaluated:
-                eval_row = self.evaluator(state.variables())
+                eval_row, _ = self.evaluator(state.variables(), step,
+                                             final=step == config.total_steps)
                 self.writer.write(step, eval_row)
                 row.update(eval_row)
-                _print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
+                _print(f"step {step}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in eval_row.items()
+                    if not k.endswith(("/examples", "/captions", "/train_examples"))
+                    and not (k.endswith("/skipped") and v == 0)))
                 if self.best_manager is not None:
                     self.save_if_best(state, input_state, eval_row)
             if watcher.reached(step):
@@ -317,5 +326,5 @@ def main(argv, config_flag, workdir_flag, distributed_flags):
 
 if __name__ == "__main__":
     _config_flag, _workdir_flag = _define_flags()
-    _distributed_flags = _define_distributed_flags()
+    _distributed_flags = define_distributed_flags()
     app.run(lambda argv: main(argv, _config_flag, _workdir_flag, _distributed_flags))

@@ -16,6 +16,7 @@ Every key is read by the trainer; unknown keys stop the run with a one-line erro
 
 import ml_collections
 
+from clip_jax.evals.specs import evaluator_config
 from clip_jax.models import zoo
 
 # The CPU-sized default: trains to >90% zero-shot top-1 on synthetic_shapes in minutes.
@@ -87,13 +88,13 @@ def _base():
         prefetch=4,  # batches prepared ahead of the step
     ))
 
-    # Zero-shot classification on a held-out split, with the dataset's registered
-    # class names and prompt templates.
-    config.zeroshot = ml_collections.ConfigDict(dict(
-        dataset="synthetic_shapes",
-        split="test",
-        label_key="label",
-        batch_size=512,
+    # Evaluators run during training (every `every` steps, 0: eval_every, -1: only at
+    # the end) and by `python -m clip_jax.evaluate`; empty fields (split, feature
+    # keys) take the dataset's defaults (clip_jax/evals/specs.py). Metrics are named
+    # "<kind>/<dataset>/<metric>", e.g. zeroshot/synthetic_shapes/top1.
+    config.evals = ml_collections.ConfigDict(dict(
+        zeroshot=evaluator_config("zeroshot", "synthetic_shapes"),
+        retrieval=evaluator_config("retrieval", "synthetic_shapes"),
     ))
 
     # softmax: CLIP's symmetric cross-entropy; sigmoid: SigLIP's pairwise loss

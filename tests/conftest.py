@@ -23,7 +23,8 @@ def small_config(**overrides):
         config.model.image.update(image_size=16, patch_size=8, width=32, layers=2, heads=2)
         config.model.text.update(context_length=8, width=32, layers=2, heads=2)
         config.model.embed_dim = 16
-        config.zeroshot.batch_size = 64
+        for entry in config.evals.values():
+            entry.batch_size = 64
         for dotted, value in overrides.items():
             *parents, leaf = dotted.split(".")
             node = config

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ from clip_jax.data import synthetic_shapes
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,9 @@ def test_training_writes_metrics_checkpoints_and_tensorboard(data_dir, tmp_path)
         assert key in train_rows[-1]
     assert 0.0 <= eval_rows[-1]["zeroshot/synthetic_shapes/top1"] <= 1.0
     assert final["zeroshot/synthetic_shapes/top1"] == eval_rows[-1]["zeroshot/synthetic_shapes/top1"]
+    for direction in ("image_to_text", "text_to_image"):
+        assert 0.0 <= eval_rows[-1][f"retrieval/synthetic_shapes/{direction}_r10"] <= 1.0
+    assert eval_rows[-1]["retrieval/synthetic_shapes/captions"] == 100
     saved_steps = [name for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
     assert sorted(saved_steps) == ["3", "6"]
     assert any(name.startswith("events.out.tfevents")
@@ -84,3 +90,27 @@ def test_finetune_from_a_run_with_a_locked_image_tower(data_dir, tmp_path):
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()),
                                          after["params"]["text"], before["params"]["text"]))
     assert all(moved)
+
+
+def test_the_evaluate_cli_on_the_workdir_gives_the_numbers_training_logged(data_dir, tmp_path):
+    """Same checkpoint, same evaluators, another process: the same zero-shot top-1."""
+    workdir, output, report = (str(tmp_path / name) for name in ("run", "eval.json", "report"))
+    train_lib.train(e2e_config(data_dir, 3), workdir)
+    logged = [r for r in read_rows(workdir) if "zeroshot/synthetic_shapes/top1" in r][-1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "--workdir", workdir,
+                           "--output", output, "--report", report],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(output) as f:
+        evaluated = json.load(f)
+    assert evaluated["step"] == logged["step"] == 3
+    for name, value in logged.items():
+        if name != "step":
+            assert evaluated[name] == value, name
+    assert "zeroshot/synthetic_shapes/top1" in done.stdout
+    assert sorted(os.listdir(report)) == ["confusion_synthetic_shapes.png", "metrics.png",
+                                          "report.md"]
+    with open(os.path.join(report, "report.md")) as f:
+        assert "| `zeroshot/synthetic_shapes/top1` |" in f.read()

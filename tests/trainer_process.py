@@ -11,7 +11,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = {"batch_size": 16, "total_steps": 5, "log_every": 1, "eval_every": 0,
             "checkpoint_every": 0, "optimizer.warmup_steps": 2,
-            "zeroshot.batch_size": 64, "model.embed_dim": 16, "model.image.image_size": 16,
+            "evals.zeroshot.batch_size": 64, "evals.retrieval.batch_size": 64,
+            "model.embed_dim": 16, "model.image.image_size": 16,
             "model.image.patch_size": 8, "model.image.width": 32, "model.image.layers": 2,
             "model.image.heads": 2, "model.text.context_length": 8, "model.text.width": 32,
             "model.text.layers": 2, "model.text.heads": 2}

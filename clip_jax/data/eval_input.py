@@ -20,7 +20,7 @@ from tensorflow.core.example import example_pb2
 
 from clip_jax import tokenizer
 from clip_jax.data import augment, decode
-from clip_jax.data.pipeline import open_split, record_field, single_value
+from clip_jax.data.pipeline import open_split, prepared_builder, record_field, single_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,16 @@ class EvalSource:
     label_key: Optional[str] = None
     caption_key: Optional[str] = None
     captions_per_image: int = 1
+
+
+def label_names(source):
+    """The class names of the source's label feature (a TFDS ClassLabel), or None."""
+    feature = prepared_builder(source.dataset, source.data_dir).info.features
+    for part in source.label_key.split("/"):
+        feature = feature[part] if part in getattr(feature, "keys", lambda: ())() else None
+        if feature is None:
+            return None
+    return list(feature.names) if hasattr(feature, "names") else None
 
 
 def batch_count(source, global_batch):

@@ -42,22 +42,30 @@ def parse_split(spec):
 
 
 def prepared_builder(name, data_dir):
-    """The TFDS builder of `name[:version]`, preparing it first (as ArrayRecord)
-    where it can be generated locally, e.g. the built-in synthetic dataset."""
+    """The TFDS builder of `name[:version]`. Datasets clip_jax generates itself (the
+    built-in synthetic one) are prepared on first use, as ArrayRecord; any other
+    must have been prepared already (nothing is downloaded at run time)."""
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(f"{name!r}: no such TFDS dataset in data_dir={data_dir!r} "
                          f"({str(error).splitlines()[0]})") from None
+    if builder.is_prepared():
+        return builder
+    if not type(builder).__module__.startswith("clip_jax."):
+        raise ValueError(
+            f"{name!r} is not prepared in {builder.data_dir}: build it first with "
+            f"`tfds build {name.split(':')[0]} --file_format=array_record"
+            + (f" --data_dir={data_dir}`" if data_dir else "`")
+            + " (or pass the data_dir that holds it)")
+    # One process prepares first, so hosts sharing a data_dir never race.
+    if jax.process_index() == 0:
+        tfds.builder(name, data_dir=data_dir, file_format=_ARRAY_RECORD).download_and_prepare()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"prepare {name}")
+    builder = tfds.builder(name, data_dir=data_dir, file_format=_ARRAY_RECORD)
     if not builder.is_prepared():
-        # One process prepares first, so hosts sharing a data_dir never race.
-        if jax.process_index() == 0:
-            tfds.builder(name, data_dir=data_dir, file_format=_ARRAY_RECORD).download_and_prepare()
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"prepare {name}")
-        builder = tfds.builder(name, data_dir=data_dir, file_format=_ARRAY_RECORD)
-        if not builder.is_prepared():
-            builder.download_and_prepare()
+        builder.download_and_prepare()
     return builder
 
 

@@ -41,6 +41,17 @@ _SYNTHETIC_SHAPES = ZeroShotTask(
 )
 
 
+# For datasets without shipped prompts: CLIP's default single prompt (paper, 3.1.4).
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def task_from_label_names(names, source):
+    """A task for a dataset that names its own classes (TFDS ClassLabel names such
+    as 'golden_retriever'): names made readable, the default template."""
+    return ZeroShotTask(class_names=tuple(name.replace("_", " ") for name in names),
+                        templates=DEFAULT_TEMPLATES, source=source)
+
+
 def _asset_dir():
     return importlib.resources.files("clip_jax") / _ASSETS
 
