@@ -3,6 +3,7 @@ a small labelled, multi-caption TFDS dataset written here, sharded and unsharded
 
 import io
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -224,7 +225,7 @@ def _entries(data_dir):
 def model_and_variables():
     config = small_config()
     model = CLIP(config.model)
-    variables = jax.jit(model.init)(jax.random.key(0), *_dummy(config))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *_dummy(config)))
     return config, model, variables
 
 
@@ -353,3 +354,18 @@ def test_an_unprepared_catalogue_dataset_is_a_one_line_error_not_a_download(tmp_
     with pytest.raises(ValueError, match=r"'cifar10' is not prepared in .*tfds build cifar10 "
                                          r"--file_format=array_record"):
         next(eval_input.eval_batches(source, 16, 8))
+
+
+def test_evaluate_reads_pytorch_style_weights_and_gives_the_suite_numbers(
+        model_and_variables, tiny_data_dir, suite_results, tmp_path):
+    """--weights FILE: a safetensors state dict with OpenCLIP's names, as released."""
+    from safetensors.numpy import save_file
+    from clip_jax import convert, evaluate
+    config, _, variables = model_and_variables
+    path = str(tmp_path / "weights.safetensors")
+    save_file(convert.to_torch(jax.device_get(variables), config.model), path)
+    metrics, _ = evaluate.evaluate(config, path, _entries(tiny_data_dir), progress=False)
+    expected, _ = suite_results["8 devices"]
+    assert metrics.keys() == expected.keys()
+    for name in metrics:
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-6), name

@@ -67,3 +67,10 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, monkeypatch):
     assert sorted(losses_1) == sorted(losses_2) == [1, 2, 3, 4, 5]
     for step in losses_1:
         np.testing.assert_allclose(losses_2[step], losses_1[step], rtol=1e-5, err_msg=f"step {step}")
+    # The final evals run on both processes' devices and rank the same rows the same way.
+    evals_1, evals_2 = ([row for row in read_metrics(workdir) if "zeroshot/synthetic_shapes/top1"
+                         in row][-1] for workdir in (single, multi))
+    assert evals_1.keys() == evals_2.keys()
+    assert "retrieval/synthetic_shapes/image_to_text_r1" in evals_1
+    for name in evals_1:
+        np.testing.assert_allclose(evals_2[name], evals_1[name], atol=1e-6, err_msg=name)

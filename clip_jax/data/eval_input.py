@@ -1,9 +1,11 @@
 """Evaluation input: a prepared split read once, in order, shared out to processes.
 
-Each process reads a disjoint, contiguous slice of the split. Images get CLIP's
-evaluation transform (shorter side resized, centre crop). Every process yields
-the same number of fixed-size batches (padding rows have mask=False), so all
-hosts run the same number of collective steps. A row whose image does not
+Global batch m holds records [m*B, (m+1)*B) in order, each process reading its
+own contiguous rows of it, so row i of an embedded split is record i on any
+number of processes. Images get CLIP's evaluation transform (shorter side
+resized, centre crop). Every process yields the same number of fixed-size
+batches (padding rows have mask=False), so all hosts run the same number of
+collective steps. A row whose image does not
 decode, or that lacks its label or every caption, is a masked row: evaluators
 report how many rows they skipped instead of losing them silently.
 """
@@ -48,8 +50,7 @@ def label_names(source):
 
 def batch_count(source, global_batch):
     """How many batches eval_batches yields on each process."""
-    records = len(open_split(source.dataset, source.split, source.data_dir))
-    return math.ceil(math.ceil(records / jax.process_count()) / (global_batch // jax.process_count()))
+    return math.ceil(len(open_split(source.dataset, source.split, source.data_dir)) / global_batch)
 
 
 def eval_batches(source, image_size, global_batch, *, context_length=None, workers=0):
@@ -60,10 +61,7 @@ def eval_batches(source, image_size, global_batch, *, context_length=None, worke
     (K = captions_per_image, L = context_length) with a caption_key.
     """
     records = open_split(source.dataset, source.split, source.data_dir)
-    process_count, local_batch = jax.process_count(), global_batch // jax.process_count()
-    per_process = math.ceil(len(records) / process_count)
-    start = min(len(records), jax.process_index() * per_process)
-    stop = min(len(records), start + per_process)
+    local_batch = global_batch // jax.process_count()
     captions_per_image = source.captions_per_image
     blank = np.zeros((image_size, image_size, 3), np.uint8)
     no_captions = [""] * captions_per_image
@@ -91,9 +89,11 @@ def eval_batches(source, image_size, global_batch, *, context_length=None, worke
             return blank, 0, no_captions, [False] * captions_per_image, False
 
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        for first in range(start, start + math.ceil(per_process / local_batch) * local_batch,
-                           local_batch):
-            ids = list(range(first, min(stop, first + local_batch)))
+        for batch_start in range(0, len(records), global_batch):
+            # This process's rows of the global batch, so global row i is record i
+            # whatever the process count (and rankings break ties the same way).
+            first = batch_start + jax.process_index() * local_batch
+            ids = list(range(first, min(len(records), first + local_batch)))
             rows = list(pool.map(load, records.__getitems__(ids))) if ids else []
             rows += [(blank, 0, no_captions, [False] * captions_per_image, False)
                      ] * (local_batch - len(rows))
