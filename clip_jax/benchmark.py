@@ -22,6 +22,12 @@ shards, against an OpenCLIP-style webdataset reader (see clip_jax/data/throughpu
 
   python -m clip_jax.benchmark data --source 'shards/*.tar' [--no-reference] [--json]
   python -m clip_jax.benchmark data --synthetic 6000   # writes photo-like JPEG shards first
+
+Retrieval ranking (both directions, Recall@10 top-k) of random unit embeddings,
+COCO-sized by default (5,000 images x 5 captions), on 8 simulated devices: bytes
+per device against the full similarity matrix, and wall time:
+
+  python -m clip_jax.benchmark retrieval [--images 5000] [--chunk-size 4096] [--json]
 """
 
 import os
@@ -295,6 +301,51 @@ def run_data(args):
         print(f"clip_jax / reference: {rows[1]['samples_per_sec'] / rows[2]['samples_per_sec']:.2f}x")
 
 
+def retrieval_benchmark(images=5000, captions_per_image=5, embed_dim=512, chunk_size=4096,
+                        num_devices=8, repeats=3):
+    """Per-device bytes (compiled) and wall time of ranking images x captions both ways."""
+    from clip_jax.evals import ranking  # noqa: PLC0415
+    mesh = data_parallel_mesh(num_devices)
+    rng = np.random.default_rng(0)
+    unit = lambda rows: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(  # noqa: E731
+        rng.normal(size=(rows, embed_dim)).astype(np.float32))
+    image_embeddings = jax.device_put(unit(images), sharding.batch_sharding(mesh))
+    text_embeddings = jax.device_put(unit(images * captions_per_image),
+                                     sharding.batch_sharding(mesh))
+    directions = {"image_to_text": (image_embeddings, text_embeddings),
+                  "text_to_image": (text_embeddings, image_embeddings)}
+    rows = []
+    for direction, (queries, gallery) in directions.items():
+        valid = np.ones(gallery.shape[0], bool)
+        rank = ranking.sharded_top_k_function(mesh, 10, chunk_size)
+        compiled = rank.lower(queries, gallery, valid).compile()
+        jax.block_until_ready(rank(queries, gallery, valid))  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(rank(queries, gallery, valid))
+            seconds.append(time.perf_counter() - start)
+        rows.append({"direction": direction, "queries": queries.shape[0],
+                     "gallery": gallery.shape[0], "embed_dim": embed_dim,
+                     "chunk_size": chunk_size, "devices": num_devices,
+                     "full_matrix_bytes": 4 * queries.shape[0] * gallery.shape[0],
+                     "median_seconds": float(np.median(seconds)), **memory_bytes(compiled)})
+    return rows
+
+
+def run_retrieval(args):
+    rows = retrieval_benchmark(args.images, args.captions_per_image, args.embed_dim,
+                               args.chunk_size)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{row['direction']:<14} {row['queries']:>7,} x {row['gallery']:>7,}: "
+                  f"{row['bytes_per_device'] / 2**20:8.1f} MiB per device (full matrix "
+                  f"{row['full_matrix_bytes'] / 2**20:,.1f} MiB), {row['median_seconds']:.2f} s",
+                  flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m clip_jax.benchmark",
                                      description=__doc__.split("\n")[0])
@@ -322,6 +373,12 @@ def main(argv=None):
     data.add_argument("--workers", type=int, default=0, help="threads/processes; 0: CPU count")
     data.add_argument("--no-reference", action="store_true", help="skip the OpenCLIP-style reader")
     data.add_argument("--json", action="store_true", help="one JSON line per pipeline")
+    retrieval = commands.add_parser("retrieval", help="sharded retrieval ranking: memory, time")
+    retrieval.add_argument("--images", type=int, default=5000)
+    retrieval.add_argument("--captions-per-image", type=int, default=5)
+    retrieval.add_argument("--embed-dim", type=int, default=512)
+    retrieval.add_argument("--chunk-size", type=int, default=4096)
+    retrieval.add_argument("--json", action="store_true", help="one JSON line per direction")
     args = parser.parse_args(argv)
     if args.command == "memory":
         run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
@@ -329,6 +386,8 @@ def main(argv=None):
         run_compile(args.variant, args.json)
     elif args.command == "data":
         run_data(args)
+    elif args.command == "retrieval":
+        run_retrieval(args)
     else:
         run_tokenizer(args.texts, not args.no_reference, args.json)
 

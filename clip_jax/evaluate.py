@@ -16,7 +16,6 @@ training metrics (zeroshot/cifar10/top1, retrieval/coco_captions/image_to_text_r
 """
 
 import json
-import os
 import sys
 
 import jax
@@ -29,53 +28,8 @@ from clip_jax.config_checks import ConfigError
 from clip_jax.evals import specs
 from clip_jax.evals.report import format_value, natural_order, write_report
 from clip_jax.evals.suite import EvalSuite
+from clip_jax.pretrained import load_model, model_config, run_config
 from clip_jax.train import define_distributed_flags, initialize_distributed
-from clip_jax.train_step import setup_training
-
-
-def run_config(workdir):
-    """The config a training run wrote to WORKDIR/config.json."""
-    path = os.path.join(workdir, "config.json")
-    if not tf.io.gfile.exists(path):
-        raise ValueError(f"{workdir}: no config.json; is it a clip_jax training workdir?")
-    with tf.io.gfile.GFile(path) as f:
-        values = json.load(f)
-    if "evals" not in values and "zeroshot" in values:  # workdirs from before config.evals
-        old = values.pop("zeroshot")
-        values["evals"] = {"zeroshot": specs.evaluator_config(
-            "zeroshot", old["dataset"], split=old["split"], label_key=old["label_key"],
-            batch_size=old["batch_size"]).to_dict()}
-    return ml_collections.ConfigDict(values)
-
-
-def model_config(model_name):
-    """The config of a zoo architecture (configs/clip.py:MODEL), unlocked."""
-    from configs.clip import get_config  # noqa: PLC0415 (configs/ is not always importable)
-    config = get_config(model_name)
-    config.unlock()
-    return config
-
-
-def _evaluation_mesh(config):
-    """The run's mesh when it fits these devices, else pure data parallel."""
-    try:
-        sharding.mesh_shape(config.mesh, jax.device_count())
-    except ValueError:
-        config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-
-
-def load_model(config, weights):
-    """(model, mesh, variables placed per the config's sharding rules, shardings)."""
-    _evaluation_mesh(config)
-    training = setup_training(config)
-    shardings = training.shardings.variables()
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            training.abstract_state.variables(), shardings)
-    if tf.io.gfile.isdir(weights):  # a workdir or a clip_jax.convert output
-        variables = checkpoint.load_variables(weights, abstract)
-    else:
-        variables = jax.device_put(convert.from_torch(weights, config.model), shardings)
-    return training.model, training.mesh, variables, shardings
 
 
 def evaluate(config, weights, entries, *, data_dir=None, batch_size=0, workers=0,

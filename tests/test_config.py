@@ -53,6 +53,10 @@ def test_knobs_in_the_config_argument():
     ({"loss.chunk_size": 5}, "config.loss.chunk_size=5 does not divide config.batch_size=16"),
     ({"batch_size": 96, "loss.kind": "sigmoid", "model.logit_bias_init": -10.0,
       "loss.chunk_size": 8}, "config.loss.chunk_size=8 does not divide the per-device batch 12"),
+    ({"evals.zeroshot.batch_size": 12}, "config.evals.zeroshot.batch_size=12 must be a "
+                                        "positive multiple of the data-parallel size 8"),
+    ({"evals.retrieval.kind": "captioning"}, "config.evals.retrieval.kind='captioning' is unknown"),
+    ({"evals.zeroshot.every": -2}, "config.evals.zeroshot.every=-2 must be >= -1"),
     ({"microbatches": 0}, "config.microbatches=0 must be >= 1"),
     ({"microbatches": 4}, "config.batch_size=16 is not divisible by config.microbatches x "
                           "data-parallel size = 4 x 8"),

@@ -45,15 +45,25 @@ class Encoders:
 
     def texts(self, variables, texts, batch_size=1024):
         """Unit embeddings of a list of strings (the same on every process) as a
-        host array [N, E]; rows are padded up to a multiple of the device count."""
-        tokens = tokenizer.tokenize(list(texts), self.context_length)
-        step = -(-batch_size // sharding.data_parallel_size(self.mesh)) * (
-            sharding.data_parallel_size(self.mesh))
-        padded = np.pad(tokens, ((0, -len(tokens) % step), (0, 0)))
-        embeddings = [to_host(self.text(variables, jax.device_put(
-            padded[start:start + step], self.batch_sharding)))
-            for start in range(0, len(padded), step)]
-        return np.concatenate(embeddings)[:len(texts)]
+        host array [N, E]."""
+        return self._in_batches(self.text, variables,
+                                tokenizer.tokenize(list(texts), self.context_length), batch_size)
+
+    def images(self, variables, images, batch_size=256):
+        """Unit embeddings of uint8 images [N, S, S, 3] (the same on every process)
+        as a host array [N, E]."""
+        return self._in_batches(self.image, variables, np.asarray(images, np.uint8), batch_size)
+
+    def _in_batches(self, encode, variables, rows, batch_size):
+        """encode(variables, batch) over `rows` in batches padded to a multiple of
+        the data-parallel size, gathered to the host."""
+        data_parallel = sharding.data_parallel_size(self.mesh)
+        step = -(-min(batch_size, max(len(rows), 1)) // data_parallel) * data_parallel
+        padded = np.pad(rows, ((0, -len(rows) % step),) + ((0, 0),) * (rows.ndim - 1))
+        embeddings = [to_host(encode(variables, jax.device_put(padded[start:start + step],
+                                                               self.batch_sharding)))
+                      for start in range(0, len(padded), step)]
+        return np.concatenate(embeddings)[:len(rows)]
 
 
 def to_host(array):

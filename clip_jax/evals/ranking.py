@@ -50,7 +50,9 @@ def streamed_top_k(queries, gallery, gallery_valid, k, chunk_size):
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_top_k(mesh, k, chunk_size):
+def sharded_top_k_function(mesh, k, chunk_size):
+    """The jitted (queries, gallery, gallery_valid) -> (scores, indices) of
+    `sharded_top_k`, one per (mesh, k, chunk_size)."""
     batch = P(sharding.BATCH_AXES)
     local = jax.shard_map(functools.partial(streamed_top_k, k=k, chunk_size=chunk_size),
                           mesh=mesh, in_specs=(batch, P(), P()), out_specs=(batch, batch),
@@ -62,7 +64,7 @@ def sharded_top_k(mesh, queries, gallery, gallery_valid, k, chunk_size=4096):
     """`streamed_top_k` with the queries split over the mesh's batch axes and the
     gallery replicated: each device holds [Q / devices, chunk_size] scores.
     Q must be divisible by the data-parallel size."""
-    return _sharded_top_k(mesh, k, chunk_size)(queries, gallery, gallery_valid)
+    return sharded_top_k_function(mesh, k, chunk_size)(queries, gallery, gallery_valid)
 
 
 def first_hit_ranks(top_indices, is_positive):

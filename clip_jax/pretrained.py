@@ -1,0 +1,119 @@
+"""Trained or released CLIP weights, ready to use: for notebooks and the evaluate CLI.
+
+  clip = clip_jax.load("/tmp/clip_tiny")                     # a training workdir
+  clip = clip_jax.load("ViT-B-32-quickgelu", "ViT-B-32.pt")  # released weights
+  probabilities = clip.classify(images, ["cat", "dog"])      # PIL images or uint8 arrays
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from clip_jax import checkpoint, convert, sharding
+from clip_jax.data import augment
+from clip_jax.evals import specs
+from clip_jax.evals.embed import Encoders
+from clip_jax.evals.prompts import DEFAULT_TEMPLATES, ZeroShotTask
+from clip_jax.evals.zeroshot import class_embeddings
+from clip_jax.train_step import setup_training
+
+
+def run_config(workdir):
+    """The config a training run wrote to WORKDIR/config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"{workdir}: no config.json; is it a clip_jax training workdir?")
+    with tf.io.gfile.GFile(path) as f:
+        values = json.load(f)
+    if "evals" not in values and "zeroshot" in values:  # workdirs from before config.evals
+        old = values.pop("zeroshot")
+        values["evals"] = {"zeroshot": specs.evaluator_config(
+            "zeroshot", old["dataset"], split=old["split"], label_key=old["label_key"],
+            batch_size=old["batch_size"]).to_dict()}
+    return ml_collections.ConfigDict(values)
+
+
+def model_config(model_name):
+    """The config of a zoo architecture (configs/clip.py:MODEL), unlocked."""
+    from configs.clip import get_config  # noqa: PLC0415 (configs/ is not always importable)
+    config = get_config(model_name)
+    config.unlock()
+    return config
+
+
+def _evaluation_mesh(config):
+    """The run's mesh when it fits these devices, else pure data parallel."""
+    try:
+        sharding.mesh_shape(config.mesh, jax.device_count())
+    except ValueError:
+        config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def load_model(config, weights):
+    """(model, mesh, variables placed per the config's sharding rules, shardings)."""
+    _evaluation_mesh(config)
+    training = setup_training(config)
+    shardings = training.shardings.variables()
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            training.abstract_state.variables(), shardings)
+    if tf.io.gfile.isdir(weights):  # a workdir or a clip_jax.convert output
+        variables = checkpoint.load_variables(weights, abstract)
+    else:
+        variables = jax.device_put(convert.from_torch(weights, config.model), shardings)
+    return training.model, training.mesh, variables, shardings
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A model with its variables on this machine's devices."""
+    model: object  # clip_jax.models.CLIP
+    variables: dict
+    encoders: Encoders
+
+    @property
+    def image_size(self):
+        return self.model.config.image.image_size
+
+    def preprocess(self, images):
+        """PIL images or uint8 [H, W, 3] arrays -> uint8 [N, S, S, 3]: the evaluation
+        transform (shorter side to S, centre crop)."""
+        return np.stack([augment.resize_centre_crop(
+            (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
+            .convert("RGB"), self.image_size) for image in images])
+
+    def encode_images(self, images):
+        """Unit image embeddings [N, E] (numpy) of PIL images or uint8 arrays."""
+        return self.encoders.images(self.variables, self.preprocess(images))
+
+    def encode_texts(self, texts):
+        """Unit text embeddings [N, E] (numpy) of strings."""
+        return self.encoders.texts(self.variables, texts)
+
+    def classify(self, images, class_names, templates=DEFAULT_TEMPLATES):
+        """Zero-shot class probabilities [N, C]: softmax over the learned-temperature
+        cosine similarities to each class's prompt ensemble."""
+        classes = class_embeddings(self.encoders, self.variables,
+                                   ZeroShotTask(tuple(class_names), tuple(templates)))
+        scale = float(self.model.apply(self.variables, method=self.model.temperature_scale))
+        logits = scale * self.encode_images(images) @ classes.T
+        logits -= logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits)
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+def load(model_or_workdir, weights=None):
+    """A Pretrained from a training workdir (its latest checkpoint), or from a zoo
+    architecture name and its weights (PyTorch/safetensors file or clip_jax.convert
+    directory)."""
+    if weights is None:
+        config, weights = run_config(model_or_workdir), model_or_workdir
+    else:
+        config = model_config(model_or_workdir)
+    model, mesh, variables, shardings = load_model(config, weights)
+    return Pretrained(model, variables, Encoders(model, mesh, shardings))
