@@ -1,11 +1,12 @@
-"""Launchers: the exact commands they print in dry runs and the TPU preemption
-loop against a scripted gcloud (no gcloud runs)."""
+"""Launchers: the exact commands and batch script they print in dry runs and the
+TPU preemption loop against a scripted gcloud (no gcloud, no SLURM)."""
 
 import os
 import subprocess
 import sys
+import textwrap
 
-from launch import tpu_vm
+from launch import slurm, tpu_vm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,3 +139,61 @@ def test_tpu_default_repo_and_ref_come_from_the_checkout(tmp_path):
     git("remote", "add", "origin", "https://github.com/example/clip_jax.git")
     assert tpu_vm.local_checkout(tmp_path) == (
         "https://github.com/example/clip_jax.git", git("rev-parse", "HEAD"), False)
+
+
+def test_slurm_dry_run_writes_and_prints_the_batch_script(tmp_path, capsys):
+    script_path = str(tmp_path / "job.sbatch")
+    assert slurm.main(["--nodes", "2", "--gpus_per_node", "4", "--partition", "gpu",
+                       "--time", "24:00:00", "--job_name", "b32", "--output", "logs/%x-%j.out",
+                       "--requeue", "--workdir", "/shared/runs/b32",
+                       "--config", "configs/clip.py:ViT-B-32", "--config.batch_size=4096",
+                       "--script", script_path, "--dry-run"]) == 0
+    expected_script = textwrap.dedent("""\
+        #!/bin/bash
+        #SBATCH --job-name=b32
+        #SBATCH --nodes=2
+        #SBATCH --ntasks=8
+        #SBATCH --ntasks-per-node=4
+        #SBATCH --gpus-per-task=1
+        #SBATCH --partition=gpu
+        #SBATCH --time=24:00:00
+        #SBATCH --output=logs/%x-%j.out
+        #SBATCH --open-mode=append
+        #SBATCH --requeue
+        #SBATCH --signal=B:USR1@120
+
+        # Each task sees only its own GPU, as device 0.
+        export JAX_LOCAL_DEVICE_IDS=0
+
+        # USR1 comes 120 s before the time limit: SIGTERM goes to the training tasks
+        # (by scancel: srun would turn it into SIGKILL), they save at the next step boundary and
+        # exit 0, then the job is requeued and resumes from the workdir.
+        time_limit=0
+        trap 'time_limit=1; scancel --signal=TERM "$SLURM_JOB_ID"' USR1
+
+        srun --kill-on-bad-exit=1 python -m clip_jax.train --distributed_auto --workdir /shared/runs/b32 --config configs/clip.py:ViT-B-32 --config.batch_size=4096 &
+        srun_pid=$!
+        wait "$srun_pid"
+        status=$?
+        if [ "$time_limit" = 1 ]; then
+            # The trap interrupted the wait above: wait for the save.
+            wait "$srun_pid"
+            status=$?
+            if [ "$status" = 0 ]; then
+                scontrol requeue "$SLURM_JOB_ID"
+            fi
+        fi
+        exit "$status"
+        """)
+    assert capsys.readouterr().out.splitlines() == (
+        expected_script.splitlines() + [f"sbatch {script_path}"])
+    with open(script_path) as f:
+        assert f.read() == expected_script
+    assert subprocess.run(["bash", "-n", script_path]).returncode == 0
+
+
+def test_slurm_one_task_per_node_drives_all_its_gpus():
+    sbatch, devices = slurm.resource_lines(nodes=2, gpus_per_node=4, task_per_node=True)
+    assert sbatch == ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                      "#SBATCH --gpus-per-node=4"]
+    assert devices[-1] == "export JAX_LOCAL_DEVICE_IDS=0,1,2,3"
