@@ -1,12 +1,16 @@
-"""Launchers: the exact commands and batch script they print in dry runs and the
-TPU preemption loop against a scripted gcloud (no gcloud, no SLURM)."""
+"""Launchers: the exact commands and batch script they print in dry runs, the TPU
+preemption loop against a scripted gcloud, and the local launcher's process
+handling on tiny `python -c` children (no trainer, no gcloud, no SLURM)."""
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
-from launch import slurm, tpu_vm
+from launch import local, slurm, tpu_vm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,3 +201,95 @@ def test_slurm_one_task_per_node_drives_all_its_gpus():
     assert sbatch == ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
                       "#SBATCH --gpus-per-node=4"]
     assert devices[-1] == "export JAX_LOCAL_DEVICE_IDS=0,1,2,3"
+
+
+def test_local_dry_run_prints_each_process_with_its_environment(capsys):
+    assert local.main(["--processes", "2", "--gpus_per_process", "2", "--port", "12345",
+                       "--dry-run", "--", "--workdir", "/tmp/run",
+                       "--config", "configs/clip.py:tiny"]) == 0
+    python = shlex.quote(sys.executable)
+    assert capsys.readouterr().out.splitlines() == [
+        f"CUDA_VISIBLE_DEVICES=0,1 {python} -m clip_jax.train "
+        "--coordinator_address=localhost:12345 --num_processes=2 --process_id=0 "
+        "--workdir /tmp/run --config configs/clip.py:tiny",
+        f"CUDA_VISIBLE_DEVICES=2,3 {python} -m clip_jax.train "
+        "--coordinator_address=localhost:12345 --num_processes=2 --process_id=1 "
+        "--workdir /tmp/run --config configs/clip.py:tiny > /tmp/run/process_1.log 2>&1",
+    ]
+
+
+def test_local_dry_run_on_cpu_devices(capsys):
+    assert local.main(["--processes", "2", "--cpu_devices", "4", "--port", "12345",
+                       "--log_dir", "/tmp/logs", "--dry-run", "--", "--workdir=gs://b/r"]) == 0
+    python = shlex.quote(sys.executable)
+    cpu = "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4"
+    flags = "--coordinator_address=localhost:12345 --num_processes=2"
+    assert capsys.readouterr().out.splitlines() == [
+        f"{cpu} {python} -m clip_jax.train {flags} --process_id=0 --workdir=gs://b/r",
+        f"{cpu} {python} -m clip_jax.train {flags} --process_id=1 --workdir=gs://b/r"
+        " > /tmp/logs/process_1.log 2>&1",
+    ]
+
+
+def _python(code):
+    return (sys.executable, "-c", textwrap.dedent(code))
+
+
+def _sigterm_marker(path):
+    """A child that writes `path` when SIGTERM arrives, then exits 0 (as the trainer
+    does after saving); it says `ready` once the handler is in place."""
+    return _python(f"""
+        import signal, sys, time
+        def on_term(signum, frame):
+            open({str(path)!r}, "w").close()
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+        print("ready", flush=True)
+        time.sleep(60)
+        """)
+
+
+def _wait_for(path, text):
+    """Python lines (for _python) that wait until the file at `path` holds `text`."""
+    return f"""
+        import os, time
+        while not (os.path.exists({str(path)!r}) and {text!r} in open({str(path)!r}).read()):
+            time.sleep(0.02)
+        """
+
+
+def test_local_failure_stops_the_others_and_propagates_its_status(tmp_path, capfd):
+    log = tmp_path / "process_1.log"
+    failing = _python(_wait_for(log, "ready") + """
+        print("process 0 fails on", os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+        raise SystemExit(3)
+        """)
+    specs = [local.Process(failing, (("CUDA_VISIBLE_DEVICES", "0,1"),)),
+             local.Process(_sigterm_marker(tmp_path / "terminated"), log_path=str(log))]
+    assert local.run(specs) == 3
+    assert (tmp_path / "terminated").exists()
+    assert "process 0 fails on 0,1" in capfd.readouterr().out  # streamed, with its variables
+    assert log.read_text() == "ready\n"  # process 1 writes to its log
+
+
+def test_local_sigterm_reaches_every_process(tmp_path):
+    """The launcher as a process of its own, as under a scheduler or a terminal."""
+    markers = [tmp_path / f"terminated_{i}" for i in range(2)]
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    specs = [local.Process(_sigterm_marker(marker), log_path=str(log))
+             for marker, log in zip(markers, logs)]
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from launch.local import Process, run; "
+         f"sys.exit(run({specs!r}))"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stderr=subprocess.PIPE, text=True)
+    try:
+        while not all(log.exists() and log.read_text() == "ready\n" for log in logs):
+            assert launcher.poll() is None, launcher.stderr.read()
+            time.sleep(0.02)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == 0  # both children "saved" and exited 0
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert all(marker.exists() for marker in markers)
+    assert "SIGTERM to 2 processes" in launcher.stderr.read()
