@@ -1,0 +1,1 @@
+"""Launchers: TPU VMs, SLURM clusters, local multi-process runs, config sweeps."""
