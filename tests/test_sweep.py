@@ -112,6 +112,9 @@ def test_sweep_trains_every_run_then_collects_a_table(tmp_path, shrunk_data_dir,
     reports them; a re-run trains those two and skips the finished ones."""
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     monkeypatch.setenv("PYTHONPATH", REPO)
+    # The runs share their eval programs (and same-batch runs more): compile them once.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     root = tmp_path / "sweep"
     tiny = {**TINY_RUN, "total_steps": 2, "data.data_dir": shrunk_data_dir}
     sets = [f"{key}={value}" for key, value in tiny.items() if key != "batch_size"]
