@@ -89,11 +89,12 @@ def _train(command, workdir, record):
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
-def run_sweep(config_flag, sweep_name, root, sets=(), emit="local", dry_run=False,
+def run_sweep(config_flag, sweep_name, root, assignments=(), emit="local", dry_run=False,
               launcher_args=()):
-    """Trains (or prints the commands of) every run of the sweep; returns the names
-    of the runs that failed."""
-    sets = sweep_plan.parse_sets(sets)
+    """Trains (or prints the commands of) every run of the sweep, with the `--set`
+    `assignments` ('key=value') applied to each; returns the names of the runs that
+    failed."""
+    sets = sweep_plan.parse_sets(assignments)
     runs = plan_runs(config_flag, sweep_name, root, sets)
     failed, trained, skipped = [], 0, 0
     for index, (name, workdir, overrides, total_steps) in enumerate(runs, 1):
