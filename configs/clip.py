@@ -12,12 +12,19 @@ A paper-sized preset, with any key overridden from the command line:
 `arg` is `VARIANT` or `VARIANT,key=value,...` (big_vision style), e.g.
 `configs/clip.py:tiny,total_steps=100`; the named knobs are the top-level keys.
 Every key is read by the trainer; unknown keys stop the run with a one-line error.
+
+Sweeps are declared here too (`get_sweep`) and run, then tabulated, by
+
+  python -m launch.sweep run --config configs/clip.py:tiny --sweep lr_batch --root /tmp/sweep
+  python -m launch.sweep collect --root /tmp/sweep --metric zeroshot/synthetic_shapes/top1 \
+      --x optimizer.lr
 """
 
 import ml_collections
 
 from clip_jax.evals.specs import evaluator_config
 from clip_jax.models import zoo
+from configs import sweeps
 
 # The CPU-sized default: trains to >90% zero-shot top-1 on synthetic_shapes in minutes.
 _TINY_MODEL = dict(
@@ -147,3 +154,26 @@ def get_config(arg=None):
         config[key] = type(config[key])(value)
     config.lock()
     return config
+
+
+# Named sweeps: each a list of runs, a run being {dotted config key: value} applied
+# on top of the config (and of any `--set` of the sweep command).
+SWEEPS = {
+    # Learning rate x global batch on the tiny config (its default: 2e-3 x 128).
+    "lr_batch": sweeps.product({"optimizer.lr": [1e-3, 4e-3], "batch_size": [64, 128]}),
+    # The learning rate scaled linearly with the batch, as a single axis.
+    "batch_scaling": sweeps.zipped({"batch_size": [64, 128, 256],
+                                    "optimizer.lr": [1e-3, 2e-3, 4e-3]}),
+    # CLIP's softmax loss vs SigLIP's sigmoid loss, which needs SigLIP's logit
+    # initialisation (scale log 10, learned bias -10) to start near its optimum.
+    "loss": [{"loss.kind": "softmax"},
+             {"loss.kind": "sigmoid", "model.logit_scale_init": 2.302585,
+              "model.logit_bias_init": -10.0}],
+}
+
+
+def get_sweep(name):
+    """The runs of the sweep `name`: a list of {dotted config key: value}."""
+    if name not in SWEEPS:
+        raise ValueError(f"unknown sweep {name!r}; choose one of {', '.join(SWEEPS)}")
+    return [dict(run) for run in SWEEPS[name]]
