@@ -79,7 +79,8 @@ def run_command(python, args, emit="local", launcher_args=()):
     (`emit` 'local') or through a launcher of another machine ('tpu', 'slurm')."""
     if emit == "local":
         return [python, "-m", "clip_jax.train", *args]
-    return [python, "-m", LAUNCHERS[emit], *launcher_args, "--", *args]
+    # The launchers take --config, --workdir and --config.KEY=VALUE as their own flags.
+    return [python, "-m", LAUNCHERS[emit], *launcher_args, *args]
 
 
 def expected_total_steps(config, sets, overrides):

@@ -67,16 +67,33 @@ def test_dry_run_prints_the_four_trainer_commands(tmp_path, capsys):
     assert os.listdir(tmp_path) == []  # a dry run writes nothing
 
 
-def test_emit_tpu_prints_launcher_commands_with_trainer_args_after_dashes(capsys):
+TPU_ARGS = ["--name", "sweep-tpu", "--zone", "us-central2-b", "--accelerator-type", "v4-16",
+            "--repo", "https://example.com/clip_jax.git", "--ref", "abc123"]
+
+
+def test_emitted_tpu_and_slurm_commands_are_what_the_launchers_accept(capsys):
+    from launch import slurm, tpu_vm
+    workdir = ("gs://bucket/sweep/loss.kind=sigmoid_model.logit_scale_init=2.302585_"
+               "model.logit_bias_init=-10.0")
+    overrides = ["--config.loss.kind=sigmoid", "--config.model.logit_scale_init=2.302585",
+                 "--config.model.logit_bias_init=-10.0"]
     sweep.main(["run", "--config", "configs/clip.py:tiny", "--sweep", "loss", "--root",
-                "gs://bucket/sweep", "--emit", "tpu", "--", "--tpu", "my-tpu"])
+                "gs://bucket/sweep", "--emit", "tpu", "--", *TPU_ARGS])
     commands = _commands(capsys.readouterr().out)
-    assert commands[1] == [
-        "python", "-m", "launch.tpu_vm", "--tpu", "my-tpu", "--", "--config",
-        "configs/clip.py:tiny", "--workdir", "gs://bucket/sweep/loss.kind=sigmoid_model."
-        "logit_scale_init=2.302585_model.logit_bias_init=-10.0", "--config.loss.kind=sigmoid",
-        "--config.model.logit_scale_init=2.302585", "--config.model.logit_bias_init=-10.0"]
     assert len(commands) == 2
+    assert commands[1] == ["python", "-m", "launch.tpu_vm", *TPU_ARGS, "--config",
+                           "configs/clip.py:tiny", "--workdir", workdir, *overrides]
+    tpu_slice, job, _ = tpu_vm.parse(commands[1][3:])
+    assert (tpu_slice.name, job.workdir) == ("sweep-tpu", workdir)
+    assert list(job.trainer_args) == ["--config", "configs/clip.py:tiny", *overrides]
+
+    sweep.main(["run", "--config", "configs/clip.py:tiny", "--sweep", "loss", "--root",
+                "gs://bucket/sweep", "--emit", "slurm", "--", "--nodes", "2",
+                "--gpus_per_node", "4"])
+    commands = _commands(capsys.readouterr().out)
+    options, trainer_args = slurm.parse(commands[1][3:])
+    assert (options.nodes, options.workdir) == (2, workdir)
+    assert trainer_args == ["--config", "configs/clip.py:tiny", *overrides]
 
 
 def test_collect_without_sweep_records_uses_the_differing_config_values(tmp_path):
