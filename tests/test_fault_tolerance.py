@@ -64,15 +64,15 @@ def _saved_input(workdir, step):
         return json.load(f)
 
 
-KILL_RUN = {"total_steps": 12, "checkpoint_every": 2}
+KILL_RUN = {"total_steps": 10, "checkpoint_every": 2}
 
 
 def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_dir, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     _finish(launch_trainer(straight, data_dir, config=KILL_RUN))
-    # Killed after steps 3 (between saves), 6 and 10 (while a save may be in flight),
+    # Killed after steps 3 (between saves) and 8 (while a save may be in flight),
     # each time resumed by re-running the same command.
-    for kill_after in (3, 6, 10):
+    for kill_after in (3, 8):
         process = launch_trainer(interrupted, data_dir, config=KILL_RUN)
         _wait_for_step(process, interrupted, kill_after)
         process.send_signal(signal.SIGKILL)
@@ -81,14 +81,14 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_d
 
     reference = {row["step"]: row for row in read_metrics(straight) if "train/loss" in row}
     rows = [row for row in read_metrics(interrupted) if "train/loss" in row]
-    assert sorted({row["step"] for row in rows}) == list(range(1, 13))
-    assert len(rows) > 12  # steps after the last save before a kill ran twice
+    assert sorted({row["step"] for row in rows}) == list(range(1, 11))
+    assert len(rows) > 10  # steps after the last save before a kill ran twice
     for row in rows:  # every run of every step: the same loss and gradient norm, bitwise
         for key in ("train/loss", "train/grad_norm", "train/logit_scale"):
             assert row[key] == reference[row["step"]][key], (row["step"], key)
     jax.tree.map(np.testing.assert_array_equal, _final_variables(interrupted),
                  _final_variables(straight))
-    assert _saved_input(interrupted, 12) == _saved_input(straight, 12)
+    assert _saved_input(interrupted, 10) == _saved_input(straight, 10)
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):

@@ -39,7 +39,8 @@ def read_rows(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_training_writes_metrics_checkpoints_and_tensorboard(data_dir, tmp_path):
+def test_training_writes_metrics_checkpoints_tensorboard_and_evals_the_cli_repeats(
+        data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     final = train_lib.train(e2e_config(data_dir, 6), workdir)
     rows = read_rows(workdir)
@@ -60,6 +61,29 @@ def test_training_writes_metrics_checkpoints_and_tensorboard(data_dir, tmp_path)
                for name in os.listdir(os.path.join(workdir, "tensorboard")))
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["total_steps"] == 6
+    _check_the_evaluate_cli_gives_the_logged_numbers(workdir, eval_rows[-1], tmp_path)
+
+
+def _check_the_evaluate_cli_gives_the_logged_numbers(workdir, logged, tmp_path):
+    """Same checkpoint, same evaluators, another process: the same numbers."""
+    output, report = str(tmp_path / "eval.json"), str(tmp_path / "report")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "--workdir", workdir,
+                           "--output", output, "--report", report],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(output) as f:
+        evaluated = json.load(f)
+    assert evaluated["step"] == logged["step"] == 6
+    for name, value in logged.items():
+        if name != "step":
+            assert evaluated[name] == value, name
+    assert "zeroshot/synthetic_shapes/top1" in done.stdout
+    assert sorted(os.listdir(report)) == ["confusion_synthetic_shapes.png", "metrics.png",
+                                          "report.md"]
+    with open(os.path.join(report, "report.md")) as f:
+        assert "| `zeroshot/synthetic_shapes/top1` |" in f.read()
 
 
 def test_rerun_resumes_and_matches_an_uninterrupted_run(data_dir, tmp_path):
@@ -90,27 +114,3 @@ def test_finetune_from_a_run_with_a_locked_image_tower(data_dir, tmp_path):
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()),
                                          after["params"]["text"], before["params"]["text"]))
     assert all(moved)
-
-
-def test_the_evaluate_cli_on_the_workdir_gives_the_numbers_training_logged(data_dir, tmp_path):
-    """Same checkpoint, same evaluators, another process: the same zero-shot top-1."""
-    workdir, output, report = (str(tmp_path / name) for name in ("run", "eval.json", "report"))
-    train_lib.train(e2e_config(data_dir, 3), workdir)
-    logged = [r for r in read_rows(workdir) if "zeroshot/synthetic_shapes/top1" in r][-1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-    done = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "--workdir", workdir,
-                           "--output", output, "--report", report],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    with open(output) as f:
-        evaluated = json.load(f)
-    assert evaluated["step"] == logged["step"] == 3
-    for name, value in logged.items():
-        if name != "step":
-            assert evaluated[name] == value, name
-    assert "zeroshot/synthetic_shapes/top1" in done.stdout
-    assert sorted(os.listdir(report)) == ["confusion_synthetic_shapes.png", "metrics.png",
-                                          "report.md"]
-    with open(os.path.join(report, "report.md")) as f:
-        assert "| `zeroshot/synthetic_shapes/top1` |" in f.read()
