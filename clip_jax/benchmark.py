@@ -151,6 +151,14 @@ def run_memory(batches, as_json, train_step):
                         f"data={rows[0]['devices']}, MiB:", rows)
 
 
+def compiled_flops(compiled):
+    """XLA's count of the FLOPs of a compiled executable (per device)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # one entry per computation in older JAX versions
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
 def abstract_train_step(config, devices):
     """(jitted train step, abstract state, abstract batch) for `config` on a mesh
     over `devices`; jax.eval_shape only, so no parameter is allocated."""
