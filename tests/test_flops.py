@@ -89,3 +89,11 @@ def test_a_locked_tower_counts_its_forward_once():
     locked = flops.train_step_flops(model_config, BATCH, locked=("image",))
     assert free["train_step"] - locked["train_step"] == 2 * free["image"]
     assert free["train_step"] == 3 * free["forward"]
+
+
+@pytest.mark.parametrize("device_kind, peak", [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H200", 989e12), ("cpu", None)])
+def test_mfu_peak_is_found_from_the_device_kind(device_kind, peak):
+    assert benchmark.peak_flops_per_device(device_kind) == peak
