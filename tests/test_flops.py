@@ -15,6 +15,7 @@ import pytest
 
 from clip_jax import benchmark, flops
 from clip_jax.models.clip import CLIP
+from configs.clip import get_config
 from tests.conftest import small_config
 
 BATCH = 32
@@ -81,6 +82,24 @@ def test_resnet_image_forward_flops_match_xla():
     xla = forward_xla_flops(model_config, "encode_image",
                             jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32))
     assert_within(flops.train_step_flops(model_config, 8)["image"], xla)
+
+
+# Per-example forward GFLOPs (image, text) of OpenCLIP's docs/model_profile.csv
+# (fvcore counts of the PyTorch models, v3.x).
+OPEN_CLIP_PROFILE = {
+    "ViT-B-32": (8.82, 5.96), "ViT-B-16": (35.13, 5.96), "ViT-L-14": (162.03, 13.3),
+    "ViT-L-14-336": (381.92, 13.3), "ViT-H-14": (334.59, 47.09), "ViT-g-14": (534.06, 47.09),
+    "ViT-bigG-14": (967.5, 97.86),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(OPEN_CLIP_PROFILE))
+def test_vit_presets_match_open_clip_published_flops(variant):
+    """The full-size presets against an independent count, to its two decimals."""
+    counts = flops.train_step_flops(get_config(variant).model, 1)
+    image, text = OPEN_CLIP_PROFILE[variant]
+    assert counts["image"] / 1e9 == pytest.approx(image, abs=0.006)
+    assert counts["text"] / 1e9 == pytest.approx(text, abs=0.006)
 
 
 def test_a_locked_tower_counts_its_forward_once():
