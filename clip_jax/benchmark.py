@@ -48,8 +48,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 import ast  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -437,14 +439,19 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
     started = time.perf_counter()
     compiled = training.step.lower(state, batch).compile()
     compile_time = time.perf_counter() - started
+    progress = functools.partial(print, file=sys.stderr, flush=True)  # stdout stays JSON
+    progress(f"compiled in {compile_time:.1f} s")
 
     seconds = []
     for i in range(warmup + steps):
         started = time.perf_counter()
         state, metrics = compiled(state, batch)  # the old state is donated
         jax.block_until_ready((state, metrics))
+        elapsed = time.perf_counter() - started
+        progress(f"step {i + 1}/{warmup + steps}{' (warm-up)' if i < warmup else ''}: "
+                 f"{elapsed:.2f} s")
         if i >= warmup:
-            seconds.append(time.perf_counter() - started)
+            seconds.append(elapsed)
     step_time = float(np.median(seconds))
 
     locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
