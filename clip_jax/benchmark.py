@@ -28,6 +28,15 @@ COCO-sized by default (5,000 images x 5 captions), on 8 simulated devices: bytes
 per device against the full similarity matrix, and wall time:
 
   python -m clip_jax.benchmark retrieval [--images 5000] [--chunk-size 4096] [--json]
+
+Training speed of a preset on random uint8 images and random tokens: compile
+time, median step time, samples/s, model FLOPs per step (clip_jax/flops.py)
+against XLA's count, achieved FLOP/s and MFU against the device's peak dense
+bf16 FLOP/s, and peak device memory. On CPU it runs on one device unless
+--devices says otherwise (the 8 simulated devices share the same cores):
+
+  python -m clip_jax.benchmark train --config ViT-B-32 --batch-size 256 \
+      [--steps 10] [--warmup 2] [--dtype bfloat16] [--devices N] [--set model.remat=full] [--json]
 """
 
 import os
@@ -38,15 +47,18 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax import losses, sharding  # noqa: E402
+from clip_jax import flops, losses, sharding  # noqa: E402
 from clip_jax import tokenizer as tokenizer_lib  # noqa: E402
 from clip_jax.train_step import setup_training  # noqa: E402
 from configs.clip import get_config  # noqa: E402
@@ -149,6 +161,14 @@ def run_memory(batches, as_json, train_step):
         if not as_json:
             print_table(f"Full train step of the `tiny` preset, per device, "
                         f"data={rows[0]['devices']}, MiB:", rows)
+
+
+def compiled_flops(compiled):
+    """XLA's count of the FLOPs of a compiled executable (per device)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # one entry per computation in older JAX versions
+        analysis = analysis[0]
+    return float(analysis["flops"])
 
 
 def abstract_train_step(config, devices):
@@ -346,6 +366,147 @@ def run_retrieval(args):
                   flush=True)
 
 
+# ---------------------------------------------------------------- train step speed
+
+# Peak dense bf16 FLOP/s of one device (a TPU chip, a GPU) by a lower-case part of
+# jax's device_kind, most specific first (v5e reports "TPU v5 lite", v6e "TPU v6 lite").
+PEAK_BF16_FLOPS = (
+    ("tpu v5 lite", 197e12), ("tpu v5e", 197e12), ("tpu v5p", 459e12), ("tpu v5", 459e12),
+    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v4", 275e12),
+    ("a100", 312e12), ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12),
+)
+
+
+def peak_flops_per_device(device_kind):
+    """The device's peak dense bf16 FLOP/s, or None when unknown (CPUs)."""
+    kind = device_kind.lower()
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
+
+
+def apply_sets(config, assignments):
+    """Applies ['dotted.key=value', ...] to an unlocked config; values are Python
+    literals where they parse as one (2, 0.5, True, (1, 2)), else strings."""
+    for assignment in assignments:
+        key, equals, text = assignment.partition("=")
+        if not equals:
+            raise ValueError(f"--set {assignment!r}: expected key=value, e.g. model.remat=full")
+        *parents, leaf = key.removeprefix("config.").split(".")
+        node = config
+        for part in parents:
+            if not hasattr(node, "keys") or part not in node:
+                raise ValueError(f"--set {assignment!r}: no config key {key!r}")
+            node = node[part]
+        if not hasattr(node, "keys") or leaf not in node:
+            raise ValueError(f"--set {assignment!r}: no config key {key!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        node[leaf] = value
+
+
+def train_config(variant, batch_size, dtype="float32", sets=()):
+    """The variant's config with the given global batch, compute dtype and --set overrides."""
+    config = get_config(variant)
+    with config.unlocked():
+        config.batch_size = batch_size
+        config.model.dtype = dtype
+        apply_sets(config, sets)
+    return config
+
+
+def random_batch(config, mesh, seed=0):
+    """Random uint8 images [B, S, S, 3] and tokens [B, L] in the batch sharding."""
+    rng = np.random.default_rng(seed)
+    size, text = config.model.image.image_size, config.model.text
+    batch = {"images": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+             "tokens": rng.integers(1, text.vocab_size, (config.batch_size, text.context_length),
+                                    dtype=np.int32)}
+    return jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
+def train_benchmark(config, num_devices=1, steps=10, warmup=2):
+    """Speed of config's train step on the first num_devices devices: compile
+    time, median step time after `warmup` steps, samples/s, model and XLA FLOPs,
+    achieved FLOP/s, MFU (None without a known peak) and peak memory."""
+    devices = jax.devices()[:num_devices]
+    if len(devices) < num_devices:
+        raise ValueError(f"--devices {num_devices}: only {len(devices)} devices are visible")
+    training = setup_training(config, devices)
+    state = training.init_state(jax.random.key(config.seed))
+    batch = random_batch(config, training.mesh)
+
+    started = time.perf_counter()
+    compiled = training.step.lower(state, batch).compile()
+    compile_time = time.perf_counter() - started
+    progress = functools.partial(print, file=sys.stderr, flush=True)  # stdout stays JSON
+    progress(f"compiled in {compile_time:.1f} s")
+
+    seconds = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        state, metrics = compiled(state, batch)  # the old state is donated
+        jax.block_until_ready((state, metrics))
+        elapsed = time.perf_counter() - started
+        progress(f"step {i + 1}/{warmup + steps}{' (warm-up)' if i < warmup else ''}: "
+                 f"{elapsed:.2f} s")
+        if i >= warmup:
+            seconds.append(elapsed)
+    step_time = float(np.median(seconds))
+
+    locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
+    model_flops = flops.train_step_flops(config.model, config.batch_size, locked)["train_step"]
+    achieved = model_flops / step_time
+    kind = devices[0].device_kind
+    peak = peak_flops_per_device(kind)
+    # XLA's count also holds elementwise work, the optimizer, and any recomputation
+    # (remat, GradCache): hardware FLOPs. It is of the partitioned per-device program.
+    xla_flops = compiled_flops(compiled) * num_devices
+    stats = devices[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        peak_memory, memory_source = stats["peak_bytes_in_use"], "memory_stats"
+    else:
+        peak_memory, memory_source = memory_bytes(compiled)["bytes_per_device"], "memory_analysis"
+    return {"benchmark": "train", "device_kind": kind, "devices": num_devices,
+            "global_batch": config.batch_size, "dtype": config.model.dtype,
+            "steps": steps, "warmup": warmup, "compile_time_s": compile_time,
+            "step_time_s": step_time, "samples_per_sec": config.batch_size / step_time,
+            "samples_per_sec_per_device": config.batch_size / step_time / num_devices,
+            "flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
+            "achieved_flops_per_sec": achieved,
+            "achieved_flops_per_sec_per_device": achieved / num_devices,
+            "peak_flops_per_device": peak,
+            "mfu": None if peak is None else achieved / (peak * num_devices),
+            "peak_memory_bytes": int(peak_memory), "peak_memory_source": memory_source,
+            "loss": float(metrics["loss"])}
+
+
+def run_train(args):
+    config = train_config(args.config, args.batch_size, args.dtype, args.set)
+    row = {"config": args.config, **train_benchmark(config, args.devices, args.steps, args.warmup)}
+    if args.json:
+        print(json.dumps(row), flush=True)
+        return
+    mfu = ("n/a (no known peak for this device)" if row["mfu"] is None
+           else f"{100 * row['mfu']:.1f}% of {row['peak_flops_per_device']:.3g} FLOP/s (bf16) "
+                f"per device")
+    print(f"{args.config} train step: {row['devices']} x {row['device_kind']}, global batch "
+          f"{row['global_batch']}, {row['dtype']}\n"
+          f"  compile            {row['compile_time_s']:10.1f} s\n"
+          f"  step time          {row['step_time_s']:10.3f} s  (median of {row['steps']}, "
+          f"after {row['warmup']} warm-up)\n"
+          f"  samples/s          {row['samples_per_sec']:10.1f}    "
+          f"({row['samples_per_sec_per_device']:.1f} per device)\n"
+          f"  model FLOPs/step   {row['flops_per_step']:10.3e}    "
+          f"(XLA's count: {row['xla_flops_per_step']:.3e})\n"
+          f"  achieved           {row['achieved_flops_per_sec']:10.3e} FLOP/s  "
+          f"({row['achieved_flops_per_sec_per_device']:.3e} per device)\n"
+          f"  MFU                {mfu}\n"
+          f"  peak memory        {row['peak_memory_bytes'] / 2**30:10.2f} GiB  "
+          f"(per device, {row['peak_memory_source']})\n"
+          f"  final loss         {row['loss']:10.4f}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m clip_jax.benchmark",
                                      description=__doc__.split("\n")[0])
@@ -379,6 +540,18 @@ def main(argv=None):
     retrieval.add_argument("--embed-dim", type=int, default=512)
     retrieval.add_argument("--chunk-size", type=int, default=4096)
     retrieval.add_argument("--json", action="store_true", help="one JSON line per direction")
+    train = commands.add_parser("train", help="train-step speed, FLOPs and MFU of a preset")
+    train.add_argument("--config", default="tiny", help="configs/clip.py variant, e.g. ViT-B-32")
+    train.add_argument("--batch-size", type=int, default=32, help="global batch")
+    train.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    train.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="compute dtype of the towers (config.model.dtype)")
+    train.add_argument("--devices", type=int, default=1,
+                       help="devices of the mesh (the first N of jax.devices())")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="config override, e.g. model.remat=full (repeatable)")
+    train.add_argument("--json", action="store_true", help="one JSON line")
     args = parser.parse_args(argv)
     if args.command == "memory":
         run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
@@ -388,6 +561,8 @@ def main(argv=None):
         run_data(args)
     elif args.command == "retrieval":
         run_retrieval(args)
+    elif args.command == "train":
+        run_train(args)
     else:
         run_tokenizer(args.texts, not args.no_reference, args.json)
 

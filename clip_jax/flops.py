@@ -1,0 +1,125 @@
+"""Analytic model FLOPs of a CLIP train step, for MFU (model FLOPs utilisation).
+
+Convention (Kaplan et al. 2020; PaLM, appendix B): only matrix multiplications
+and convolutions count, 2 * m * n * k for an [m, k] @ [k, n] product (one
+multiply and one add per term). The backward pass costs twice the forward (a
+product for the input gradient and one for the weight gradient), so a train
+step is 3x the forward FLOPs. Left out, as is usual: LayerNorm, softmax,
+activations, BatchNorm, pooling, embedding lookups and the optimizer update;
+they are elementwise and small next to the matrix products at real sizes.
+
+Choices where conventions differ:
+- Causal text attention counts the full [L, L] score matrix, as the model
+  computes it (masked), not the half a causal kernel could skip.
+- The contrastive loss counts one [B, E] @ [E, B] logits matrix over the global
+  batch: both directions (image->text, text->image) are its rows and columns.
+  (losses.py computes each direction's rows separately, 2x this on hardware.)
+- Model FLOPs, not hardware FLOPs: rematerialisation and GradCache's second
+  forward pass (config.microbatches > 1) are not counted.
+- A locked tower (LiT) has no backward pass: its forward counts once.
+
+`train_step_flops(config.model, global_batch)` gives the per-part forward
+FLOPs of the global batch and the `train_step` total. tests/test_flops.py
+checks them against XLA's cost analysis, and the ViT presets against
+OpenCLIP's published per-example GFLOPs (ViT-B-32: 8.82 image, 5.96 text).
+"""
+
+# Backward = 2x forward: gradients w.r.t. activations and w.r.t. weights.
+TRAIN_MULTIPLIER = 3
+
+
+def matmul(m, k, n):
+    """FLOPs of an [m, k] @ [k, n] product."""
+    return 2 * m * k * n
+
+
+def transformer_block(tokens, width, heads, mlp_ratio):
+    """Forward FLOPs of one pre-LN residual block on one sequence of `tokens`:
+    Q, K, V projections, scores Q K^T, attention-weighted V, output projection,
+    and the two MLP layers."""
+    inner = heads * (width // heads)  # heads x head_dim, = width when divisible
+    hidden = int(width * mlp_ratio)
+    projections = 3 * matmul(tokens, width, inner) + matmul(tokens, inner, width)
+    attention = 2 * matmul(tokens, inner, tokens)  # Q K^T and softmax(.) V, all heads
+    mlp = matmul(tokens, width, hidden) + matmul(tokens, hidden, width)
+    return projections + attention + mlp
+
+
+def vit_image(image, embed_dim):
+    """Forward FLOPs of the ViT tower on one image: the patch convolution as a
+    [patches, p*p*3] @ [p*p*3, width] product, the blocks over the patches plus
+    the class token, and the projection of the class token."""
+    patches = (image.image_size // image.patch_size) ** 2
+    patch_embedding = matmul(patches, image.patch_size ** 2 * 3, image.width)
+    blocks = image.layers * transformer_block(patches + 1, image.width, image.heads,
+                                              image.mlp_ratio)
+    return patch_embedding + blocks + matmul(1, image.width, embed_dim)
+
+
+def text(text_config, embed_dim):
+    """Forward FLOPs of the causal text tower on one caption of context_length
+    tokens; the token embedding lookup is free, the projection is of the
+    end-of-text token only."""
+    blocks = text_config.layers * transformer_block(
+        text_config.context_length, text_config.width, text_config.heads, text_config.mlp_ratio)
+    return blocks + matmul(1, text_config.width, embed_dim)
+
+
+def conv(size, kernel, in_channels, out_channels):
+    """FLOPs of a kernel x kernel convolution with `size` x `size` outputs."""
+    return matmul(size * size, kernel * kernel * in_channels, out_channels)
+
+
+def resnet_image(image, embed_dim):
+    """Forward FLOPs of CLIP's modified ResNet on one image (models/resnet.py):
+    the 3-conv stem, the bottlenecks (1x1, 3x3, 1x1 at the pooled size, and the
+    pooled 1x1 shortcut) and the attention pool, whose only query is the mean.
+    (OpenCLIP's published profile is ~5% higher, e.g. RN50 12.22 GFLOPs against
+    11.59 here: the size of a pool whose query spans all positions.)"""
+    width = image.width
+    size = -(-image.image_size // 2)  # the stride-2 3x3 conv, padded 1: ceil(S / 2)
+    total = (conv(size, 3, 3, width // 2) + conv(size, 3, width // 2, width // 2)
+             + conv(size, 3, width // 2, width))
+    size //= 2  # average pool
+    channels = width
+    for stage, blocks in enumerate(image.stage_layers):
+        planes = width * 2 ** stage
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            total += conv(size, 1, channels, planes) + conv(size, 3, planes, planes)
+            pooled = size // stride
+            total += conv(pooled, 1, planes, 4 * planes)
+            if stride > 1 or channels != 4 * planes:
+                total += conv(pooled, 1, channels, 4 * planes)
+            size, channels = pooled, 4 * planes
+    positions = size * size + 1  # the mean token, then every position
+    inner = image.heads * (channels // image.heads)
+    attention_pool = (matmul(1, channels, inner) + 2 * matmul(positions, channels, inner)
+                      + 2 * matmul(1, inner, positions) + matmul(1, inner, embed_dim))
+    return total + attention_pool
+
+
+# config.model.image.kind -> FLOPs of the image tower on one image.
+IMAGE_TOWERS = {"vit": vit_image, "resnet": resnet_image}
+
+
+def contrastive_logits(global_batch, embed_dim):
+    """Forward FLOPs of the [B, B] logits of the global batch."""
+    return matmul(global_batch, embed_dim, global_batch)
+
+
+def train_step_flops(model_config, global_batch, locked=()):
+    """{"image", "text", "loss": forward FLOPs of the global batch; "forward": their
+    sum; "train_step": forward + backward} for config.model. `locked` names
+    towers ("image", "text") that get no backward pass."""
+    kind = model_config.image.kind
+    if kind not in IMAGE_TOWERS:
+        raise NotImplementedError(f"no FLOP count for config.model.image.kind={kind!r}; "
+                                  f"known: {', '.join(IMAGE_TOWERS)}")
+    embed_dim = model_config.embed_dim
+    parts = {"image": global_batch * IMAGE_TOWERS[kind](model_config.image, embed_dim),
+             "text": global_batch * text(model_config.text, embed_dim),
+             "loss": contrastive_logits(global_batch, embed_dim)}
+    train_step = sum(part_flops * (1 if part in locked else TRAIN_MULTIPLIER)
+                     for part, part_flops in parts.items())
+    return {**parts, "forward": sum(parts.values()), "train_step": train_step}
