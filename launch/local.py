@@ -19,7 +19,13 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 import time
+
+if __package__ in (None, ""):  # run as `python launch/local.py`: import from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch.arguments import split_at_double_dash  # noqa: E402
 
 # Seconds a process stopped because another failed gets to exit before SIGKILL: it
 # is usually stuck in a collective with the dead one and never reaches a save.
@@ -175,14 +181,6 @@ def _parser():
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="Print the commands with their environment variables; run nothing.")
     return parser
-
-
-def split_at_double_dash(argv):
-    """(launcher args, trainer args after the first `--`)."""
-    if "--" not in argv:
-        return list(argv), []
-    index = argv.index("--")
-    return list(argv[:index]), list(argv[index + 1:])
 
 
 def main(argv=None):

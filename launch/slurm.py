@@ -13,6 +13,12 @@ import argparse
 import shlex
 import subprocess
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python launch/slurm.py`: import from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch.arguments import parse_with_trainer_args  # noqa: E402
 
 
 def resource_lines(nodes, gpus_per_node, task_per_node):
@@ -93,14 +99,6 @@ def batch_script(options, trainer_args):
     return "\n".join(lines) + "\n"
 
 
-def split_at_double_dash(argv):
-    """(launcher args, trainer args after the first `--`)."""
-    if "--" not in argv:
-        return list(argv), []
-    index = argv.index("--")
-    return list(argv[:index]), list(argv[index + 1:])
-
-
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m launch.slurm", allow_abbrev=False,
@@ -136,16 +134,10 @@ def _parser():
 def parse(argv):
     """(options, trainer args) from the command line."""
     parser = _parser()
-    own_args, extra_args = split_at_double_dash(argv)
-    options, unknown = parser.parse_known_args(own_args)
-    overrides = [arg for arg in unknown if arg.startswith("--config.")]
-    if len(overrides) < len(unknown):
-        parser.error(f"unrecognized arguments: {' '.join(a for a in unknown if a not in overrides)}"
-                     " (trainer flags go after `--`; overrides as --config.KEY=VALUE)")
+    options, trainer_args = parse_with_trainer_args(parser, argv)
     if options.nodes < 1 or options.gpus_per_node < 1:
         parser.error("--nodes and --gpus_per_node must be at least 1")
-    config = ["--config", options.config] if options.config else []
-    return options, config + overrides + extra_args
+    return options, trainer_args
 
 
 def main(argv=None):

@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as `python launch/sweep.py`: import from th
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from launch import ablation, sweep_plan  # noqa: E402
+from launch.arguments import split_at_double_dash  # noqa: E402
 
 LOG_FILE = "train.log"  # the trainer's output, in each run directory
 _LOG_TAIL_LINES = 15  # shown when a run fails
@@ -202,8 +203,8 @@ def _parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # Arguments after `--` belong to the launcher (--emit tpu|slurm).
-    launcher_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    options = _parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    own_args, launcher_args = split_at_double_dash(argv)
+    options = _parser().parse_args(own_args)
     try:
         if options.command == "collect":
             collect(options.root, options.metric, options.x, options.output, options.goal)

@@ -19,6 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python launch/tpu_vm.py`: import from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch.arguments import parse_with_trainer_args  # noqa: E402
+
 REMOTE_CHECKOUT = "~/clip_jax"
 REMOTE_LOG = "~/clip_jax_train.log"
 # TPU VM images have python3 but no `python`.
@@ -221,14 +226,6 @@ def local_checkout(directory):
     return git("remote", "get-url", "origin"), commit, bool(git("branch", "-r", "--contains", commit))
 
 
-def split_at_double_dash(argv):
-    """(launcher args, trainer args after the first `--`)."""
-    if "--" not in argv:
-        return list(argv), []
-    index = argv.index("--")
-    return list(argv[:index]), list(argv[index + 1:])
-
-
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m launch.tpu_vm", allow_abbrev=False,
@@ -265,13 +262,7 @@ def _parser():
 
 def parse(argv):
     """(Slice, Job, options) from the command line; exits with one line on bad input."""
-    parser = _parser()
-    own_args, extra_args = split_at_double_dash(argv)
-    options, unknown = parser.parse_known_args(own_args)
-    overrides = [arg for arg in unknown if arg.startswith("--config.")]
-    if len(overrides) < len(unknown):
-        parser.error(f"unrecognized arguments: {' '.join(a for a in unknown if a not in overrides)}"
-                     " (trainer flags go after `--`; overrides as --config.KEY=VALUE)")
+    options, trainer_args = parse_with_trainer_args(_parser(), argv)
     if not options.workdir.startswith("gs://"):
         sys.exit(f"tpu_vm: --workdir={options.workdir} is not on Cloud Storage: every worker "
                  "reads and writes the same checkpoints, so use --workdir=gs://BUCKET/PATH")
@@ -289,11 +280,10 @@ def parse(argv):
             print(f"tpu_vm: warning: commit {commit[:12]} is on no remote branch; the workers "
                   "cannot check it out until it is pushed", file=sys.stderr)
         repo, ref = repo or origin, ref or commit
-    config = ["--config", options.config] if options.config else []
     tpu_slice = Slice(options.name, options.zone, options.accelerator_type,
                       options.runtime_version, options.provisioning, options.queued,
                       options.project)
-    job = Job(repo, ref, options.workdir, tuple(config + overrides + extra_args))
+    job = Job(repo, ref, options.workdir, tuple(trainer_args))
     return tpu_slice, job, options
 
 
