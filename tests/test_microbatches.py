@@ -23,10 +23,9 @@ def sgd_step(microbatches, mesh, loss, batch_size=32):
     return jax.device_get(state.params), jax.device_get(metrics)
 
 
-# Every loss once on data=8, both loss kinds on the 3-D mesh (each case compiles two
-# 8-device steps, so the full cross product would double the cost for little news).
-@pytest.mark.parametrize("mesh, loss", [(MESHES[0], "softmax_chunked"), (MESHES[0], "sigmoid"),
-                                        (MESHES[1], "softmax"), (MESHES[1], "sigmoid")])
+# The chunked softmax on data=8, the sigmoid ring on the 3-D mesh (each case compiles
+# two 8-device steps; the plain softmax equals the chunked one, test_losses.py).
+@pytest.mark.parametrize("mesh, loss", [(MESHES[0], "softmax_chunked"), (MESHES[1], "sigmoid")])
 def test_four_microbatches_equal_one(mesh, loss):
     """Same loss, metrics and gradients (exposed by SGD) as the full batch.
 

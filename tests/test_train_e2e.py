@@ -86,15 +86,6 @@ def _check_the_evaluate_cli_gives_the_logged_numbers(workdir, logged, tmp_path):
         assert "| `zeroshot/synthetic_shapes/top1` |" in f.read()
 
 
-def test_rerun_resumes_and_matches_an_uninterrupted_run(data_dir, tmp_path):
-    interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
-    train_lib.train(e2e_config(data_dir, 3), interrupted)  # ends with a checkpoint at 3
-    resumed = train_lib.train(e2e_config(data_dir, 6), interrupted)
-    uninterrupted = train_lib.train(e2e_config(data_dir, 6), straight)
-    assert [r["step"] for r in read_rows(interrupted) if "train/loss" in r] == [2, 3, 4, 6]
-    assert resumed["train/loss"] == pytest.approx(uninterrupted["train/loss"], rel=1e-5)
-
-
 def _saved_variables(workdir, config):
     from clip_jax import convert, checkpoint
     return checkpoint.load_variables(workdir, convert.abstract_variables(config.model))

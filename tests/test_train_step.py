@@ -65,12 +65,9 @@ def run_on_one_and_eight(mesh, steps, optimizer_name="adamw", loss="softmax"):
 
 
 # The chunked softmax equals the plain one in values and gradients (test_losses.py).
-# Every mesh with the softmax; the sigmoid ring (whose hops follow the batch axes)
-# on the two meshes that split the batch over both batch axes or add tensor.
-MESH_LOSSES = [(mesh, "softmax") for mesh in MESHES] + [(mesh, "sigmoid") for mesh in MESHES[1:3]]
-
-
-@pytest.mark.parametrize("mesh, loss", MESH_LOSSES)
+# AdamW on every mesh with the softmax; the sigmoid ring's gradients on 8 devices
+# are compared below (SGD exposes them), and the optimizer does not see the loss.
+@pytest.mark.parametrize("mesh, loss", [(mesh, "softmax") for mesh in MESHES])
 def test_adamw_steps_on_8_devices_equal_one_device(mesh, loss):
     (params_1, history_1), (params_8, history_8) = run_on_one_and_eight(mesh, 2, loss=loss)
     for metrics_1, metrics_8 in zip(history_1, history_8):
