@@ -62,3 +62,19 @@ def test_wrong_image_size_is_a_clear_error(model_and_params):
     with pytest.raises(ValueError, match="image_size=16"):
         model.apply(variables, jnp.zeros((1, 32, 32, 3)), method=model.encode_image)
 
+
+
+@pytest.mark.parametrize("image_size", [32, 36])  # 36: VALID drops the partial patches
+def test_patch_embedding_is_clips_strided_convolution(image_size):
+    """The matmul patch embedding equals CLIP's bias-free stride-P convolution with
+    the same [P, P, C, D] kernel, tokens in row-major grid order, and has its init."""
+    from clip_jax.models.vit import PatchEmbedding  # noqa: PLC0415
+
+    images = jax.random.normal(jax.random.key(1), (2, image_size, image_size, 3))
+    embedding = PatchEmbedding(patch_size=8, width=16)
+    variables = nn.unbox(embedding.init(jax.random.key(0), images))
+    conv = nn.Conv(16, (8, 8), strides=(8, 8), padding="VALID", use_bias=False)
+    expected = conv.apply(variables, images).reshape(2, -1, 16)
+    np.testing.assert_allclose(embedding.apply(variables, images), expected, rtol=1e-5, atol=1e-5)
+    conv_init = nn.unbox(conv.init(jax.random.key(0), images))["params"]["kernel"]
+    np.testing.assert_array_equal(variables["params"]["kernel"], conv_init)
