@@ -210,21 +210,27 @@ def make_train_step(model, optimizer, loss_fn, schedule, *, num_microbatches=1, 
             raise ValueError("make_train_step: num_microbatches > 1 needs the mesh")
         compute_grads = _gradcache_grads(model, loss_fn, num_microbatches, mesh)
 
+    def apply_update(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
     def step(state, batch):
         grads, metrics, model_state = compute_grads(state, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient must not reach the parameters or the Adam
-        # moments: the step keeps the old state (its data is still consumed).
+        # moments: the step keeps the old state (its data is still consumed). A
+        # cond, not a select: selecting would read and write parameters and both
+        # moments once more every step (memory-bound, ~0.5 s of a ViT-B/32 CPU step).
         grad_norms = {f"grad_norm/{name}": optax.tree.norm(subtree)
                       for name, subtree in grads.items()}
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(
             jnp.isfinite(jnp.stack(list(grad_norms.values()))))
+        params, opt_state = jax.lax.cond(
+            finite, apply_update, lambda _, opt_state, params: (params, opt_state),
+            grads, state.opt_state, state.params)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         bad = (~finite).astype(jnp.int32)
         new_state = TrainState(
-            step=state.step + 1, params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, params=params, opt_state=opt_state,
             model_state=keep(dict(model_state), dict(state.model_state)),
             skipped_steps=state.skipped_steps + bad,
             bad_steps_in_a_row=(state.bad_steps_in_a_row + bad) * bad)
