@@ -51,7 +51,12 @@ def _variant(name):
     if name == "tiny":
         return zoo.build_model_config(**_TINY_MODEL), _TINY_RUN
     lr = _PAPER_LR.get(name.removesuffix(zoo.QUICKGELU_SUFFIX), 5e-4)
-    return zoo.model_config(name), dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000))
+    model = zoo.model_config(name)
+    # Scanned blocks: compile time independent of depth (ViT-B/32 step: 10 s vs 40 s
+    # on CPU), and on XLA:CPU a 1.4x faster step, as unrolled 12-block towers get
+    # their residual-gradient sums re-fused into every block's backward.
+    model.scan_layers = True
+    return model, dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000))
 
 
 def _base():
