@@ -37,6 +37,10 @@ bf16 FLOP/s, and peak device memory. On CPU it runs on one device unless
 
   python -m clip_jax.benchmark train --config ViT-B-32 --batch-size 256 \
       [--steps 10] [--warmup 2] [--dtype bfloat16] [--devices N] [--set model.remat=full] [--json]
+
+With `--reference open_clip` the same architecture, global batch, precision and
+AdamW settings then train in OpenCLIP (PyTorch, CPU) in the same process for the
+same number of steps, and the ratio of samples/s is printed (ViT towers only).
 """
 
 import os
@@ -481,9 +485,23 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
             "loss": float(metrics["loss"])}
 
 
+def reference_benchmark(config, steps, warmup):
+    """OpenCLIP's speed on the same architecture, batch, precision and optimizer."""
+    from clip_jax import references  # noqa: PLC0415  (imports torch)
+
+    seconds = references.open_clip_train_step_times(config, steps, warmup)
+    step_time = float(np.median(seconds))
+    return {"reference": "open_clip", "reference_step_time_s": step_time,
+            "reference_samples_per_sec": config.batch_size / step_time}
+
+
 def run_train(args):
     config = train_config(args.config, args.batch_size, args.dtype, args.set)
     row = {"config": args.config, **train_benchmark(config, args.devices, args.steps, args.warmup)}
+    if args.reference:
+        jax.clear_caches()  # the JAX state is gone; leave the memory to PyTorch
+        row.update(reference_benchmark(config, args.steps, args.warmup))
+        row["speedup"] = row["samples_per_sec"] / row["reference_samples_per_sec"]
     if args.json:
         print(json.dumps(row), flush=True)
         return
@@ -505,6 +523,17 @@ def run_train(args):
           f"  peak memory        {row['peak_memory_bytes'] / 2**30:10.2f} GiB  "
           f"(per device, {row['peak_memory_source']})\n"
           f"  final loss         {row['loss']:10.4f}", flush=True)
+    if args.reference:
+        print(f"  OpenCLIP step time {row['reference_step_time_s']:10.3f} s  (same steps, "
+              f"batch, precision, AdamW; PyTorch on {torch_threads()} CPU threads)\n"
+              f"  OpenCLIP samples/s {row['reference_samples_per_sec']:10.1f}\n"
+              f"  clip_jax / OpenCLIP {row['speedup']:9.2f}x samples/s", flush=True)
+
+
+def torch_threads():
+    import torch  # noqa: PLC0415
+
+    return torch.get_num_threads()
 
 
 def main(argv=None):
@@ -551,6 +580,8 @@ def main(argv=None):
                        help="devices of the mesh (the first N of jax.devices())")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="config override, e.g. model.remat=full (repeatable)")
+    train.add_argument("--reference", choices=("open_clip",),
+                       help="also train the same model in OpenCLIP and print the ratio")
     train.add_argument("--json", action="store_true", help="one JSON line")
     args = parser.parse_args(argv)
     if args.command == "memory":

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 import types
 
 
@@ -54,3 +55,63 @@ def open_clip_config(name):
     _, _, configs = open_clip_modules()
     with open(os.path.join(configs, f"{name}.json")) as f:
         return json.load(f)
+
+
+def open_clip_model_kwargs(model_config):
+    """OpenCLIP `CLIP(**kwargs)` of the same architecture as a ViT config.model
+    (any preset or the tiny one); ResNet towers are not mapped (ValueError)."""
+    image, text = model_config.image, model_config.text
+    if image.kind != "vit":
+        raise ValueError(f"the OpenCLIP reference maps ViT image towers only, not {image.kind!r}")
+    return dict(
+        embed_dim=model_config.embed_dim,
+        quick_gelu=model_config.activation == "quick_gelu",
+        vision_cfg=dict(image_size=image.image_size, patch_size=image.patch_size,
+                        width=image.width, layers=image.layers,
+                        head_width=image.width // image.heads, mlp_ratio=image.mlp_ratio),
+        text_cfg=dict(context_length=text.context_length, vocab_size=text.vocab_size,
+                      width=text.width, heads=text.heads, layers=text.layers,
+                      mlp_ratio=text.mlp_ratio))
+
+
+def open_clip_train_step_times(config, steps, warmup, seed=0):
+    """Seconds of each timed OpenCLIP training step (after `warmup` untimed ones) of
+    config's ViT architecture, global batch, compute dtype and AdamW settings, on
+    PyTorch's CPU threads: forward, OpenCLIP's symmetric contrastive loss (as its
+    ClipLoss on one process), backward, AdamW step. bfloat16 runs under autocast,
+    as OpenCLIP's `--precision amp_bf16`."""
+    import torch  # noqa: PLC0415  (optional dependency)
+
+    model_lib, _, _ = open_clip_modules()
+    torch.manual_seed(seed)
+    model = model_lib.CLIP(**open_clip_model_kwargs(config.model)).train()
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=(opt.b1, opt.b2),
+                                  eps=opt.eps, weight_decay=opt.weight_decay)
+    size, text = config.model.image.image_size, config.model.text
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(config.batch_size, 3, size, size, generator=generator)
+    tokens = torch.randint(1, text.vocab_size, (config.batch_size, text.context_length),
+                           generator=generator)
+    labels = torch.arange(config.batch_size)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                              enabled=config.model.dtype == "bfloat16")
+
+    def step():
+        with autocast:
+            image_features, text_features, logit_scale = model(images, tokens)
+            logits = logit_scale * image_features @ text_features.T
+            loss = (torch.nn.functional.cross_entropy(logits, labels)
+                    + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())  # waits for the step, as block_until_ready does
+
+    seconds = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        step()
+        if i >= warmup:
+            seconds.append(time.perf_counter() - started)
+    return seconds

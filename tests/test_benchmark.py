@@ -1,8 +1,13 @@
-"""The memory benchmark: compiled per-device bytes of the loss vs global batch."""
+"""Benchmarks: compiled per-device bytes of the loss vs global batch, the data and
+train-step benchmarks' plumbing, and the OpenCLIP side-by-side architecture."""
 
 import json
 
-from clip_jax import benchmark
+import numpy as np
+import pytest
+
+from clip_jax import benchmark, references
+from configs.clip import get_config
 
 
 def loss_bytes(loss, global_batch):
@@ -50,3 +55,36 @@ def test_data_benchmark_reads_the_same_shards_in_both_pipelines(capsys):
                                                 "open_clip-style webdataset"]
     assert rows[0]["samples"] == 40
     assert all(row["samples_per_sec"] > 0 and row["cores"] >= 1 for row in rows)
+
+
+def test_train_benchmark_reports_its_keys_and_the_ratio_to_open_clip(capsys):
+    """One step of a one-block tiny model in both trainers; the figures are for
+    the README, here only their presence and arithmetic are checked."""
+    pytest.importorskip("torch")
+    benchmark.main(["train", "--config", "tiny", "--batch-size", "8", "--steps", "1",
+                    "--warmup", "0", "--set", "model.image.layers=1",
+                    "--set", "model.text.layers=1", "--reference", "open_clip", "--json"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("samples_per_sec", "step_time_s", "compile_time_s", "flops_per_step", "mfu",
+                "peak_memory_bytes", "reference_samples_per_sec", "reference_step_time_s"):
+        assert key in row, key
+    assert row["mfu"] is None  # CPUs have no peak in the table
+    assert row["samples_per_sec"] == pytest.approx(8 / row["step_time_s"])
+    assert row["speedup"] == pytest.approx(row["samples_per_sec"]
+                                           / row["reference_samples_per_sec"])
+    assert np.isfinite(row["loss"])
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16-quickgelu", "ViT-L-14"])
+def test_reference_architecture_is_open_clips_own(name):
+    """The side-by-side OpenCLIP model built from our config has exactly the
+    parameters of OpenCLIP's config of the same name."""
+    torch = pytest.importorskip("torch")
+    model_lib, _, _ = references.open_clip_modules()
+    with torch.device("meta"):
+        ours = model_lib.CLIP(**references.open_clip_model_kwargs(get_config(name).model))
+        theirs = model_lib.CLIP(**references.open_clip_config(name))
+    assert ({k: v.shape for k, v in ours.state_dict().items()}
+            == {k: v.shape for k, v in theirs.state_dict().items()})
+    assert ours.visual.transformer.resblocks[0].mlp.gelu.__class__ is \
+        theirs.visual.transformer.resblocks[0].mlp.gelu.__class__
