@@ -78,3 +78,24 @@ def test_patch_embedding_is_clips_strided_convolution(image_size):
     np.testing.assert_allclose(embedding.apply(variables, images), expected, rtol=1e-5, atol=1e-5)
     conv_init = nn.unbox(conv.init(jax.random.key(0), images))["params"]["kernel"]
     np.testing.assert_array_equal(variables["params"]["kernel"], conv_init)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_matmul_gradients_are_autodiffs(dtype):
+    """The hand-written VJP (kernel gradient on a transposed x) gives autodiff's
+    gradients for a [B, T, K] input, in float32 and bfloat16."""
+    from clip_jax.models.transformer import dense_matmul  # noqa: PLC0415
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 8), dtype)
+    kernel = jax.random.normal(jax.random.key(1), (8, 4), dtype)
+    weights = jax.random.normal(jax.random.key(2), (3, 5, 4), dtype)
+
+    def loss(matmul):
+        return jax.grad(lambda x, k: (matmul(x, k) * weights).sum().astype(jnp.float32),
+                        argnums=(0, 1))(x, kernel)
+
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+    for ours, reference in zip(loss(dense_matmul), loss(jnp.matmul)):
+        assert ours.dtype == reference.dtype and ours.shape == reference.shape
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(reference, np.float32),
+                                   rtol=tolerance, atol=tolerance)

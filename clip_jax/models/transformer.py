@@ -22,6 +22,49 @@ LAYERS_AXIS = "layers"
 SCANNED_BLOCKS = "resblocks"
 
 
+@jax.custom_vjp
+def dense_matmul(x, kernel):
+    """x [..., K] @ kernel [K, N] -> [..., N], with the kernel gradient computed as
+    x^T [K, M] @ grad [M, N] on an explicitly transposed x (M: all leading axes).
+
+    Plain autodiff asks XLA for x contracted over its leading axis in place; on
+    CPU XLA hands that form to Eigen instead of its fast matmul library, at a
+    third to a half of the speed (4.6 s of a 16 s single-core ViT-B/32 image-tower
+    backward). The transpose costs one copy of x; the values are the same.
+    """
+    return x @ kernel
+
+
+def _dense_matmul_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _dense_matmul_bwd(residuals, grad):
+    x, kernel = residuals
+    leading = tuple(range(x.ndim - 1))
+    # transpose-then-reshape, so that XLA cannot fold the transpose into the dot
+    x_t = jnp.transpose(x, (x.ndim - 1, *leading)).reshape(kernel.shape[0], -1)
+    return grad @ kernel.T, x_t @ grad.reshape(-1, kernel.shape[1])
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+class Dense(nn.Module):
+    """nn.Dense (params `kernel` [in, out], `bias`) over `dense_matmul`; computes in `dtype`."""
+
+    features: int
+    kernel_init: Callable
+    bias_init: Callable
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 def quick_gelu(x):
     """OpenAI CLIP's GELU approximation; its released weights were trained with it."""
     return x * jax.nn.sigmoid(1.702 * x)
@@ -128,11 +171,11 @@ class ResidualBlock(nn.Module):
 
         x = x + SelfAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
                               name="attn")(LayerNorm(name="ln_1")(x))
-        h = nn.Dense(hidden, dtype=self.dtype, name="c_fc",
+        h = Dense(hidden, dtype=self.dtype, name="c_fc",
                      kernel_init=normal(fc_std, ("embed", "mlp")), bias_init=zeros(("mlp",)))(
             LayerNorm(name="ln_2")(x))
         h = activation_fn(self.activation)(h)
-        h = nn.Dense(width, dtype=self.dtype, name="c_proj",
+        h = Dense(width, dtype=self.dtype, name="c_proj",
                      kernel_init=normal(proj_std, ("mlp", "embed")), bias_init=zeros(("embed",)))(h)
         return x + h
 
