@@ -115,3 +115,15 @@ def open_clip_train_step_times(config, steps, warmup, seed=0):
         if i >= warmup:
             seconds.append(time.perf_counter() - started)
     return seconds
+
+
+if __name__ == "__main__":
+    # python -m clip_jax.references --train-step-times CONFIG_JSON STEPS WARMUP: prints
+    # the timed steps' seconds as one JSON list (benchmark train --reference open_clip).
+    import ml_collections  # noqa: PLC0415
+
+    _, flag, config_json, steps, warmup = sys.argv
+    if flag != "--train-step-times":
+        raise SystemExit(f"unknown command {flag!r}")
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    print(json.dumps(open_clip_train_step_times(config, int(steps), int(warmup))))
