@@ -16,6 +16,7 @@ _GENERIC = dict(split="test", train_split="train", image_key="image", label_key=
 # Splits and feature keys of TFDS catalogue datasets (from their TFDS catalogue pages).
 DATASETS = {
     "synthetic_shapes": {},
+    "synthetic_shapes_alt_text": {},
     "imagenet2012": dict(split="validation"),
     "imagenet_v2": dict(train_split=""),
     "imagenet_sketch": dict(train_split=""),
