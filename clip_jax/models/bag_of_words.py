@@ -68,4 +68,3 @@ class BagOfWordsPredictor(nn.Module):
     def __call__(self, images, tokens=None, train=False):
         del tokens
         return self.word_logits(images, train)
-
