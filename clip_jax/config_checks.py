@@ -5,10 +5,11 @@ Each problem is reported as one line naming the key, its value and the fix.
 
 import jax.numpy as jnp
 
-from clip_jax import losses, sharding
+from clip_jax import losses, objectives, output_vocab, sharding
 from clip_jax.data import pipeline
 from clip_jax.evals import specs
-from clip_jax.models.clip import IMAGE_TOWERS
+from clip_jax.models.clip import TEXT_TOWERS
+from clip_jax.models.image_towers import IMAGE_TOWERS
 from clip_jax.models.transformer import ACTIVATIONS, REMAT_NAMES
 
 
@@ -74,6 +75,7 @@ def check_config(config, num_devices):
     _require(config.batch_size % (microbatches * data_parallel) == 0,
              f"config.batch_size={config.batch_size} is not divisible by config.microbatches x "
              f"data-parallel size = {microbatches} x {data_parallel}")
+    _check_objective(config)
 
     _require(config.loss.kind in losses.LOSSES,
              f"config.loss.kind={config.loss.kind!r} is unknown; "
@@ -139,3 +141,26 @@ def _check_data(data):
     _require(0 < low <= high <= 1,
              f"config.data.crop_scale={tuple(data.crop_scale)!r} must be (low, high) "
              "with 0 < low <= high <= 1")
+
+
+def _check_objective(config):
+    """config.objective and what it needs of the rest of the config."""
+    _require(config.objective in objectives.OBJECTIVES,
+             f"config.objective={config.objective!r} is unknown; "
+             f"choose one of {', '.join(objectives.OBJECTIVES)}")
+    objective = objectives.get(config.objective)
+    _require(config.model.text_encoder in TEXT_TOWERS,
+             f"config.model.text_encoder={config.model.text_encoder!r} is unknown; "
+             f"choose one of {', '.join(TEXT_TOWERS)}")
+    try:
+        output_vocab.check_name(config.model.output_vocab)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    _require(config.microbatches == 1 or objective.embedding_loss is not None,
+             f"config.microbatches={config.microbatches}: GradCache splits the step around a "
+             f"loss over embeddings, which config.objective={objective.name!r} does not have; "
+             "use config.microbatches=1")
+    for tower in ("image", "text"):
+        _require(not config[f"lock_{tower}"] or tower in objective.lockable,
+                 f"config.lock_{tower}=True: config.objective={objective.name!r} has no "
+                 f"{tower} tower to lock")

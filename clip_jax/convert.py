@@ -188,6 +188,10 @@ def _text_rules(text):
 
 def rules_for(model_config: ml_collections.ConfigDict) -> list:
     """The conversion table of an architecture: one Rule per PyTorch key."""
+    text_encoder = model_config.get("text_encoder", "transformer")
+    if text_encoder != "transformer":
+        raise ConversionError(f"config.model.text_encoder={text_encoder!r}: OpenCLIP has "
+                              "CLIP's Transformer text tower only")
     image_rules = {"vit": _vit_rules, "resnet": _resnet_rules}[model_config.image.kind]
     rules = _text_rules(model_config.text)
     rules = rules[:2] + image_rules(model_config.image) + rules[2:]
@@ -382,6 +386,20 @@ def to_torch(variables: Mapping, model) -> dict:
 # ---------------------------------------------------------------- CLI
 
 
+def _check_trained_as_clip(path):
+    """ConversionError unless `path`, when it is a training workdir, trained the
+    contrastive objective with the Transformer text tower (OpenCLIP's model)."""
+    from clip_jax.pretrained import run_config  # noqa: PLC0415 (pretrained imports this module)
+    try:
+        config = run_config(path)
+    except ValueError:
+        return  # no config.json: a clip_jax.convert output, which is CLIP by construction
+    if config.objective != "contrastive":
+        raise ConversionError(f"{path} was trained with config.objective={config.objective!r}; "
+                              "OpenCLIP holds contrastive models only")
+    rules_for(config.model)  # raises for a bag-of-words text tower
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m clip_jax.convert",
@@ -403,6 +421,7 @@ def main(argv=None):
         model_config = zoo.model_config(args.model)
         model_config.scan_layers = args.scan_layers
         if args.to_torch:
+            _check_trained_as_clip(args.input)
             variables = checkpoint.load_variables(args.input, abstract_variables(model_config))
             from safetensors.numpy import save_file  # noqa: PLC0415
             state_dict = to_torch(jax.device_get(variables), model_config)

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from clip_jax import checkpoint, convert, sharding
+from clip_jax import checkpoint, convert, objectives, sharding
 from clip_jax.data import augment
 from clip_jax.evals import specs
 from clip_jax.evals.embed import Encoders
@@ -36,6 +36,10 @@ def run_config(workdir):
         values["evals"] = {"zeroshot": specs.evaluator_config(
             "zeroshot", old["dataset"], split=old["split"], label_key=old["label_key"],
             batch_size=old["batch_size"]).to_dict()}
+    # Workdirs from before config.objective trained CLIP with its Transformer text tower.
+    values.setdefault("objective", "contrastive")
+    values["model"].setdefault("text_encoder", "transformer")
+    values["model"].setdefault("output_vocab", "full")
     return ml_collections.ConfigDict(values)
 
 
@@ -72,7 +76,7 @@ def load_model(config, weights):
 @dataclasses.dataclass
 class Pretrained:
     """A model with its variables on this machine's devices."""
-    model: object  # clip_jax.models.CLIP
+    model: object  # the objective's model, e.g. clip_jax.models.CLIP
     variables: dict
     encoders: Encoders
 
@@ -91,13 +95,22 @@ class Pretrained:
         """Unit image embeddings [N, E] (numpy) of PIL images or uint8 arrays."""
         return self.encoders.images(self.variables, self.preprocess(images))
 
+    def _require_text_tower(self, method):
+        objective = objectives.of_model(self.model)
+        if not objective.text_embeddings:
+            raise ValueError(f"{method} needs a text tower; this model was trained with "
+                             f"config.objective={objective.name!r} (its zero-shot accuracy: "
+                             "python -m clip_jax.evaluate --workdir ...)")
+
     def encode_texts(self, texts):
-        """Unit text embeddings [N, E] (numpy) of strings."""
+        """Unit text embeddings [N, E] (numpy) of strings (contrastive models)."""
+        self._require_text_tower("encode_texts")
         return self.encoders.texts(self.variables, texts)
 
     def classify(self, images, class_names, templates=DEFAULT_TEMPLATES):
         """Zero-shot class probabilities [N, C]: softmax over the learned-temperature
-        cosine similarities to each class's prompt ensemble."""
+        cosine similarities to each class's prompt ensemble (contrastive models)."""
+        self._require_text_tower("classify")
         classes = class_embeddings(self.encoders, self.variables,
                                    ZeroShotTask(tuple(class_names), tuple(templates)))
         scale = float(self.model.apply(self.variables, method=self.model.temperature_scale))

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clip_jax import image_ops, losses, optim, sharding
-from clip_jax.models.clip import CLIP, TOWER_PARAMS
+from clip_jax import image_ops, objectives, optim, sharding
+from clip_jax.models.clip import TOWER_PARAMS
+from clip_jax.objectives.contrastive import with_logit_params
 
 
 @flax.struct.dataclass
@@ -93,24 +94,13 @@ def create_train_state(model, optimizer, shardings, rng):
     return jax.jit(lambda r: _init_state(model, optimizer, r), out_shardings=shardings)(rng)
 
 
-def _with_logit_params(metrics, logit_scale, logit_bias):
-    metrics["logit_scale"] = logit_scale
-    if logit_bias is not None:
-        metrics["logit_bias"] = logit_bias
-    return metrics
-
-
-def _full_batch_grads(model, loss_fn):
-    """grads(state, batch) -> (grads, metrics, model_state) in one forward/backward."""
+def _full_batch_grads(batch_loss):
+    """grads(state, batch) -> (grads, metrics, model_state) in one forward/backward
+    of the objective's batch_loss(params, model_state, batch)."""
 
     def grads(state, batch):
         def loss_and_metrics(params):
-            (image_embeddings, text_embeddings, logit_scale, logit_bias), model_state = model.apply(
-                {"params": params, **state.model_state}, image_ops.normalize(batch["images"]),
-                batch["tokens"], train=True, mutable=list(state.model_state))
-            metrics = _with_logit_params(
-                loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias),
-                logit_scale, logit_bias)
+            metrics, model_state = batch_loss(params, state.model_state, batch)
             return metrics["loss"], (metrics, model_state)
 
         grads, (metrics, model_state) = jax.grad(loss_and_metrics, has_aux=True)(state.params)
@@ -156,7 +146,7 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
 
     def loss_and_metrics(image_embeddings, text_embeddings, params):
         logit_scale, logit_bias = model.apply({"params": params}, method="logit_params")
-        metrics = _with_logit_params(
+        metrics = with_logit_params(
             loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias),
             logit_scale, logit_bias)
         return metrics["loss"], metrics
@@ -194,21 +184,13 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
     return grads
 
 
-def make_train_step(model, optimizer, loss_fn, schedule, *, num_microbatches=1, mesh=None):
+def make_train_step(compute_grads, optimizer, schedule):
     """Returns step(state, batch) -> (state, metrics).
 
     batch: {"images": uint8 [B, H, W, 3], "tokens": int32 [B, L]}, B global.
-    loss_fn(image [B,E], text [B,E], logit_scale, logit_bias) -> {"loss", ...} over the
-    global batch. num_microbatches > 1 bounds activation memory to one micro-batch
-    of B / num_microbatches with GradCache (needs `mesh`); the loss and gradients
-    stay those of the global batch.
+    compute_grads(state, batch) -> (grads, metrics with "loss", model_state): the
+    objective's loss and its gradients over the global batch (`gradients`).
     """
-    if num_microbatches == 1:
-        compute_grads = _full_batch_grads(model, loss_fn)
-    else:
-        if mesh is None:
-            raise ValueError("make_train_step: num_microbatches > 1 needs the mesh")
-        compute_grads = _gradcache_grads(model, loss_fn, num_microbatches, mesh)
 
     def apply_update(grads, opt_state, params):
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -242,6 +224,19 @@ def make_train_step(model, optimizer, loss_fn, schedule, *, num_microbatches=1, 
     return step
 
 
+def gradients(objective, model, mesh, config):
+    """compute_grads(state, batch) of `objective` for make_train_step: one forward and
+    backward over the batch, or GradCache over config.microbatches micro-batches
+    (objectives with an embedding loss only; config_checks says so in one line)."""
+    if config.microbatches == 1:
+        return _full_batch_grads(objective.batch_loss(model, mesh, config))
+    if objective.embedding_loss is None:
+        raise ValueError(f"config.microbatches={config.microbatches}: GradCache needs an "
+                         f"embedding loss, which config.objective={objective.name!r} lacks")
+    return _gradcache_grads(model, objective.embedding_loss(mesh, config), config.microbatches,
+                            mesh)
+
+
 def jit_train_step(step, shardings, mesh):
     """The step under jit: state stays in its shardings, batch split over the batch axes."""
     batch_sharding = sharding.batch_sharding(mesh)
@@ -255,7 +250,7 @@ def jit_train_step(step, shardings, mesh):
 class Training:
     """Everything a run builds from its config before the first step."""
 
-    model: CLIP = flax.struct.field(pytree_node=False)
+    model: nn.Module = flax.struct.field(pytree_node=False)  # the objective's model
     optimizer: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     mesh: jax.sharding.Mesh = flax.struct.field(pytree_node=False)
     abstract_state: TrainState  # shapes and dtypes only
@@ -268,19 +263,22 @@ class Training:
 
 
 def setup_training(config, devices=None, optimizer=None) -> Training:
-    """config -> mesh, model (with locked towers), optimizer, state shardings and the
-    jitted step; `optimizer` replaces the config's AdamW (tests use plain SGD)."""
+    """config -> mesh, the objective's model (with locked towers), optimizer, state
+    shardings and the jitted step; `optimizer` replaces the config's AdamW (tests use
+    plain SGD)."""
     mesh = sharding.make_mesh(config.mesh, devices)
+    objective = objectives.get(config.objective)
     locked = tuple(tower for tower in TOWER_PARAMS if config[f"lock_{tower}"])
-    model = CLIP(config.model, locked=locked)
+    unlockable = [tower for tower in locked if tower not in objective.lockable]
+    if unlockable:
+        raise ValueError(f"config.lock_{unlockable[0]}=True: config.objective="
+                         f"{objective.name!r} has no {unlockable[0]} tower to lock")
+    model = objective.model(config.model, locked=locked)
     optimizer = optimizer or optim.make_optimizer(
         config.optimizer, config.total_steps, frozen=tuple(TOWER_PARAMS[t] for t in locked))
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     abstract, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
                                           jax.random.key(config.seed))
-    loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES, config.loss.kind,
-                                      config.loss.chunk_size)
-    step = make_train_step(model, optimizer, loss_fn, schedule,
-                           num_microbatches=config.microbatches, mesh=mesh)
+    step = make_train_step(gradients(objective, model, mesh, config), optimizer, schedule)
     return Training(model=model, optimizer=optimizer, mesh=mesh, abstract_state=abstract,
                     shardings=shardings, step=jit_train_step(step, shardings, mesh))

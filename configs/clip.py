@@ -80,6 +80,11 @@ def _base():
     # Steps whose loss or gradients are not finite are skipped (train/skipped_steps);
     # this many in a row stop the run with a diagnostic and a checkpoint.
     config.max_bad_steps = 10
+    # What the image tower learns from the captions (CLIP paper §2.3, Figure 2):
+    # "contrastive" (CLIP; text tower config.model.text_encoder), "bow_predict" (the
+    # caption's bag of words from the image) or "caption_lm" (a Transformer decoder
+    # on the image embedding predicts the caption); clip_jax/objectives/.
+    config.objective = "contrastive"
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=5e-4, warmup_steps=100, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6,

@@ -42,8 +42,9 @@ def read_metrics(path):
 
 
 def read_runs(root):
-    """[{name, overrides (None without sweep.json), config (None before the trainer
-    wrote it), rows}] of every run directory under `root`, by name."""
+    """[{name, overrides (None without sweep.json), record (sweep.json or None), config
+    (None before the trainer wrote it), rows}] of every run directory under `root`, by
+    name."""
     _, _, listdir, isdir = _filesystem(root)
     runs = []
     for name in sorted(entry.rstrip("/") for entry in listdir(root)):
@@ -54,7 +55,8 @@ def read_runs(root):
         config = _read_json(os.path.join(directory, "config.json"))
         if record is None and config is None:
             continue  # not a run (e.g. the ablation output)
-        runs.append(dict(name=name, overrides=record and record["overrides"], config=config,
+        runs.append(dict(name=name, overrides=record and record["overrides"], record=record,
+                         config=config,
                          rows=read_metrics(os.path.join(directory, "metrics.jsonl"))))
     return runs
 

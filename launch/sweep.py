@@ -5,10 +5,16 @@ tabulate them.
       [--set total_steps=300 ...] [--dry-run]
   python -m launch.sweep collect --root /tmp/sweep --metric zeroshot/synthetic_shapes/top1 \
       [--x optimizer.lr] [--output /tmp/sweep/ablation]
+  python -m launch.sweep collect --root /tmp/objectives --metric zeroshot/synthetic_shapes/top1 \
+      --efficiency [--target 0.5] [--output /tmp/objectives/efficiency]
 
 `run` trains the runs one after another in ROOT/NAME, NAME spelling the run's
 overrides (e.g. optimizer.lr=0.001_batch_size=64); runs that reached total_steps
-are skipped, unfinished ones resume. `--emit tpu|slurm` prints each run's command
+are skipped, unfinished ones resume. `collect --efficiency` plots the metric
+against images seen and tabulates the images each run needs to reach a target
+(default: the lowest of the runs' best values), with the ratios of the runs the
+config's get_comparisons(sweep) names (launch/efficiency.py).
+`--emit tpu|slurm` prints each run's command
 through launch.tpu_vm / launch.slurm instead, with the launcher's own arguments
 given after `--`:
 
@@ -28,7 +34,7 @@ import time
 if __package__ in (None, ""):  # run as `python launch/sweep.py`: import from the repository
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch import ablation, sweep_plan  # noqa: E402
+from launch import ablation, efficiency, sweep_plan  # noqa: E402
 from launch.arguments import split_at_double_dash  # noqa: E402
 
 LOG_FILE = "train.log"  # the trainer's output, in each run directory
@@ -171,6 +177,58 @@ def collect(root, metric, x_key=None, output=None, goal="max"):
     return paths
 
 
+def _config_module_of(runs, config_flag=None):
+    """(the sweep's config module or None, sweep name or None): from --config, else from
+    the config path the runs' sweep.json recorded (relative to the directory the sweep
+    ran in, or to this repository)."""
+    records = [run["record"] for run in runs if run["record"]]
+    sweep_name = records[0]["sweep"] if records else None
+    path = (config_flag or (records[0]["config"] if records else "")).partition(":")[0]
+    if not path:
+        return None, sweep_name
+    repository_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   path)
+    if not os.path.exists(path) and os.path.exists(repository_path):
+        path = repository_path
+    return load_config_module(path), sweep_name
+
+
+def collect_efficiency(root, metric, target=None, output=None, config_flag=None):
+    """Writes OUTPUT.md (images to reach `target` per run, the config's comparisons with
+    the paper's ratios), OUTPUT.csv (the per-run table) and OUTPUT.png (metric against
+    images seen); prints the Markdown and returns the paths written."""
+    runs = ablation.with_overrides(ablation.read_runs(root))
+    runs = [run for run in ablation.in_swept_order(runs) if efficiency.images_seen(run, metric)]
+    if not runs:
+        raise SweepError(f"{root}: no run logged {metric!r}")
+    module, sweep_name = _config_module_of(runs, config_flag)
+    comparisons = (module.get_comparisons(sweep_name)
+                   if module is not None and hasattr(module, "get_comparisons") else [])
+    if module is not None and sweep_name:  # the sweep's own order (Figure 2: slowest first)
+        declared = module.get_sweep(sweep_name)
+        runs.sort(key=lambda run: declared.index(run["overrides"])
+                  if run["overrides"] in declared else len(declared))
+    series = {efficiency.label(run): efficiency.images_seen(run, metric) for run in runs}
+    target = efficiency.default_target(series) if target is None else target
+    (run_header, run_rows), (comparison_header, comparison_rows) = efficiency.tables(
+        runs, metric, target, comparisons)
+    prefix = output or (os.path.join(root, "efficiency") if "://" not in root else "efficiency")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    paths = [f"{prefix}.md", f"{prefix}.csv", f"{prefix}.png"]
+    text = ablation.markdown(run_header, run_rows)
+    if comparison_rows:
+        text += "\n" + ablation.markdown(comparison_header, comparison_rows)
+    with open(paths[0], "w") as f:
+        f.write(f"# Sweep {root}: images seen to reach {metric} = {target:.4g}\n\n{text}\n"
+                f"![{metric} against images seen]({os.path.basename(paths[2])})\n")
+    with open(paths[1], "w") as f:
+        f.write(ablation.csv_text(run_header, run_rows))
+    efficiency.plot(series, paths[2], metric, target, f"{root}: {metric} against images seen")
+    print(f"target {metric} = {target:.4g}\n{text}")
+    print("wrote " + ", ".join(paths))
+    return paths
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
@@ -196,7 +254,15 @@ def _parser():
     collect_.add_argument("--goal", choices=["max", "min"], default="max",
                           help="whether the best value of --metric is its max or its min")
     collect_.add_argument("--output", help="path prefix of the .md, .csv and .png "
-                          "(default ROOT/ablation)")
+                          "(default ROOT/ablation, with --efficiency ROOT/efficiency)")
+    collect_.add_argument("--efficiency", action="store_true",
+                          help="the metric against images seen, images to reach --target per "
+                          "run and the config's comparisons (CLIP paper, Figure 2)")
+    collect_.add_argument("--target", type=float,
+                          help="with --efficiency: the metric value to reach (default: the "
+                          "lowest of the runs' best values)")
+    collect_.add_argument("--config", help="with --efficiency: the config file declaring "
+                          "get_comparisons (default: the one the runs' sweep.json recorded)")
     return parser
 
 
@@ -206,6 +272,10 @@ def main(argv=None):
     own_args, launcher_args = split_at_double_dash(argv)
     options = _parser().parse_args(own_args)
     try:
+        if options.command == "collect" and options.efficiency:
+            collect_efficiency(options.root, options.metric, options.target, options.output,
+                               options.config)
+            return 0
         if options.command == "collect":
             collect(options.root, options.metric, options.x, options.output, options.goal)
             return 0

@@ -14,7 +14,8 @@ from clip_jax.data import synthetic_shapes
 from clip_jax.evals import prompts
 
 ALIASES = ("imagenet_v2", "imagenet_sketch")
-FILE_DATASETS = [d for d in prompts.known_datasets() if d not in (*ALIASES, "synthetic_shapes")]
+BUILT_IN = ("synthetic_shapes", "synthetic_shapes_alt_text")  # prompts in code, not files
+FILE_DATASETS = [d for d in prompts.known_datasets() if d not in (*ALIASES, *BUILT_IN)]
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -100,7 +101,7 @@ def test_unknown_dataset_names_the_known_ones():
 def test_known_datasets_sorted_with_aliases():
     known = prompts.known_datasets()
     assert list(known) == sorted(known)
-    assert {*ALIASES, "synthetic_shapes", "imagenet2012", "cifar10"} <= set(known)
+    assert {*ALIASES, *BUILT_IN, "imagenet2012", "cifar10"} <= set(known)
 
 
 def test_json_files_are_package_data():

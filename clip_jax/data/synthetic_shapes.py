@@ -9,6 +9,12 @@ a CLIP must bind colour to shape to classify it zero-shot: 8 colours x 6 shapes
 Splits: `train` (20,000 pairs; 30% with a smaller second object) and `test`
 (2,000 held-out images from another seed stream, single objects only, so the
 zero-shot label "<colour> <shape>" is unambiguous).
+
+`synthetic_shapes_alt_text` has the same images and labels with captions made
+noisier the way web alt-text is: boilerplate before or after the description
+("stock photo: a red circle on the left royalty free") and some captions that
+say nothing about the picture ("img 4821"). The objective study
+(configs/objectives.py) trains on it.
 """
 
 import math
@@ -61,6 +67,17 @@ _MAX_WORDS = 12
 _SIZE_WORDS = ((0.47, "small"), (0.58, "medium"), (1.0, "large"))  # upper bound of diameter
 
 
+# synthetic_shapes_alt_text: each caption, with its own seed, gets a boilerplate
+# prefix and/or suffix, or is replaced by an uninformative one ({number}: four digits).
+_ALT_PREFIXES = ("stock photo:", "image:", "hd wallpaper -", "free download:", "new!")
+_ALT_SUFFIXES = ("stock photo", "royalty free", "free download", "hd wallpaper",
+                 "vector illustration", "clip art", "#art #design", "by jane doe", "| my blog",
+                 "high resolution", "(2019)", "on sale now")
+_ALT_UNINFORMATIVE = ("untitled", "img {number}", "dsc {number}", "image {number}",
+                      "no description available", "click to enlarge")
+ALT_PREFIX_PROB, ALT_SUFFIX_PROB, ALT_UNINFORMATIVE_PROB = 0.25, 0.5, 0.1
+
+
 def with_articles(text):
     """'a orange circle' -> 'an orange circle' (captions and prompts alike)."""
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
@@ -69,6 +86,30 @@ def with_articles(text):
 def class_name(label):
     """'<colour> <shape>' of a class index."""
     return CLASS_NAMES[label]
+
+
+def alt_text_caption(caption, rng):
+    """`caption` as web alt-text: replaced by an uninformative one with probability
+    ALT_UNINFORMATIVE_PROB, else with a boilerplate prefix and/or suffix."""
+    if rng.uniform() < ALT_UNINFORMATIVE_PROB:
+        return _ALT_UNINFORMATIVE[rng.integers(len(_ALT_UNINFORMATIVE))].format(
+            number=f"{rng.integers(10_000):04d}")
+    if rng.uniform() < ALT_PREFIX_PROB:
+        caption = f"{_ALT_PREFIXES[rng.integers(len(_ALT_PREFIXES))]} {caption}"
+    if rng.uniform() < ALT_SUFFIX_PROB:
+        caption = f"{caption} {_ALT_SUFFIXES[rng.integers(len(_ALT_SUFFIXES))]}"
+    return caption
+
+
+def caption_vocabulary():
+    """Phrases that hold every word a caption of either variant can contain (each
+    word tokenizes alone, so their tokens are all the captions' tokens)."""
+    def without_fields(template):
+        return re.sub(r"\{\w+\}", " ", template)
+    positions = {_position_words(x, y) for x in (0.1, 0.5, 0.9) for y in (0.1, 0.5, 0.9)}
+    return [*map(without_fields, _TEMPLATES + _SECOND_OBJECT + _ALT_UNINFORMATIVE),
+            *COLOURS, *SHAPES, *(word for _, word in _SIZE_WORDS), *positions, "an .",
+            *_ALT_PREFIXES, *_ALT_SUFFIXES, " ".join("0123456789")]
 
 
 def _colour_shape(label):
@@ -208,12 +249,14 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     train_examples = TRAIN_EXAMPLES
     test_examples = TEST_EXAMPLES
 
+    captions_description = "captions"
+
     def _info(self):
         return self.dataset_info_from_configs(
-            description=(f"Procedurally drawn coloured shapes with captions: {len(COLOURS)} "
-                         f"colours x {len(SHAPES)} shapes = {len(CLASS_NAMES)} classes "
-                         "(label: '<colour> <shape>' of the main object), for CLIP training "
-                         "and zero-shot evaluation."),
+            description=(f"Procedurally drawn coloured shapes with {self.captions_description}: "
+                         f"{len(COLOURS)} colours x {len(SHAPES)} shapes = {len(CLASS_NAMES)} "
+                         "classes (label: '<colour> <shape>' of the main object), for CLIP "
+                         "training and zero-shot evaluation."),
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
                                              encoding_format="png"),
@@ -235,3 +278,19 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
             rng = np.random.default_rng([SEED, split_id, index])
             example = draw_example(rng, IMAGE_SIZE, second_object_prob)
             yield index, dict(example, image=_png(example["image"]))
+
+
+class SyntheticShapesAltText(SyntheticShapes):
+    """synthetic_shapes with alt-text captions: the same images and labels (the
+    same seeds), each caption passed through `alt_text_caption` with its own seed
+    [SEED, split_id, i, 1], so it is still deterministic and order-free."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "synthetic_shapes 1.1.0's examples, captions as noisy alt-text."}
+    captions_description = ("alt-text-like captions (boilerplate around the description, "
+                            "some captions uninformative)")
+
+    def _generate_examples(self, split_id, count, second_object_prob):
+        for index, example in super()._generate_examples(split_id, count, second_object_prob):
+            rng = np.random.default_rng([SEED, split_id, index, 1])
+            yield index, dict(example, caption=alt_text_caption(example["caption"], rng))

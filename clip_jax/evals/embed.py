@@ -24,6 +24,7 @@ class Encoders:
 
     def __init__(self, model, mesh, variable_shardings):
         self.model, self.mesh = model, mesh
+        self.variable_shardings = variable_shardings
         self.batch_sharding = sharding.batch_sharding(mesh)
         in_shardings = (variable_shardings, self.batch_sharding)
         self.image = jax.jit(
@@ -78,12 +79,16 @@ def _concatenate(batch_sharding):
     return jax.jit(lambda parts: jnp.concatenate(parts), out_shardings=batch_sharding)
 
 
-def embed_split(encoders, variables, source, batch_size, *, workers=0, progress=False):
+def embed_split(encoders, variables, source, batch_size, *, workers=0, progress=False,
+                encode_images=None):
     """A split's embeddings as global arrays sharded over the batch axes:
     {"images": [N, E], "mask": bool [N], "is_record": bool [N]} (see
     eval_input.eval_batches), with source.label_key "labels": [N],
     with source.caption_key "texts": [N, K, E] and "caption_mask": bool [N, K].
-    N is the split size rounded up to whole batches; padding rows are masked."""
+    N is the split size rounded up to whole batches; padding rows are masked.
+    `encode_images(variables, uint8 images [B, S, S, 3]) -> [B, ...]` replaces
+    encoders.image for "images" (e.g. an objective's per-prompt scores)."""
+    encode_images = encode_images or encoders.image
     to_global = lambda local: jax.make_array_from_process_local_data(  # noqa: E731
         encoders.batch_sharding, local)
     parts = {}
@@ -93,7 +98,7 @@ def embed_split(encoders, variables, source, batch_size, *, workers=0, progress=
     for batch in tqdm.tqdm(batches, desc=f"embedding {source.dataset}:{source.split}",
                            unit="batch", disable=not show, leave=False,
                            total=eval_input.batch_count(source, batch_size) if show else None):
-        rows = {"images": encoders.image(variables, to_global(batch["images"])),
+        rows = {"images": encode_images(variables, to_global(batch["images"])),
                 "mask": to_global(batch["mask"]), "is_record": to_global(batch["is_record"])}
         if "labels" in batch:
             rows["labels"] = to_global(batch["labels"])

@@ -41,6 +41,10 @@ _SYNTHETIC_SHAPES = ZeroShotTask(
 )
 
 
+# The built-in datasets (both caption variants have the same images and classes).
+_BUILT_IN = {"synthetic_shapes": _SYNTHETIC_SHAPES, "synthetic_shapes_alt_text": _SYNTHETIC_SHAPES}
+
+
 # For datasets without shipped prompts: CLIP's default single prompt (paper, 3.1.4).
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -61,14 +65,14 @@ def known_datasets() -> tuple[str, ...]:
     """Every dataset name zeroshot_task accepts, sorted."""
     files = [entry.name.removesuffix(".json") for entry in _asset_dir().iterdir()
              if entry.name.endswith(".json")]
-    return tuple(sorted({*files, *_ALIASES, "synthetic_shapes"}))
+    return tuple(sorted({*files, *_ALIASES, *_BUILT_IN}))
 
 
 @functools.cache
 def zeroshot_task(dataset: str) -> ZeroShotTask:
     """The class names (in TFDS label order) and prompt templates of `dataset`."""
-    if dataset == "synthetic_shapes":
-        return _SYNTHETIC_SHAPES
+    if dataset in _BUILT_IN:
+        return _BUILT_IN[dataset]
     if dataset in _ALIASES:
         return zeroshot_task(_ALIASES[dataset])  # the very same (cached) object
     if dataset not in known_datasets():

@@ -16,6 +16,7 @@ _GENERIC = dict(split="test", train_split="train", image_key="image", label_key=
 # Splits and feature keys of TFDS catalogue datasets (from their TFDS catalogue pages).
 DATASETS = {
     "synthetic_shapes": {},
+    "synthetic_shapes_alt_text": {},
     "imagenet2012": dict(split="validation"),
     "imagenet_v2": dict(train_split=""),
     "imagenet_sketch": dict(train_split=""),
@@ -35,12 +36,14 @@ DATASETS = {
 
 def evaluator_config(kind, dataset, **fields):
     """A config.evals entry; empty fields take the dataset's defaults.
-    every: steps between runs in training; 0: config.eval_every; -1: only at the end."""
+    every: steps between runs in training; 0: config.eval_every; -1: only at the end.
+    templates (zeroshot): prompt templates such as "a photo of a {}." instead of the
+    dataset's own (clip_jax/evals/prompts.py)."""
     entry = ml_collections.ConfigDict(dict(
         kind=kind, dataset=dataset, split="", train_split="",
         data_dir=ml_collections.FieldReference(None, field_type=str),  # None: config.data's
         image_key="", label_key="", caption_key="", captions_per_image=0,
-        batch_size=512, every=0))
+        batch_size=512, every=0, templates=()))
     entry.update(fields)
     return entry
 
@@ -66,6 +69,7 @@ def resolved(entry, default_data_dir=None):
         if values[key] in ("", 0):
             values[key] = default
     values["data_dir"] = values["data_dir"] or default_data_dir
+    values["templates"] = tuple(values.get("templates") or ())  # absent in older configs
     values["prefix"] = f"{entry.kind}/{name}"
     return values
 
@@ -88,3 +92,8 @@ def check_entry(key, entry, data_parallel):
                          f"({values['dataset']} has no default one)")
     if entry.kind == "retrieval" and not values["caption_key"]:
         raise ValueError(f"{where}: retrieval needs a caption_key")
+    if entry.kind != "zeroshot" and values["templates"]:
+        raise ValueError(f"{where}.templates: only zeroshot evaluators take prompt templates")
+    bad = [template for template in values["templates"] if template.count("{}") != 1]
+    if bad:
+        raise ValueError(f"{where}.templates: {bad[0]!r} must hold the class name as one '{{}}'")

@@ -1,6 +1,10 @@
 """The evaluators of a run: resolved config.evals entries -> evaluators -> metrics."""
 
-from clip_jax import sharding
+import dataclasses
+
+from absl import logging
+
+from clip_jax import objectives, sharding
 from clip_jax.data import eval_input
 from clip_jax.data.eval_input import EvalSource
 from clip_jax.evals import prompts
@@ -8,7 +12,7 @@ from clip_jax.evals.embed import Encoders
 from clip_jax.evals.linear_probe import LinearProbe
 from clip_jax.evals.retrieval import Retrieval
 from clip_jax.evals.specs import check_entry, resolved
-from clip_jax.evals.zeroshot import ZeroShot
+from clip_jax.evals.zeroshot import PromptScoreZeroShot, ZeroShot
 
 
 def _source(values, split):
@@ -32,12 +36,29 @@ def _zeroshot_task(source):
         return prompts.task_from_label_names(names, f"{source.dataset} label names")
 
 
+def unsupported(kind, objective):
+    """Why the objective's model cannot run an evaluator of `kind`; None if it can."""
+    if kind == "retrieval" and not objective.text_embeddings:
+        return (f"retrieval ranks captions by their text embeddings, and "
+                f"config.objective={objective.name!r} has no text tower (zeroshot and "
+                "linear_probe run with every objective)")
+    return None
+
+
 def build_evaluator(values, encoders, workers=0):
-    """A resolved entry -> its evaluator (callable: variables -> EvalResult)."""
+    """A resolved entry -> its evaluator (callable: variables -> EvalResult), for the
+    objective whose model the encoders run."""
     kind, prefix, batch_size = values["kind"], values["prefix"], values["batch_size"]
+    objective = objectives.of_model(encoders.model)
     test = _source(values, values["split"])
     if kind == "zeroshot":
-        return ZeroShot(encoders, test, _zeroshot_task(test), batch_size, prefix, workers)
+        task = _zeroshot_task(test)
+        if values["templates"]:
+            task = dataclasses.replace(task, templates=values["templates"])
+        if objective.text_embeddings:
+            return ZeroShot(encoders, test, task, batch_size, prefix, workers)
+        return PromptScoreZeroShot(encoders, objective.prompt_scorer(encoders.model), test, task,
+                                   batch_size, prefix, workers)
     if kind == "retrieval":
         return Retrieval(encoders, test, batch_size, prefix, workers)
     return LinearProbe(encoders, _source(values, values["train_split"]), test, batch_size,
@@ -49,15 +70,25 @@ class EvalSuite:
 
     suite(variables, step, final) runs those due at `step` on every process
     (all of them when `final`) -> ({metric: value}, {prefix: EvalResult}).
+    Entries the model's objective cannot run (retrieval without a text tower) are
+    skipped with a warning and listed in `skipped` ({key: reason}): the default
+    config's retrieval entry then need not be removed to try another objective.
     """
 
     def __init__(self, entries, model, mesh, variable_shardings, *, eval_every=0,
                  default_data_dir=None, workers=0):
         self.encoders = Encoders(model, mesh, variable_shardings)
         self.evaluators = []  # (prefix, every, evaluator)
+        self.skipped = {}
+        objective = objectives.of_model(model)
         seen = {}
         for key, entry in entries.items():
             check_entry(key, entry, sharding.data_parallel_size(mesh))
+            reason = unsupported(entry.kind, objective)
+            if reason:
+                self.skipped[key] = reason
+                logging.warning("config.evals.%s skipped: %s", key, reason)
+                continue
             values = resolved(entry, default_data_dir)
             if values["prefix"] in seen:
                 raise ValueError(f"config.evals.{key} and config.evals.{seen[values['prefix']]} "

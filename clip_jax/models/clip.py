@@ -1,14 +1,17 @@
 """The two-tower CLIP model: image and text encoders, linear projections into a
-shared space, and a learned temperature (Radford et al. 2021, Figure 3)."""
+shared space, and a learned temperature (Radford et al. 2021, Figure 3).
+
+The text tower is CLIP's Transformer or, for the objective study (paper §2.3,
+Figure 2), a bag of words (config.model.text_encoder)."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from clip_jax.models.resnet import ModifiedResNet
+from clip_jax.models.bag_of_words import BagOfWordsText
+from clip_jax.models.image_towers import image_tower
 from clip_jax.models.text import TextTransformer
-from clip_jax.models.vit import VisionTransformer
 
 
 def l2_normalize(x, eps=1e-12):
@@ -16,27 +19,27 @@ def l2_normalize(x, eps=1e-12):
     return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _vit(cfg, dtype):
-    image = cfg.image
-    return VisionTransformer(
-        image_size=image.image_size, patch_size=image.patch_size, width=image.width,
-        layers=image.layers, heads=image.heads, embed_dim=cfg.embed_dim,
-        activation=cfg.activation, mlp_ratio=image.mlp_ratio, dtype=dtype,
-        scan_layers=cfg.scan_layers, remat=cfg.remat, name="visual")
-
-
-def _resnet(cfg, dtype):
-    # Convolutional tower: ReLU, no MLP blocks, no Transformer stack to scan or remat.
-    image = cfg.image
-    return ModifiedResNet(image_size=image.image_size, stage_layers=tuple(image.stage_layers),
-                          width=image.width, heads=image.heads, embed_dim=cfg.embed_dim,
-                          dtype=dtype, name="visual")
-
-
-# config.model.image.kind -> builder of the image tower.
-IMAGE_TOWERS = {"vit": _vit, "resnet": _resnet}
 # Tower name (as in `locked`, config.lock_image/lock_text) -> its parameter subtree.
 TOWER_PARAMS = {"image": "visual", "text": "text"}
+
+
+def _transformer_text(cfg, dtype):
+    text = cfg.text
+    return TextTransformer(
+        context_length=text.context_length, vocab_size=text.vocab_size, width=text.width,
+        layers=text.layers, heads=text.heads, embed_dim=cfg.embed_dim,
+        activation=cfg.activation, mlp_ratio=text.mlp_ratio, dtype=dtype,
+        scan_layers=cfg.scan_layers, remat=cfg.remat, name="text")
+
+
+def _bag_of_words_text(cfg, dtype):
+    del dtype  # an embedding mean and one matmul: float32 throughout
+    return BagOfWordsText(vocab_size=cfg.text.vocab_size, width=cfg.text.width,
+                          embed_dim=cfg.embed_dim, name="text")
+
+
+# config.model.text_encoder -> builder of the text tower (params `text`).
+TEXT_TOWERS = {"transformer": _transformer_text, "bag_of_words": _bag_of_words_text}
 
 
 class CLIP(nn.Module):
@@ -57,17 +60,11 @@ class CLIP(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        kind = cfg.image.kind
-        if kind not in IMAGE_TOWERS:
-            raise ValueError(f"config.model.image.kind={kind!r} is unknown; "
-                             f"choose one of {', '.join(IMAGE_TOWERS)}")
-        self.visual = IMAGE_TOWERS[kind](cfg, dtype)
-        self.text = TextTransformer(
-            context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
-            width=cfg.text.width, layers=cfg.text.layers, heads=cfg.text.heads,
-            embed_dim=cfg.embed_dim, activation=cfg.activation, mlp_ratio=cfg.text.mlp_ratio,
-            dtype=dtype, scan_layers=cfg.scan_layers, remat=cfg.remat)
+        self.visual = image_tower(cfg)
+        if cfg.text_encoder not in TEXT_TOWERS:
+            raise ValueError(f"config.model.text_encoder={cfg.text_encoder!r} is unknown; "
+                             f"choose one of {', '.join(TEXT_TOWERS)}")
+        self.text = TEXT_TOWERS[cfg.text_encoder](cfg, jnp.dtype(cfg.dtype))
         # Stored as log(1/temperature) so the update is scale-free; init 1/0.07.
         self.logit_scale = self.param(
             "logit_scale",

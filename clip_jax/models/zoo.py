@@ -59,6 +59,12 @@ def build_model_config(image, text, embed_dim, activation):
         text=dict(text),
         embed_dim=embed_dim,
         activation=activation,
+        # The contrastive objective's text tower: CLIP's "transformer", or "bag_of_words"
+        # (the mean of the caption's token embeddings, projected; paper §2.3).
+        text_encoder="transformer",
+        # What the predictive objectives (bow_predict, caption_lm) predict over: "full"
+        # (all text.vocab_size ids) or a named subset (clip_jax.output_vocab).
+        output_vocab="full",
         # Compute dtype of the towers; parameters and the loss stay float32.
         dtype="float32",
         # Run each tower's residual blocks under nn.scan, params stacked on a leading
