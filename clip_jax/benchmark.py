@@ -43,18 +43,17 @@ AdamW settings then train in OpenCLIP (PyTorch, CPU) in the same process for the
 same number of steps, and the ratio of samples/s is printed (ViT towers only).
 """
 
-import os
+from clip_jax import cpu_devices
 
 # Simulated devices must be requested before JAX starts its backend.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+cpu_devices.request(8)
 
 import argparse  # noqa: E402
 import ast  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402

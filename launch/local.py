@@ -25,6 +25,7 @@ import time
 if __package__ in (None, ""):  # run as `python launch/local.py`: import from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from clip_jax import cpu_devices as simulated_devices  # noqa: E402
 from launch.arguments import split_at_double_dash  # noqa: E402
 
 # Seconds a process stopped because another failed gets to exit before SIGKILL: it
@@ -42,7 +43,8 @@ class Process:
 
     def shell_line(self):
         """The process as one shell line: variables, command, redirection."""
-        line = shlex.join([f"{name}={value}" for name, value in self.env] + list(self.argv))
+        line = " ".join([f"{name}={shlex.quote(value)}" for name, value in self.env]
+                        + [shlex.join(self.argv)])
         return f"{line} > {shlex.quote(self.log_path)} 2>&1" if self.log_path else line
 
 
@@ -51,7 +53,7 @@ def device_env(process_id, gpus_per_process, cpu_devices):
     [i*K, (i+1)*K) of this machine, or `cpu_devices` CPU devices."""
     if cpu_devices:
         return (("JAX_PLATFORMS", "cpu"),
-                ("XLA_FLAGS", f"--xla_force_host_platform_device_count={cpu_devices}"))
+                ("XLA_FLAGS", simulated_devices.xla_flags(cpu_devices)))
     if gpus_per_process:
         first = process_id * gpus_per_process
         gpus = ",".join(str(gpu) for gpu in range(first, first + gpus_per_process))

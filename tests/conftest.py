@@ -2,11 +2,11 @@
 
 import os
 
-# Must be set before JAX initialises its backend; a process that chose its own
-# device count (the multi-host workers) keeps it.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+from clip_jax import cpu_devices
+
+# Before JAX starts its backend; a process that chose its own device count (the
+# multi-host workers) keeps it.
+cpu_devices.request(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import ml_collections  # noqa: E402

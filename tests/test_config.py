@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from clip_jax import cpu_devices
 from clip_jax.config_checks import ConfigError, check_config
 from configs.clip import VARIANTS, get_config
 from tests.conftest import small_config
@@ -73,7 +74,7 @@ def test_invalid_values_are_named(overrides, message):
     ("--config.optimizer.lrr=0.1", "lrr"),
 ])
 def test_command_line_errors_are_one_line_before_any_compile(flag, message, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(8),
                TF_CPP_MIN_LOG_LEVEL="3", JAX_LOG_COMPILES="1")
     result = subprocess.run(
         [sys.executable, "-m", "clip_jax.train", "--workdir", str(tmp_path), flag],

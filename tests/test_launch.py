@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+from clip_jax import cpu_devices
 from launch import local, slurm, tpu_vm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,7 +223,7 @@ def test_local_dry_run_on_cpu_devices(capsys):
     assert local.main(["--processes", "2", "--cpu_devices", "4", "--port", "12345",
                        "--log_dir", "/tmp/logs", "--dry-run", "--", "--workdir=gs://b/r"]) == 0
     python = shlex.quote(sys.executable)
-    cpu = "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4"
+    cpu = f"JAX_PLATFORMS=cpu XLA_FLAGS={shlex.quote(cpu_devices.xla_flags(4))}"
     flags = "--coordinator_address=localhost:12345 --num_processes=2"
     assert capsys.readouterr().out.splitlines() == [
         f"{cpu} {python} -m clip_jax.train {flags} --process_id=0 --workdir=gs://b/r",

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from clip_jax import cpu_devices
 from clip_jax import train as train_lib
 from clip_jax.data import synthetic_shapes
 from tests.conftest import small_config
@@ -67,7 +68,7 @@ def test_training_writes_metrics_checkpoints_tensorboard_and_evals_the_cli_repea
 def _check_the_evaluate_cli_gives_the_logged_numbers(workdir, logged, tmp_path):
     """Same checkpoint, same evaluators, another process: the same numbers."""
     output, report = str(tmp_path / "eval.json"), str(tmp_path / "report")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(8),
                TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
     done = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "--workdir", workdir,
                            "--output", output, "--report", report],

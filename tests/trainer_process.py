@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+from clip_jax import cpu_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = {"batch_size": 16, "total_steps": 5, "log_every": 1, "eval_every": 0,
             "checkpoint_every": 0, "optimizer.warmup_steps": 2,
@@ -22,7 +24,7 @@ def launch_trainer(workdir, data_dir, devices=8, extra_flags=(), config=None):
     """Starts `python -m clip_jax.train` on TINY_RUN updated with `config`
     ({dotted key: value}) on `devices` CPU devices."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=cpu_devices.xla_flags(devices),
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     config = {**TINY_RUN, **(config or {})}
     command = [sys.executable, "-m", "clip_jax.train", "--workdir", str(workdir),
