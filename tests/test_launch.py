@@ -294,3 +294,11 @@ def test_local_sigterm_reaches_every_process(tmp_path):
         launcher.wait()
     assert all(marker.exists() for marker in markers)
     assert "SIGTERM to 2 processes" in launcher.stderr.read()
+
+
+def test_simulated_device_flags_replace_the_count_and_keep_chosen_timeouts():
+    flags = cpu_devices.xla_flags(4, "--xla_force_host_platform_device_count=8 "
+                                     "--xla_cpu_collective_call_terminate_timeout_seconds=5 --other")
+    assert flags.split() == ["--xla_cpu_collective_call_terminate_timeout_seconds=5", "--other",
+                             "--xla_force_host_platform_device_count=4",
+                             "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300"]
