@@ -82,9 +82,10 @@ def test_patch_embedding_is_clips_strided_convolution(image_size):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matmul_gradients_are_autodiffs(dtype):
-    """The hand-written VJP (kernel gradient on a transposed x) gives autodiff's
-    gradients for a [B, T, K] input, in float32 and bfloat16."""
-    from clip_jax.models.transformer import dense_matmul  # noqa: PLC0415
+    """The hand-written VJP gives autodiff's gradients for a [B, T, K] input, in
+    float32 and bfloat16; both kernel-gradient forms (CPU's transposed one, the
+    other platforms' plain one) equal autodiff's."""
+    from clip_jax.models import transformer  # noqa: PLC0415
 
     x = jax.random.normal(jax.random.key(0), (3, 5, 8), dtype)
     kernel = jax.random.normal(jax.random.key(1), (8, 4), dtype)
@@ -95,7 +96,12 @@ def test_dense_matmul_gradients_are_autodiffs(dtype):
                         argnums=(0, 1))(x, kernel)
 
     tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
-    for ours, reference in zip(loss(dense_matmul), loss(jnp.matmul)):
-        assert ours.dtype == reference.dtype and ours.shape == reference.shape
-        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(reference, np.float32),
+    reference = loss(jnp.matmul)
+    for ours, expected in zip(loss(transformer.dense_matmul), reference):
+        assert ours.dtype == expected.dtype and ours.shape == expected.shape
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(expected, np.float32),
+                                   rtol=tolerance, atol=tolerance)
+    for form in (transformer.kernel_grad_transposed, transformer.kernel_grad_plain):
+        np.testing.assert_allclose(np.asarray(form(x, weights), np.float32),
+                                   np.asarray(reference[1], np.float32),
                                    rtol=tolerance, atol=tolerance)
