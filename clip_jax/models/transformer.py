@@ -6,7 +6,7 @@ config's sharding rules place them; no mesh axes appear here.
 Two layouts of a stack's parameters exist: unscanned (`resblocks_0`,
 `resblocks_1`, ..., the default and what weight conversion targets) and scanned
 (one `resblocks` subtree whose leaves carry a leading `layers` axis), where the
-blocks run under `nn.scan` so compile time does not grow with depth.
+blocks run in a loop (`lax.scan`) so compile time does not grow with depth.
 `stack_layers` / `unstack_layers` convert between them.
 """
 
@@ -222,7 +222,7 @@ class Transformer(nn.Module):
     queries, attention and MLP for that token alone (keys and values for all),
     the same values for about 7% fewer FLOPs in a 12-block tower.
 
-    scan_layers: run the blocks under nn.scan with parameters stacked on a
+    scan_layers: run the blocks in a loop (lax.scan) with parameters stacked on a
     leading `layers` axis (params `resblocks/...`) instead of one submodule per
     block (`resblocks_0/...`); the outputs are the same given stacked params.
     remat: a name from REMAT_NAMES; wraps each block in nn.remat with that policy.
