@@ -17,12 +17,18 @@ Choices where conventions differ:
 - Model FLOPs, not hardware FLOPs: rematerialisation and GradCache's second
   forward pass (config.microbatches > 1) are not counted.
 - A locked tower (LiT) has no backward pass: its forward counts once.
+- Each Transformer tower's last block runs for the pooled token only (keys and
+  values for every token, the rest for one: models/transformer.py), and is
+  counted so; `full_last_block=True` counts it over every token, the
+  architecture's nominal count that OpenCLIP publishes.
 
 `train_step_flops(config.model, global_batch)` gives the per-part forward
 FLOPs of the global batch and the `train_step` total. tests/test_flops.py
 checks them against XLA's cost analysis, and the ViT presets against
 OpenCLIP's published per-example GFLOPs (ViT-B-32: 8.82 image, 5.96 text).
 """
+
+import functools
 
 # Backward = 2x forward: gradients w.r.t. activations and w.r.t. weights.
 TRAIN_MULTIPLIER = 3
@@ -33,35 +39,43 @@ def matmul(m, k, n):
     return 2 * m * k * n
 
 
-def transformer_block(tokens, width, heads, mlp_ratio):
-    """Forward FLOPs of one pre-LN residual block on one sequence of `tokens`:
-    Q, K, V projections, scores Q K^T, attention-weighted V, output projection,
-    and the two MLP layers."""
+def transformer_block(tokens, width, heads, mlp_ratio, queries=None):
+    """Forward FLOPs of one pre-LN residual block on one sequence of `tokens`
+    with outputs for `queries` of them (default: all): K, V projections of every
+    token; Q projection, scores Q K^T, attention-weighted V, output projection
+    and the two MLP layers for the queries."""
+    queries = tokens if queries is None else queries
     inner = heads * (width // heads)  # heads x head_dim, = width when divisible
     hidden = int(width * mlp_ratio)
-    projections = 3 * matmul(tokens, width, inner) + matmul(tokens, inner, width)
-    attention = 2 * matmul(tokens, inner, tokens)  # Q K^T and softmax(.) V, all heads
-    mlp = matmul(tokens, width, hidden) + matmul(tokens, hidden, width)
+    projections = (2 * matmul(tokens, width, inner) + matmul(queries, width, inner)
+                   + matmul(queries, inner, width))
+    attention = 2 * matmul(queries, inner, tokens)  # Q K^T and softmax(.) V, all heads
+    mlp = matmul(queries, width, hidden) + matmul(queries, hidden, width)
     return projections + attention + mlp
 
 
-def vit_image(image, embed_dim):
+def transformer_tower(tokens, tower, full_last_block=False):
+    """Forward FLOPs of `tower.layers` blocks on `tokens`, the last one for the
+    pooled token only unless full_last_block."""
+    block = functools.partial(transformer_block, tokens, tower.width, tower.heads, tower.mlp_ratio)
+    return (tower.layers - 1) * block() + block(None if full_last_block else 1)
+
+
+def vit_image(image, embed_dim, full_last_block=False):
     """Forward FLOPs of the ViT tower on one image: the patch convolution as a
     [patches, p*p*3] @ [p*p*3, width] product, the blocks over the patches plus
     the class token, and the projection of the class token."""
     patches = (image.image_size // image.patch_size) ** 2
     patch_embedding = matmul(patches, image.patch_size ** 2 * 3, image.width)
-    blocks = image.layers * transformer_block(patches + 1, image.width, image.heads,
-                                              image.mlp_ratio)
+    blocks = transformer_tower(patches + 1, image, full_last_block)
     return patch_embedding + blocks + matmul(1, image.width, embed_dim)
 
 
-def text(text_config, embed_dim):
+def text(text_config, embed_dim, full_last_block=False):
     """Forward FLOPs of the causal text tower on one caption of context_length
     tokens; the token embedding lookup is free, the projection is of the
     end-of-text token only."""
-    blocks = text_config.layers * transformer_block(
-        text_config.context_length, text_config.width, text_config.heads, text_config.mlp_ratio)
+    blocks = transformer_tower(text_config.context_length, text_config, full_last_block)
     return blocks + matmul(1, text_config.width, embed_dim)
 
 
@@ -70,12 +84,14 @@ def conv(size, kernel, in_channels, out_channels):
     return matmul(size * size, kernel * kernel * in_channels, out_channels)
 
 
-def resnet_image(image, embed_dim):
+def resnet_image(image, embed_dim, full_last_block=False):
     """Forward FLOPs of CLIP's modified ResNet on one image (models/resnet.py):
     the 3-conv stem, the bottlenecks (1x1, 3x3, 1x1 at the pooled size, and the
     pooled 1x1 shortcut) and the attention pool, whose only query is the mean.
     (OpenCLIP's published profile is ~5% higher, e.g. RN50 12.22 GFLOPs against
-    11.59 here: the size of a pool whose query spans all positions.)"""
+    11.59 here: the size of a pool whose query spans all positions.)
+    full_last_block: unused (no Transformer blocks), for the common signature."""
+    del full_last_block
     width = image.width
     size = -(-image.image_size // 2)  # the stride-2 3x3 conv, padded 1: ceil(S / 2)
     total = (conv(size, 3, 3, width // 2) + conv(size, 3, width // 2, width // 2)
@@ -108,17 +124,19 @@ def contrastive_logits(global_batch, embed_dim):
     return matmul(global_batch, embed_dim, global_batch)
 
 
-def train_step_flops(model_config, global_batch, locked=()):
+def train_step_flops(model_config, global_batch, locked=(), full_last_block=False):
     """{"image", "text", "loss": forward FLOPs of the global batch; "forward": their
     sum; "train_step": forward + backward} for config.model. `locked` names
-    towers ("image", "text") that get no backward pass."""
+    towers ("image", "text") that get no backward pass; full_last_block: see the
+    module docstring."""
     kind = model_config.image.kind
     if kind not in IMAGE_TOWERS:
         raise NotImplementedError(f"no FLOP count for config.model.image.kind={kind!r}; "
                                   f"known: {', '.join(IMAGE_TOWERS)}")
     embed_dim = model_config.embed_dim
-    parts = {"image": global_batch * IMAGE_TOWERS[kind](model_config.image, embed_dim),
-             "text": global_batch * text(model_config.text, embed_dim),
+    parts = {"image": global_batch * IMAGE_TOWERS[kind](model_config.image, embed_dim,
+                                                        full_last_block),
+             "text": global_batch * text(model_config.text, embed_dim, full_last_block),
              "loss": contrastive_logits(global_batch, embed_dim)}
     train_step = sum(part_flops * (1 if part in locked else TRAIN_MULTIPLIER)
                      for part, part_flops in parts.items())

@@ -105,3 +105,24 @@ def test_dense_matmul_gradients_are_autodiffs(dtype):
         np.testing.assert_allclose(np.asarray(form(x, weights), np.float32),
                                    np.asarray(reference[1], np.float32),
                                    rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pooled_last_block_gives_the_full_stacks_outputs_at_the_pooled_tokens(causal):
+    """The towers run their last block for the pooled token only: the same
+    values as the full stack's output at those positions, unscanned and scanned."""
+    from clip_jax.models.transformer import Transformer, stack_layers  # noqa: PLC0415
+
+    x = jax.random.normal(jax.random.key(0), (3, 6, 16))
+    positions = jnp.array([0, 3, 5])
+    plain = Transformer(3, 2, causal, "gelu")
+    params = nn.unbox(plain.init(jax.random.key(1), x))["params"]
+    full = plain.apply({"params": params}, x)
+    expected = full[jnp.arange(3), positions]
+    np.testing.assert_allclose(plain.apply({"params": params}, x, positions), expected,
+                               rtol=1e-5, atol=1e-6)
+    scanned = Transformer(3, 2, causal, "gelu", scan_layers=True)
+    stacked = {"params": stack_layers(params)}
+    np.testing.assert_allclose(scanned.apply(stacked, x), full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scanned.apply(stacked, x, positions), expected,
+                               rtol=1e-5, atol=1e-6)

@@ -36,12 +36,12 @@ class TextTransformer(nn.Module):
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length, self.width))
         x = (token_embedding[tokens] + positions).astype(self.dtype)  # [B, L, D]
-        x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
-                        mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
-                        name="transformer")(x)
-        x = LayerNorm(name="ln_final")(x)
         end_positions = jnp.argmax(tokens, axis=-1)  # [B]
-        pooled = jnp.take_along_axis(x, end_positions[:, None, None], axis=1)[:, 0]  # [B, D]
+        end_outputs = Transformer(  # [B, D]
+            self.layers, self.heads, causal=True, activation=self.activation,
+            mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
+            remat=self.remat, name="transformer")(x, end_positions)
+        pooled = LayerNorm(name="ln_final")(end_outputs)
         projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
                                 (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ projection

@@ -6,7 +6,7 @@ config's sharding rules place them; no mesh axes appear here.
 Two layouts of a stack's parameters exist: unscanned (`resblocks_0`,
 `resblocks_1`, ..., the default and what weight conversion targets) and scanned
 (one `resblocks` subtree whose leaves carry a leading `layers` axis), where the
-blocks run under `nn.scan` so compile time does not grow with depth.
+blocks run in a loop (`lax.scan`) so compile time does not grow with depth.
 `stack_layers` / `unstack_layers` convert between them.
 """
 
@@ -138,8 +138,14 @@ class LayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+def take_tokens(x, positions):
+    """x [B, T, D], positions [B] -> [B, 1, D]: each row's token at its position."""
+    return jnp.take_along_axis(x, positions[:, None, None], axis=1)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; [B, T, D] -> [B, T, D]."""
+    """Multi-head self-attention; [B, T, D] -> [B, T, D], or [B, 1, D] for the
+    queries at `query_positions` [B] only (keys and values from every token)."""
 
     heads: int
     causal: bool
@@ -148,19 +154,27 @@ class SelfAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, query_positions=None):
         width = x.shape[-1]
         head_dim = width // self.heads
 
-        def project(name):
+        def project(name, inputs):
             return nn.DenseGeneral(
                 (self.heads, head_dim), dtype=self.dtype, name=name,
                 kernel_init=normal(self.in_std, ("embed", "heads", "kv")),
                 bias_init=zeros(("heads", "kv")),
-            )(x)
+            )(inputs)
 
-        query, key, value = project("query"), project("key"), project("value")  # [B, T, N, H]
-        attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
+        key, value = project("key", x), project("value", x)  # [B, T, N, H]
+        if query_positions is None:
+            query = project("query", x)
+            attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
+        else:
+            query = project("query", take_tokens(x, query_positions))  # [B, 1, N, H]
+            # A causal query sees the keys up to its own position.
+            mask = (jnp.arange(x.shape[1]) <= query_positions[:, None, None, None]
+                    if self.causal else None)  # [B, 1, 1, T]
+            attended = jax.nn.dot_product_attention(query, key, value, mask=mask)
         return nn.DenseGeneral(
             width, axis=(-2, -1), dtype=self.dtype, name="out",
             kernel_init=normal(self.out_std, ("heads", "kv", "embed")),
@@ -169,7 +183,8 @@ class SelfAttention(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """x + attn(ln_1(x)), then + mlp(ln_2(x)), as in CLIP's ResidualAttentionBlock."""
+    """x + attn(ln_1(x)), then + mlp(ln_2(x)), as in CLIP's ResidualAttentionBlock;
+    [B, T, D] -> [B, T, D], or [B, 1, D]: the outputs at `query_positions` [B] only."""
 
     heads: int
     layers: int  # depth of the whole stack, for the residual-branch init scale
@@ -179,7 +194,7 @@ class ResidualBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, query_positions=None):
         width = x.shape[-1]
         hidden = int(width * self.mlp_ratio)
         # CLIP's init: residual-branch outputs shrink with depth so the stream stays O(1).
@@ -187,8 +202,9 @@ class ResidualBlock(nn.Module):
         proj_std = attn_std * (2 * self.layers) ** -0.5
         fc_std = (2 * width) ** -0.5
 
-        x = x + SelfAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
-                              name="attn")(LayerNorm(name="ln_1")(x))
+        attended = SelfAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
+                                 name="attn")(LayerNorm(name="ln_1")(x), query_positions)
+        x = (x if query_positions is None else take_tokens(x, query_positions)) + attended
         h = Dense(hidden, dtype=self.dtype, name="c_fc",
                      kernel_init=normal(fc_std, ("embed", "mlp")), bias_init=zeros(("mlp",)))(
             LayerNorm(name="ln_2")(x))
@@ -201,7 +217,12 @@ class ResidualBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of `layers` residual blocks; [B, T, D] -> [B, T, D].
 
-    scan_layers: run the blocks under nn.scan with parameters stacked on a
+    With `pool_positions` [B] only each row's token at that position is wanted
+    (CLIP's towers pool one token): returns [B, D], and the last block computes
+    queries, attention and MLP for that token alone (keys and values for all),
+    the same values for about 7% fewer FLOPs in a 12-block tower.
+
+    scan_layers: run the blocks in a loop (lax.scan) with parameters stacked on a
     leading `layers` axis (params `resblocks/...`) instead of one submodule per
     block (`resblocks_0/...`); the outputs are the same given stacked params.
     remat: a name from REMAT_NAMES; wraps each block in nn.remat with that policy.
@@ -217,7 +238,7 @@ class Transformer(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, pool_positions=None):
         block_class = ResidualBlock
         if self.remat != "none":
             if self.remat not in REMAT_POLICIES:
@@ -229,15 +250,33 @@ class Transformer(nn.Module):
                                    prevent_cse=not self.scan_layers)
         block_args = (self.heads, self.layers, self.causal, self.activation, self.mlp_ratio,
                       self.dtype)
+        full_blocks = self.layers if pool_positions is None else self.layers - 1
         if not self.scan_layers:
-            for i in range(self.layers):
+            for i in range(full_blocks):
                 x = block_class(*block_args, name=f"resblocks_{i}")(x)
+            if pool_positions is None:
+                return x
+            return block_class(*block_args, name=f"resblocks_{full_blocks}")(x, pool_positions)[:, 0]
+
+        # The blocks' parameters, stacked, are one parameter of this module (the
+        # layout nn.scan would give), so that the pooled last block can apply the
+        # last slice outside the loop.
+        block = block_class(*block_args, parent=None)
+
+        def init_stacked(rng):
+            stacked = jax.vmap(lambda key: block.init(key, x)["params"])(
+                jax.random.split(rng, self.layers))
+            return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: LAYERS_AXIS}),
+                                stacked, is_leaf=lambda leaf: isinstance(leaf, nn.meta.AxisMetadata))
+
+        stacked = self.param(SCANNED_BLOCKS, init_stacked)
+        looped = stacked if pool_positions is None else jax.tree.map(lambda p: p[:-1], stacked)
+        x, _ = jax.lax.scan(lambda carry, params: (block.apply({"params": params}, carry), None),
+                            x, looped)
+        if pool_positions is None:
             return x
-        scan = nn.scan(lambda block, carry, _: (block(carry), None),
-                       variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=self.layers, metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
-        x, _ = scan(block_class(*block_args, name=SCANNED_BLOCKS), x, None)
-        return x
+        last = jax.tree.map(lambda p: p[-1], stacked)
+        return block.apply({"params": last}, x, pool_positions)[:, 0]
 
 
 def stack_layers(transformer_params):

@@ -71,9 +71,10 @@ class VisionTransformer(nn.Module):
         tokens = tokens + positions.astype(self.dtype)
 
         tokens = LayerNorm(name="ln_pre")(tokens)
-        tokens = Transformer(self.layers, self.heads, causal=False, activation=self.activation,
-                             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
-                        name="transformer")(tokens)
-        pooled = LayerNorm(name="ln_post")(tokens[:, 0])  # [B, D]
+        class_outputs = Transformer(  # the class token's, [B, D]
+            self.layers, self.heads, causal=False, activation=self.activation,
+            mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
+            remat=self.remat, name="transformer")(tokens, jnp.zeros((batch,), jnp.int32))
+        pooled = LayerNorm(name="ln_post")(class_outputs)
         proj = self.param("proj", normal(scale, ("embed", "joint")), (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ proj

@@ -67,7 +67,7 @@ def build_model_config(image, text, embed_dim, activation):
         output_vocab="full",
         # Compute dtype of the towers; parameters and the loss stay float32.
         dtype="float32",
-        # Run each tower's residual blocks under nn.scan, params stacked on a leading
+        # Run each tower's residual blocks in a loop (lax.scan), params stacked on a leading
         # `layers` axis (`resblocks/...` instead of `resblocks_0/...`): compile time
         # stops growing with depth. Convert with models.transformer.stack_layers.
         scan_layers=False,
