@@ -1,6 +1,8 @@
 """Test set-up: 8 fake CPU devices, so sharding tests run on any machine."""
 
 import os
+import shutil
+import tempfile
 
 from clip_jax import cpu_devices
 
@@ -8,6 +10,18 @@ from clip_jax import cpu_devices
 # multi-host workers) keeps it.
 cpu_devices.request(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# The suite compiles the same programs many times over: each test's one-device
+# reference, every trainer process of a kill-and-resume run. Compiling dominates
+# on 2 cores, so one XLA compilation cache serves the session: pytest-xdist's
+# workers and every subprocess inherit it from the process that made it (and
+# that process removes it). A cached executable is the one XLA compiled for the
+# same program, flags and devices, so the tests see the same code.
+_OWN_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="clip_jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILATION_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
@@ -37,3 +51,8 @@ def small_config(**overrides):
 @pytest.fixture
 def tiny_config() -> ml_collections.ConfigDict:
     return small_config()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_COMPILATION_CACHE is not None:
+        shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
