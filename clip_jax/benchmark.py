@@ -38,6 +38,9 @@ bf16 FLOP/s, and peak device memory. On CPU it runs on one device unless
   python -m clip_jax.benchmark train --config ViT-B-32 --batch-size 256 \
       [--steps 10] [--warmup 2] [--dtype bfloat16] [--devices N] [--set model.remat=full] [--json]
 
+--config also takes the trainer's form (configs/clip.py:ViT-B-32, any config
+file), and --config.model.remat=full the trainer's overrides.
+
 With `--reference open_clip` the same architecture, global batch, precision and
 AdamW settings then train in OpenCLIP (PyTorch, CPU) in the same process for the
 same number of steps, and the ratio of samples/s is printed (ViT towers only).
@@ -62,7 +65,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax import flops, losses, sharding  # noqa: E402
+from clip_jax import config_files, flops, losses, sharding  # noqa: E402
 from clip_jax import tokenizer as tokenizer_lib  # noqa: E402
 from clip_jax.train_step import setup_training  # noqa: E402
 from configs.clip import get_config  # noqa: E402
@@ -393,15 +396,15 @@ def apply_sets(config, assignments):
     for assignment in assignments:
         key, equals, text = assignment.partition("=")
         if not equals:
-            raise ValueError(f"--set {assignment!r}: expected key=value, e.g. model.remat=full")
+            raise ValueError(f"override {assignment!r}: expected key=value, e.g. model.remat=full")
         *parents, leaf = key.removeprefix("config.").split(".")
         node = config
         for part in parents:
             if not hasattr(node, "keys") or part not in node:
-                raise ValueError(f"--set {assignment!r}: no config key {key!r}")
+                raise ValueError(f"override {assignment!r}: no config key {key!r}")
             node = node[part]
         if not hasattr(node, "keys") or leaf not in node:
-            raise ValueError(f"--set {assignment!r}: no config key {key!r}")
+            raise ValueError(f"override {assignment!r}: no config key {key!r}")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -409,9 +412,16 @@ def apply_sets(config, assignments):
         node[leaf] = value
 
 
+def load_config(spec):
+    """--config: a configs/clip.py variant (`ViT-B-32`) or, as the trainer takes
+    it, a config file with its argument (`configs/clip.py:ViT-B-32`)."""
+    return config_files.load(spec) if ".py" in spec else get_config(spec)
+
+
 def train_config(variant, batch_size, dtype="float32", sets=()):
-    """The variant's config with the given global batch, compute dtype and --set overrides."""
-    config = get_config(variant)
+    """The config named by `variant` (see load_config) with the given global batch,
+    compute dtype and --set overrides."""
+    config = load_config(variant)
     with config.unlocked():
         config.batch_size = batch_size
         config.model.dtype = dtype
@@ -501,7 +511,10 @@ def reference_benchmark(config, steps, warmup):
 
 
 def run_train(args):
-    config = train_config(args.config, args.batch_size, args.dtype, args.set)
+    try:
+        config = train_config(args.config, args.batch_size, args.dtype, args.set)
+    except (ValueError, FileNotFoundError) as error:  # a bad name, file or key: one line
+        raise SystemExit(f"config error: {error}") from None
     row = {"config": args.config, **train_benchmark(config, args.devices, args.steps, args.warmup)}
     if args.reference:
         row.update(reference_benchmark(config, args.steps, args.warmup))
@@ -532,6 +545,23 @@ def run_train(args):
               f"batch, precision, AdamW; PyTorch, another process)\n"
               f"  OpenCLIP samples/s {row['reference_samples_per_sec']:10.1f}\n"
               f"  clip_jax / OpenCLIP {row['speedup']:9.2f}x samples/s", flush=True)
+
+
+def config_overrides_as_sets(argv):
+    """The trainer's `--config.key=value` (or `--config.key value`) -> `--set key=value`."""
+    converted, rest = [], list(argv)
+    while rest:
+        argument = rest.pop(0)
+        if argument.startswith("--config."):
+            key, equals, value = argument.removeprefix("--config.").partition("=")
+            if not equals:
+                if not rest:
+                    raise SystemExit(f"{argument}: expected a value")
+                value = rest.pop(0)
+            converted += ["--set", f"{key}={value}"]
+        else:
+            converted.append(argument)
+    return converted
 
 
 def main(argv=None):
@@ -568,7 +598,9 @@ def main(argv=None):
     retrieval.add_argument("--chunk-size", type=int, default=4096)
     retrieval.add_argument("--json", action="store_true", help="one JSON line per direction")
     train = commands.add_parser("train", help="train-step speed, FLOPs and MFU of a preset")
-    train.add_argument("--config", default="tiny", help="configs/clip.py variant, e.g. ViT-B-32")
+    train.add_argument("--config", default="tiny",
+                       help="configs/clip.py variant (ViT-B-32) or FILE.py:ARG as the trainer "
+                            "takes it (configs/clip.py:ViT-B-32)")
     train.add_argument("--batch-size", type=int, default=32, help="global batch")
     train.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
@@ -577,11 +609,12 @@ def main(argv=None):
     train.add_argument("--devices", type=int, default=1,
                        help="devices of the mesh (the first N of jax.devices())")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="config override, e.g. model.remat=full (repeatable)")
+                       help="config override, e.g. model.remat=full (repeatable); the "
+                            "trainer's form --config.model.remat=full works too")
     train.add_argument("--reference", choices=("open_clip",),
                        help="also train the same model in OpenCLIP and print the ratio")
     train.add_argument("--json", action="store_true", help="one JSON line")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(config_overrides_as_sets(sys.argv[1:] if argv is None else argv))
     if args.command == "memory":
         run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
     elif args.command == "compile":

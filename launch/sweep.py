@@ -23,7 +23,6 @@ given after `--`:
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -34,6 +33,7 @@ import time
 if __package__ in (None, ""):  # run as `python launch/sweep.py`: import from the repository
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clip_jax import config_files  # noqa: E402
 from launch import ablation, efficiency, sweep_plan  # noqa: E402
 from launch.arguments import split_at_double_dash  # noqa: E402
 
@@ -47,12 +47,10 @@ class SweepError(ValueError):
 
 def load_config_module(path):
     """The config file at `path` (e.g. configs/clip.py) as a module."""
-    if not os.path.exists(path):
-        raise SweepError(f"--config: no such file {path!r}")
-    spec = importlib.util.spec_from_file_location("_sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    try:
+        return config_files.load_module(path)
+    except FileNotFoundError as error:
+        raise SweepError(str(error)) from None
 
 
 def plan_runs(config_flag, sweep_name, root, sets):

@@ -75,6 +75,34 @@ def test_train_benchmark_reports_its_keys_and_the_ratio_to_open_clip(capsys):
     assert np.isfinite(row["loss"])
 
 
+def test_train_takes_the_trainers_config_arguments():
+    """--config FILE.py:ARG and --config.key=value (or `--config.key value`), as
+    the trainer takes them, name the same config as VARIANT and --set."""
+    argv = benchmark.config_overrides_as_sets(
+        ["train", "--config", "configs/clip.py:ViT-B-16", "--config.model.remat=full",
+         "--config.optimizer.lr", "0.001", "--json"])
+    assert argv == ["train", "--config", "configs/clip.py:ViT-B-16", "--set", "model.remat=full",
+                    "--set", "optimizer.lr=0.001", "--json"]
+    from_file = benchmark.train_config("configs/clip.py:ViT-B-16", 64,
+                                       sets=["model.remat=full", "optimizer.lr=0.001"])
+    by_name = benchmark.train_config("ViT-B-16", 64)
+    with by_name.unlocked():
+        by_name.model.remat, by_name.optimizer.lr = "full", 0.001
+    assert from_file.to_dict() == by_name.to_dict()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--config", "no/such/file.py:ViT-B-32"],
+     "config error: --config: no such file 'no/such/file.py'"),
+    (["--config", "ViT-Q-99"], "config error: unknown config variant 'ViT-Q-99'"),
+    (["--config.model.nope=1"], "config error: override 'model.nope=1': no config key"),
+])
+def test_train_config_errors_are_one_line(arguments, message):
+    with pytest.raises(SystemExit) as stopped:
+        benchmark.main(["train", *arguments])
+    assert str(stopped.value).startswith(message) and "\n" not in str(stopped.value)
+
+
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16-quickgelu", "ViT-L-14"])
 def test_reference_architecture_is_open_clips_own(name):
     """The side-by-side OpenCLIP model built from our config has exactly the

@@ -1,0 +1,23 @@
+"""Config files as the trainer's --config names them: `path/to/file.py[:arg]`,
+a Python file whose get_config(arg) returns an ml_collections.ConfigDict."""
+
+import importlib.util
+import os
+
+
+def load_module(path):
+    """The config file at `path` (e.g. configs/clip.py) as a module; a missing
+    file is a one-line FileNotFoundError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(
+        f"_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(spec):
+    """'path/to/file.py[:arg]' -> that file's get_config(arg) (arg None when absent)."""
+    path, _, arg = spec.partition(":")
+    return load_module(path).get_config(arg or None)
