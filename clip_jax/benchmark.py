@@ -469,7 +469,8 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
     step_time = float(np.median(seconds))
 
     locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
-    model_flops = flops.train_step_flops(config.model, config.batch_size, locked)["train_step"]
+    model_flops = flops.train_step_flops(config.model, config.batch_size, locked,
+                                         objective=config.objective)["train_step"]
     achieved = model_flops / step_time
     kind = devices[0].device_kind
     peak = peak_flops_per_device(kind)

@@ -22,13 +22,22 @@ Choices where conventions differ:
   counted so; `full_last_block=True` counts it over every token, the
   architecture's nominal count that OpenCLIP publishes.
 
-`train_step_flops(config.model, global_batch)` gives the per-part forward
-FLOPs of the global batch and the `train_step` total. tests/test_flops.py
+Objectives (config.objective, the paper's study): `contrastive` counts the two
+towers (the Transformer or, with model.text_encoder="bag_of_words", the mean of
+the word embeddings and the projection) and the logits; `bow_predict` the image
+tower and its linear head over the output vocabulary; `caption_lm` the image
+tower and the caption decoder (its image-prefix projection, every block over the
+prefix and the caption, and the head at every caption position).
+
+`train_step_flops(config.model, global_batch, objective=config.objective)`
+gives the per-part forward FLOPs of the global batch and the `train_step` total. tests/test_flops.py
 checks them against XLA's cost analysis, and the ViT presets against
 OpenCLIP's published per-example GFLOPs (ViT-B-32: 8.82 image, 5.96 text).
 """
 
 import functools
+
+from clip_jax import output_vocab
 
 # Backward = 2x forward: gradients w.r.t. activations and w.r.t. weights.
 TRAIN_MULTIPLIER = 3
@@ -115,6 +124,26 @@ def resnet_image(image, embed_dim, full_last_block=False):
     return total + attention_pool
 
 
+def bag_of_words_text(text_config, embed_dim):
+    """Forward FLOPs of the bag-of-words text tower on one caption: the mean of its
+    word embeddings (a [1, L] @ [L, width] product) and the projection."""
+    return (matmul(1, text_config.context_length, text_config.width)
+            + matmul(1, text_config.width, embed_dim))
+
+
+def caption_decoder(model_config):
+    """Forward FLOPs of the caption decoder on one caption of context_length
+    tokens: the image-prefix projection, every block over prefix + caption, and
+    the output head at every caption position."""
+    text_config = model_config.text
+    tokens = text_config.context_length
+    classes = output_vocab.head_size(model_config.output_vocab, text_config.vocab_size)
+    blocks = text_config.layers * transformer_block(tokens + 1, text_config.width,
+                                                    text_config.heads, text_config.mlp_ratio)
+    return (matmul(1, model_config.embed_dim, text_config.width) + blocks
+            + matmul(tokens, text_config.width, classes))
+
+
 # config.model.image.kind -> FLOPs of the image tower on one image.
 IMAGE_TOWERS = {"vit": vit_image, "resnet": resnet_image}
 
@@ -124,20 +153,39 @@ def contrastive_logits(global_batch, embed_dim):
     return matmul(global_batch, embed_dim, global_batch)
 
 
-def train_step_flops(model_config, global_batch, locked=(), full_last_block=False):
-    """{"image", "text", "loss": forward FLOPs of the global batch; "forward": their
-    sum; "train_step": forward + backward} for config.model. `locked` names
-    towers ("image", "text") that get no backward pass; full_last_block: see the
-    module docstring."""
+def _objective_parts(objective, model_config, global_batch, full_last_block):
+    """{part: forward FLOPs of the global batch} besides the image tower."""
+    embed_dim = model_config.embed_dim
+    if objective == "bow_predict":
+        classes = output_vocab.head_size(model_config.output_vocab,
+                                         model_config.text.vocab_size)
+        return {"head": global_batch * matmul(1, embed_dim, classes)}
+    if objective == "caption_lm":
+        return {"text": global_batch * caption_decoder(model_config)}
+    if objective != "contrastive":
+        raise NotImplementedError(f"no FLOP count for config.objective={objective!r}")
+    if model_config.text_encoder == "bag_of_words":
+        text_flops = bag_of_words_text(model_config.text, embed_dim)
+    else:
+        text_flops = text(model_config.text, embed_dim, full_last_block)
+    return {"text": global_batch * text_flops,
+            "loss": contrastive_logits(global_batch, embed_dim)}
+
+
+def train_step_flops(model_config, global_batch, locked=(), full_last_block=False,
+                     objective="contrastive"):
+    """{"image", then the objective's parts ("text" and "loss" for contrastive,
+    "head" for bow_predict, "text" (the caption decoder) for caption_lm): forward
+    FLOPs of the global batch; "forward": their sum; "train_step": forward +
+    backward} for config.model. `locked` names towers ("image", "text") that get
+    no backward pass; full_last_block: see the module docstring."""
     kind = model_config.image.kind
     if kind not in IMAGE_TOWERS:
         raise NotImplementedError(f"no FLOP count for config.model.image.kind={kind!r}; "
                                   f"known: {', '.join(IMAGE_TOWERS)}")
-    embed_dim = model_config.embed_dim
-    parts = {"image": global_batch * IMAGE_TOWERS[kind](model_config.image, embed_dim,
-                                                        full_last_block),
-             "text": global_batch * text(model_config.text, embed_dim, full_last_block),
-             "loss": contrastive_logits(global_batch, embed_dim)}
+    image_flops = IMAGE_TOWERS[kind](model_config.image, model_config.embed_dim, full_last_block)
+    parts = {"image": global_batch * image_flops,
+             **_objective_parts(objective, model_config, global_batch, full_last_block)}
     train_step = sum(part_flops * (1 if part in locked else TRAIN_MULTIPLIER)
                      for part, part_flops in parts.items())
     return {**parts, "forward": sum(parts.values()), "train_step": train_step}

@@ -64,6 +64,24 @@ def test_vit_clip_train_step_flops_match_xla():
     assert_within(flops.train_step_flops(config.model, BATCH)["train_step"], xla)
 
 
+@pytest.mark.parametrize("objective, text_encoder", [
+    ("contrastive", "bag_of_words"), ("bow_predict", "transformer"),
+    ("caption_lm", "transformer")])
+def test_other_objectives_train_step_flops_match_xla(objective, text_encoder):
+    """The objective study's models (bag-of-words text tower, bag-of-words
+    prediction head, caption decoder) against their whole compiled steps."""
+    config = vit_config()
+    with config.unlocked():
+        config.objective, config.model.text_encoder = objective, text_encoder
+    step, state, batch = benchmark.abstract_train_step(config, jax.devices()[:1])
+    xla = benchmark.compiled_flops(step.lower(state, batch).compile())
+    counts = flops.train_step_flops(config.model, BATCH, objective=objective)
+    assert_within(counts["train_step"], xla)
+    clip = flops.train_step_flops(vit_config().model, BATCH)  # contrastive, Transformer text
+    assert counts["image"] == clip["image"]  # the same image tower
+    assert counts["train_step"] != clip["train_step"]
+
+
 @pytest.mark.parametrize("tower", ["image", "text"])
 def test_vit_clip_tower_forward_flops_match_xla(tower):
     """Each tower's forward alone (measured: XLA 3.5-3.7% above)."""
