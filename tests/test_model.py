@@ -80,6 +80,44 @@ def test_patch_embedding_is_clips_strided_convolution(image_size):
     np.testing.assert_array_equal(variables["params"]["kernel"], conv_init)
 
 
+def _reference_layer_norm(x, scale, bias, epsilon=1e-5):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    variance = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(variance + epsilon) * scale + bias).astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lean_layer_norm_and_gelu_equal_autodiff(dtype):
+    """The hand-written backward passes of models/lean_ops.py give autodiff's
+    values and gradients (w.r.t. the input, scale and bias) for a [B, T, D] input,
+    in float32 and in bfloat16 (float32 parameters, as the towers hold them)."""
+    from clip_jax.models import lean_ops  # noqa: PLC0415
+
+    x = 3 * jax.random.normal(jax.random.key(0), (3, 5, 16), dtype) + 0.5
+    scale = jax.random.normal(jax.random.key(1), (16,))
+    bias = jax.random.normal(jax.random.key(2), (16,))
+    weights = jax.random.normal(jax.random.key(3), (3, 5, 16), dtype)
+    tolerance = 2e-5 if dtype == jnp.float32 else 3e-2
+
+    def check(ours, reference, *args):
+        def weighted(fn):
+            return lambda *a: (fn(*a) * weights).astype(jnp.float32).sum()
+        np.testing.assert_allclose(np.asarray(ours(*args), np.float32),
+                                   np.asarray(reference(*args), np.float32),
+                                   rtol=tolerance, atol=tolerance)
+        argnums = tuple(range(len(args)))
+        for mine, expected in zip(jax.grad(weighted(ours), argnums)(*args),
+                                  jax.grad(weighted(reference), argnums)(*args)):
+            assert mine.dtype == expected.dtype and mine.shape == expected.shape
+            np.testing.assert_allclose(np.asarray(mine, np.float32),
+                                       np.asarray(expected, np.float32),
+                                       rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+    check(lambda *a: lean_ops.layer_norm(*a, 1e-5), _reference_layer_norm, x, scale, bias)
+    check(lean_ops.gelu, lambda v: jax.nn.gelu(v, approximate=False), x)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matmul_gradients_are_autodiffs(dtype):
     """The hand-written VJP gives autodiff's gradients for a [B, T, K] input, in

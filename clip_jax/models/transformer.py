@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models import lean_ops
+
 # Logical name of the leading axis of scanned (stacked) block parameters.
 LAYERS_AXIS = "layers"
 # Name of the stacked-blocks subtree of a scanned Transformer.
@@ -88,7 +90,7 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "quick_gelu": quick_gelu}
+ACTIVATIONS = {"gelu": lean_ops.gelu, "quick_gelu": quick_gelu}
 
 
 def activation_fn(name: str) -> Callable:
@@ -131,11 +133,7 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                            (width,))
         bias = self.param("bias", zeros(("embed",)), (width,))
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(axis=-1, keepdims=True)
-        variance = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon) * scale + bias
-        return y.astype(x.dtype)
+        return lean_ops.layer_norm(x, scale, bias, self.epsilon)
 
 
 def take_tokens(x, positions):

@@ -1,0 +1,74 @@
+"""LayerNorm and exact GELU with hand-written backward passes that keep one
+array for the backward pass where autodiff keeps several.
+
+Autodiff saves every intermediate its derivative rules touch: four arrays of
+the input's size for a LayerNorm (x - mean, its square, the normalised x, the
+output) and four of the MLP's hidden size for the erf GELU (-x/sqrt(2), erfc,
+exp(-x^2/2), the output). In a scanned tower each saved array is a stack the
+forward loop writes layer by layer, so their size is memory traffic every
+step. Here the LayerNorm keeps its normalised input and 1/std, the GELU its
+input; the backward recomputes the rest (elementwise). Values are autodiff's
+up to float rounding (tests/test_model.py).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _normalise(x, epsilon):
+    """float32 (x - mean) / std over the last axis, and 1 / std [..., 1]."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - x32.mean(axis=-1, keepdims=True)
+    inverse_std = jax.lax.rsqrt(jnp.square(centred).mean(axis=-1, keepdims=True) + epsilon)
+    return centred * inverse_std, inverse_std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon):
+    """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    normalised, _ = _normalise(x, epsilon)
+    return (normalised * scale + bias).astype(x.dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    normalised, inverse_std = _normalise(x, epsilon)
+    output = (normalised * scale + bias).astype(x.dtype)
+    return output, (normalised, inverse_std, scale)
+
+
+def _layer_norm_bwd(epsilon, residuals, grad):
+    del epsilon
+    normalised, inverse_std, scale = residuals
+    grad32 = grad.astype(jnp.float32)  # grad has the output's dtype, x's
+    leading = tuple(range(grad.ndim - 1))
+    scaled = grad32 * scale
+    x_grad = inverse_std * (scaled - scaled.mean(axis=-1, keepdims=True)
+                            - normalised * (scaled * normalised).mean(axis=-1, keepdims=True))
+    return (x_grad.astype(grad.dtype), (grad32 * normalised).sum(axis=leading).astype(scale.dtype),
+            grad32.sum(axis=leading).astype(scale.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@jax.custom_vjp
+def gelu(x):
+    """The exact (erf) GELU, x * Phi(x), as jax.nn.gelu(approximate=False)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, grad):
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * jax.lax.erfc(-x32 / math.sqrt(2.0))
+    pdf = jnp.exp(-0.5 * jnp.square(x32)) / math.sqrt(2.0 * math.pi)
+    return ((grad.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
