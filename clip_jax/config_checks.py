@@ -10,6 +10,7 @@ from clip_jax.data import pipeline
 from clip_jax.evals import specs
 from clip_jax.models.clip import TEXT_TOWERS
 from clip_jax.models.image_towers import IMAGE_TOWERS
+from clip_jax.models.partitioning import ACTIVATION_AXES
 from clip_jax.models.transformer import ACTIVATIONS, REMAT_NAMES
 
 
@@ -130,6 +131,10 @@ def check_config(config, num_devices):
                      f"({', '.join(sharding.MESH_AXES)})")
     _require(len(set(rule_names)) == len(rule_names),
              f"config.sharding_rules names a logical axis twice: {rule_names}")
+    missing = [name for name in ACTIVATION_AXES if name not in rule_names]
+    _require(not missing,
+             f"config.sharding_rules has no rule for {', '.join(missing)}: those activations "
+             "would be replicated on every device; map each (configs/clip.py lists them)")
 
 
 def _check_data(data):

@@ -1,10 +1,13 @@
 """Mesh construction and the mapping from logical axis names to mesh axes.
 
-Models name their parameter axes (`embed`, `mlp`, `heads`, `vocab`, ...); the
-config's `sharding_rules` say which mesh axis each name is split over. This is
-the one place where logical names meet devices.
+Models name their parameter axes (`embed`, `mlp`, `heads`, `vocab`, ...) and
+their activations' (`activation_batch`, `activation_mlp`, ...;
+models.partitioning); the config's `sharding_rules` say which mesh axis each
+name is split over. This is the one place where logical names meet devices.
 """
 
+import contextlib
+import functools
 import math
 import re
 
@@ -70,6 +73,25 @@ def logical_shardings(boxed_tree, mesh, rules):
     """NamedShardings for a tree of nn.LogicallyPartitioned (abstract) values."""
     specs = nn.get_partition_spec(boxed_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, [tuple(rule) for rule in rules])
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules):
+    """While tracing under jit inside this context, the models' activation
+    constraints (models.partitioning.constrain) place activations on `mesh` by
+    `rules`; outside it they do nothing."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+            nn.logical_axis_rules([tuple(rule) for rule in rules]):
+        yield
+
+
+def with_activation_sharding(fn, mesh, rules):
+    """fn, traced inside `activation_sharding(mesh, rules)` (wrap before jit)."""
+    @functools.wraps(fn)
+    def constrained(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+    return constrained
 
 
 def sharding_table(params, shardings):

@@ -279,6 +279,8 @@ def setup_training(config, devices=None, optimizer=None) -> Training:
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     abstract, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
                                           jax.random.key(config.seed))
-    step = make_train_step(gradients(objective, model, mesh, config), optimizer, schedule)
+    step = sharding.with_activation_sharding(
+        make_train_step(gradients(objective, model, mesh, config), optimizer, schedule),
+        mesh, config.sharding_rules)
     return Training(model=model, optimizer=optimizer, mesh=mesh, abstract_state=abstract,
                     shardings=shardings, step=jit_train_step(step, shardings, mesh))

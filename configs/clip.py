@@ -129,11 +129,13 @@ def _base():
     config.lock_text = False
 
     # Mesh axis sizes; -1 takes the remaining devices. The batch is split over
-    # data x fsdp; parameters are placed by `sharding_rules`.
+    # data x fsdp; parameters and activations are placed by `sharding_rules`.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # Logical parameter axis -> mesh axis (None: replicated).
+    # Logical axis -> mesh axis (None: replicated). FSDP (ZeRO-3) splits the
+    # weights' `embed` over fsdp and the activations' batch over data x fsdp;
+    # Megatron-style tensor parallelism splits `mlp`/`heads` of both over tensor.
     config.sharding_rules = (
-        ("batch", ("data", "fsdp")),
+        # Parameters.
         ("embed", "fsdp"),
         ("mlp", "tensor"),
         ("heads", "tensor"),
@@ -141,6 +143,14 @@ def _base():
         ("vocab", "tensor"),
         ("joint", None),
         ("layers", None),  # the stacked-blocks axis of scan_layers=True
+        # Activations (clip_jax/models/partitioning.py).
+        ("activation_batch", ("data", "fsdp")),
+        ("activation_length", None),
+        ("activation_embed", None),
+        ("activation_mlp", "tensor"),
+        ("activation_heads", "tensor"),
+        ("activation_kv", None),
+        ("activation_vocab", "tensor"),
     )
     return config
 

@@ -61,6 +61,8 @@ def test_knobs_in_the_config_argument():
     ({"microbatches": 0}, "config.microbatches=0 must be >= 1"),
     ({"microbatches": 4}, "config.batch_size=16 is not divisible by config.microbatches x "
                           "data-parallel size = 4 x 8"),
+    ({"sharding_rules": (("embed", "fsdp"), ("activation_batch", ("data", "fsdp")))},
+     "config.sharding_rules has no rule for activation_length, activation_embed"),
 ])
 def test_invalid_values_are_named(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -13,7 +13,8 @@ import ml_collections
 from clip_jax import output_vocab
 from clip_jax.models import tokens as token_layout
 from clip_jax.models.image_towers import embed_images, image_tower
-from clip_jax.models.transformer import normal, zeros
+from clip_jax.models.partitioning import BATCH, POOLED, VOCAB, constrain
+from clip_jax.models.transformer import embed_tokens, normal, zeros
 
 
 class BagOfWordsText(nn.Module):
@@ -30,7 +31,8 @@ class BagOfWordsText(nn.Module):
         token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
                                      (self.vocab_size, self.width))
         words = token_layout.word_mask(tokens).astype(jnp.float32)  # [B, L]
-        summed = jnp.einsum("bl,bld->bd", words, token_embedding[tokens])
+        summed = constrain(jnp.einsum("bl,bld->bd", words, embed_tokens(token_embedding, tokens)),
+                           POOLED)
         mean = summed / jnp.maximum(words.sum(axis=-1, keepdims=True), 1.0)  # [B, D]
         projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
                                 (self.width, self.embed_dim))
@@ -63,7 +65,7 @@ class BagOfWordsPredictor(nn.Module):
     def word_logits(self, images, train=False):
         """Logits [B, V] of the caption's words given the images."""
         embeddings = embed_images(self.visual, images, train, "image" in self.locked)
-        return self.bow_head(embeddings)
+        return constrain(self.bow_head(embeddings), (BATCH, VOCAB))
 
     def __call__(self, images, tokens=None, train=False):
         del tokens

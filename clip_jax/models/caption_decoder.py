@@ -23,7 +23,8 @@ import ml_collections
 
 from clip_jax import output_vocab
 from clip_jax.models.image_towers import embed_images, image_tower
-from clip_jax.models.transformer import LayerNorm, Transformer, normal, zeros
+from clip_jax.models.partitioning import BATCH, LENGTH, TOKENS, VOCAB, constrain
+from clip_jax.models.transformer import LayerNorm, Transformer, embed_tokens, normal, zeros
 
 
 class CaptionDecoder(nn.Module):
@@ -57,16 +58,18 @@ class CaptionDecoder(nn.Module):
                           kernel_init=normal(image_embeddings.shape[-1] ** -0.5,
                                              ("joint", "embed")),
                           bias_init=zeros(("embed",)))(image_embeddings)  # [B, D]
-        words = token_embedding[tokens] + positions[:length]  # [B, T, D]
-        x = jnp.concatenate([prefix[:, None], words], axis=1).astype(self.dtype)  # [B, 1+T, D]
+        words = embed_tokens(token_embedding, tokens) + positions[:length]  # [B, T, D]
+        x = constrain(jnp.concatenate([prefix[:, None], words], axis=1).astype(self.dtype),
+                      TOKENS)  # [B, 1+T, D]
         x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
                         mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
                         remat=self.remat, name="transformer")(x)
         # Output i + 1 has read the prefix and tokens[:, :i + 1]: it predicts token i + 1.
         x = LayerNorm(name="ln_final")(x[:, 1:]).astype(jnp.float32)  # [B, T, D]
-        return nn.Dense(self.output_size, name="head",
-                        kernel_init=normal(self.width ** -0.5, ("embed", "vocab")),
-                        bias_init=zeros(("vocab",)))(x)
+        logits = nn.Dense(self.output_size, name="head",
+                          kernel_init=normal(self.width ** -0.5, ("embed", "vocab")),
+                          bias_init=zeros(("vocab",)))(x)
+        return constrain(logits, (BATCH, LENGTH, VOCAB))
 
 
 class CaptionModel(nn.Module):

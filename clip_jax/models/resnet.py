@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.transformer import normal, zeros
+from clip_jax.models.partitioning import FEATURE_MAP, PER_HEAD, POOLED, TOKENS, constrain
+from clip_jax.models.transformer import DenseGeneral, normal, zeros
 
 _CONV_INIT = nn.with_logical_partitioning(nn.initializers.kaiming_normal(),
                                           (None, None, None, "embed"))
@@ -43,16 +44,20 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train):
-        out = nn.relu(_batch_norm(train, "bn1")(_conv(self.planes, 1, self.dtype, "conv1")(x)))
-        out = nn.relu(_batch_norm(train, "bn2")(_conv(self.planes, 3, self.dtype, "conv2")(out)))
-        out = _avg_pool(out, self.stride)
-        out = _batch_norm(train, "bn3")(_conv(self.planes * 4, 1, self.dtype, "conv3")(out))
+        # Each convolution's output pinned to the batch split: the kernels' output
+        # channels are split over fsdp, whose layout XLA would otherwise follow.
+        def conv_bn(features, kernel, name, bn_name, inputs):
+            features_out = constrain(_conv(features, kernel, self.dtype, name)(inputs), FEATURE_MAP)
+            return _batch_norm(train, bn_name)(features_out)
+
+        out = nn.relu(conv_bn(self.planes, 1, "conv1", "bn1", x))
+        out = nn.relu(conv_bn(self.planes, 3, "conv2", "bn2", out))
+        out = conv_bn(self.planes * 4, 1, "conv3", "bn3", _avg_pool(out, self.stride))
         identity = x
         if self.stride > 1 or x.shape[-1] != self.planes * 4:
-            identity = _conv(self.planes * 4, 1, self.dtype, "downsample_conv")(
-                _avg_pool(x, self.stride))
-            identity = _batch_norm(train, "downsample_bn")(identity)
-        return nn.relu(out + identity)
+            identity = conv_bn(self.planes * 4, 1, "downsample_conv", "downsample_bn",
+                               _avg_pool(x, self.stride))
+        return constrain(nn.relu(out + identity), FEATURE_MAP)
 
 
 class AttentionPool(nn.Module):
@@ -69,20 +74,19 @@ class AttentionPool(nn.Module):
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)  # [B, 1 + HW, C]
         positions = self.param("positional_embedding", normal(channels ** -0.5, (None, "embed")),
                                (height * width + 1, channels))
-        x = x + positions.astype(x.dtype)
+        x = constrain(x + positions.astype(x.dtype), TOKENS)
         std = channels ** -0.5
 
         def project(inputs, name):
-            return nn.DenseGeneral((self.heads, channels // self.heads), dtype=self.dtype, name=name,
-                                   kernel_init=normal(std, ("embed", "heads", "kv")),
-                                   bias_init=zeros(("heads", "kv")))(inputs)
+            return constrain(DenseGeneral((self.heads, channels // self.heads), std,
+                                          ("embed", "heads", "kv"), dtype=self.dtype,
+                                          name=name)(inputs), PER_HEAD)
 
         query = project(x[:, :1], "q_proj")  # [B, 1, N, H]
         attended = jax.nn.dot_product_attention(query, project(x, "k_proj"), project(x, "v_proj"))
-        out = nn.DenseGeneral(self.output_dim, axis=(-2, -1), dtype=self.dtype, name="c_proj",
-                              kernel_init=normal(std, ("heads", "kv", "joint")),
-                              bias_init=zeros(("joint",)))(attended)
-        return out[:, 0]
+        out = DenseGeneral((self.output_dim,), std, ("heads", "kv", "joint"), axes=2,
+                           dtype=self.dtype, name="c_proj")(constrain(attended, PER_HEAD))
+        return constrain(out[:, 0], POOLED)
 
 
 class ModifiedResNet(nn.Module):
@@ -99,12 +103,12 @@ class ModifiedResNet(nn.Module):
     def __call__(self, images, train=False):
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"images of shape {images.shape} do not match image_size={self.image_size}")
-        x = images.astype(self.dtype)
+        x = constrain(images.astype(self.dtype), FEATURE_MAP)
         stem = [(self.width // 2, 2), (self.width // 2, 1), (self.width, 1)]
         for i, (features, stride) in enumerate(stem, start=1):
             x = nn.Conv(features, (3, 3), strides=(stride, stride), padding=[(1, 1), (1, 1)],
                         use_bias=False, dtype=self.dtype, kernel_init=_CONV_INIT, name=f"conv{i}")(x)
-            x = nn.relu(_batch_norm(train, f"bn{i}")(x))
+            x = nn.relu(_batch_norm(train, f"bn{i}")(constrain(x, FEATURE_MAP)))
         x = _avg_pool(x, 2)
         for stage, blocks in enumerate(self.stage_layers):
             planes = self.width * 2 ** stage

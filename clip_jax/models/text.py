@@ -3,7 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clip_jax.models.transformer import LayerNorm, Transformer, normal
+from clip_jax.models.partitioning import POOLED, TOKENS, constrain
+from clip_jax.models.transformer import LayerNorm, Transformer, embed_tokens, normal
 
 
 class TextTransformer(nn.Module):
@@ -35,13 +36,14 @@ class TextTransformer(nn.Module):
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length, self.width))
-        x = (token_embedding[tokens] + positions).astype(self.dtype)  # [B, L, D]
+        x = constrain((embed_tokens(token_embedding, tokens) + positions).astype(self.dtype),
+                      TOKENS)  # [B, L, D]
         end_positions = jnp.argmax(tokens, axis=-1)  # [B]
         end_outputs = Transformer(  # [B, D]
             self.layers, self.heads, causal=True, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
             remat=self.remat, name="transformer")(x, end_positions)
-        pooled = LayerNorm(name="ln_final")(end_outputs)
+        pooled = LayerNorm(name="ln_final")(constrain(end_outputs, POOLED))
         projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
                                 (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ projection

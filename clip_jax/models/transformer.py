@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models import lean_ops
+from clip_jax.models.partitioning import (EMBED, HIDDEN, PER_HEAD, TOKENS, compute_weight,
+                                          constrain, unconstrained)
 
 # Logical name of the leading axis of scanned (stacked) block parameters.
 LAYERS_AXIS = "layers"
@@ -71,18 +73,50 @@ dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 
 
 class Dense(nn.Module):
-    """nn.Dense (params `kernel` [in, out], `bias`) over `dense_matmul`; computes in `dtype`."""
+    """x [..., K] -> [..., features]: nn.Dense's params (`kernel` [K, features],
+    `bias`, normal / zero init with the given logical axes) over `dense_matmul`,
+    computed in `dtype`."""
 
     features: int
-    kernel_init: Callable
-    bias_init: Callable
+    kernel_std: float
+    kernel_axes: tuple  # logical names of (in, out)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        bias = self.param("bias", self.bias_init, (self.features,))
-        return dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        kernel = self.param("kernel", normal(self.kernel_std, self.kernel_axes),
+                            (x.shape[-1], self.features))
+        bias = self.param("bias", zeros(self.kernel_axes[-1:]), (self.features,))
+        return (dense_matmul(x.astype(self.dtype), compute_weight(kernel, self.kernel_axes,
+                                                                  self.dtype))
+                + bias.astype(self.dtype))
+
+
+class DenseGeneral(nn.Module):
+    """x [..., *in] -> [..., *features]: the last `axes` input axes contracted with
+    kernel [*in, *features] (normal init, logical axes `kernel_axes`), plus bias
+    [*features] (zeros); computed in `dtype`.
+
+    nn.DenseGeneral's parameters (`kernel`, `bias`, same shapes), made in their
+    own shape: flax's makes the kernel flat and reshapes it, and under logical
+    axis rules it then constrains the flat kernel with the unflattened kernel's
+    axis names, which fails.
+    """
+
+    features: tuple
+    kernel_std: float
+    kernel_axes: tuple  # logical names of (*in, *features)
+    axes: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", normal(self.kernel_std, self.kernel_axes),
+                            (*x.shape[-self.axes:], *self.features))
+        bias = self.param("bias", zeros(self.kernel_axes[self.axes:]), tuple(self.features))
+        return (jnp.tensordot(x.astype(self.dtype),
+                              compute_weight(kernel, self.kernel_axes, self.dtype), self.axes)
+                + bias.astype(self.dtype))
 
 
 def quick_gelu(x):
@@ -136,9 +170,27 @@ class LayerNorm(nn.Module):
         return lean_ops.layer_norm(x, scale, bias, self.epsilon)
 
 
+def embed_tokens(table, tokens):
+    """Rows of table [V, D] (params `("vocab", "embed")`) at tokens [B, L] ->
+    [B, L, D], split over the batch like every activation.
+
+    The table is first gathered whole over `embed`, as FSDP gathers a layer's
+    weights. Left alone, XLA looks every device's tokens up in its own slice of
+    the width and exchanges the rows; on a mesh that also has a `data` axis it
+    cannot reach the batch split from there and replicates the whole batch's
+    embeddings on every device instead.
+    """
+    return constrain(constrain(table, ("vocab", EMBED))[tokens], TOKENS)
+
+
 def take_tokens(x, positions):
-    """x [B, T, D], positions [B] -> [B, 1, D]: each row's token at its position."""
-    return jnp.take_along_axis(x, positions[:, None, None], axis=1)
+    """x [B, T, D], positions [B] -> [B, 1, D]: each row's token at its position.
+
+    A masked sum, exact: XLA splits it over the batch like any elementwise op,
+    where a gather with per-row indices is computed for the whole batch on
+    every device."""
+    chosen = (jnp.arange(x.shape[1]) == positions[:, None])[..., None]  # [B, T, 1]
+    return constrain(jnp.sum(jnp.where(chosen, x, 0), axis=1, keepdims=True), TOKENS)
 
 
 class SelfAttention(nn.Module):
@@ -157,11 +209,9 @@ class SelfAttention(nn.Module):
         head_dim = width // self.heads
 
         def project(name, inputs):
-            return nn.DenseGeneral(
-                (self.heads, head_dim), dtype=self.dtype, name=name,
-                kernel_init=normal(self.in_std, ("embed", "heads", "kv")),
-                bias_init=zeros(("heads", "kv")),
-            )(inputs)
+            return constrain(DenseGeneral((self.heads, head_dim), self.in_std,
+                                          ("embed", "heads", "kv"), dtype=self.dtype,
+                                          name=name)(inputs), PER_HEAD)
 
         key, value = project("key", x), project("value", x)  # [B, T, N, H]
         if query_positions is None:
@@ -173,11 +223,11 @@ class SelfAttention(nn.Module):
             mask = (jnp.arange(x.shape[1]) <= query_positions[:, None, None, None]
                     if self.causal else None)  # [B, 1, 1, T]
             attended = jax.nn.dot_product_attention(query, key, value, mask=mask)
-        return nn.DenseGeneral(
-            width, axis=(-2, -1), dtype=self.dtype, name="out",
-            kernel_init=normal(self.out_std, ("heads", "kv", "embed")),
-            bias_init=zeros(("embed",)),
-        )(attended)
+        # With heads split over `tensor` this is Megatron's row-parallel matmul: the
+        # partial sums meet in one all-reduce, at the residual stream's constraint.
+        return constrain(DenseGeneral((width,), self.out_std, ("heads", "kv", "embed"), axes=2,
+                                      dtype=self.dtype, name="out")(
+            constrain(attended, PER_HEAD)), TOKENS)
 
 
 class ResidualBlock(nn.Module):
@@ -200,16 +250,15 @@ class ResidualBlock(nn.Module):
         proj_std = attn_std * (2 * self.layers) ** -0.5
         fc_std = (2 * width) ** -0.5
 
+        x = constrain(x, TOKENS)
         attended = SelfAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
                                  name="attn")(LayerNorm(name="ln_1")(x), query_positions)
         x = (x if query_positions is None else take_tokens(x, query_positions)) + attended
-        h = Dense(hidden, dtype=self.dtype, name="c_fc",
-                     kernel_init=normal(fc_std, ("embed", "mlp")), bias_init=zeros(("mlp",)))(
+        h = Dense(hidden, fc_std, ("embed", "mlp"), self.dtype, name="c_fc")(
             LayerNorm(name="ln_2")(x))
-        h = activation_fn(self.activation)(h)
-        h = Dense(width, dtype=self.dtype, name="c_proj",
-                     kernel_init=normal(proj_std, ("mlp", "embed")), bias_init=zeros(("embed",)))(h)
-        return x + h
+        h = activation_fn(self.activation)(constrain(h, HIDDEN))
+        h = Dense(width, proj_std, ("mlp", "embed"), self.dtype, name="c_proj")(h)
+        return constrain(x + h, TOKENS)
 
 
 class Transformer(nn.Module):
@@ -262,8 +311,9 @@ class Transformer(nn.Module):
         block = block_class(*block_args, parent=None)
 
         def init_stacked(rng):
-            stacked = jax.vmap(lambda key: block.init(key, x)["params"])(
-                jax.random.split(rng, self.layers))
+            with unconstrained():
+                stacked = jax.vmap(lambda key: block.init(key, x)["params"])(
+                    jax.random.split(rng, self.layers))
             return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: LAYERS_AXIS}),
                                 stacked, is_leaf=lambda leaf: isinstance(leaf, nn.meta.AxisMetadata))
 

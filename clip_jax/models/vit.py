@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clip_jax.models.partitioning import POOLED, TOKENS, compute_weight, constrain
 from clip_jax.models.transformer import LayerNorm, Transformer, normal
 
 
@@ -24,14 +25,15 @@ class PatchEmbedding(nn.Module):
     def __call__(self, images):
         batch, height, width, channels = images.shape
         size = self.patch_size
+        kernel_axes = (None, None, None, "embed")
         kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-            (None, None, None, "embed")), (size, size, channels, self.width))
+            nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3), kernel_axes),
+            (size, size, channels, self.width))
         grid_h, grid_w = height // size, width // size
         patches = images[:, :grid_h * size, :grid_w * size].astype(self.dtype).reshape(
             batch, grid_h, size, grid_w, size, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, grid_h * grid_w, size * size * channels)
-        return patches @ kernel.astype(self.dtype).reshape(-1, self.width)
+        return patches @ compute_weight(kernel, kernel_axes, self.dtype).reshape(-1, self.width)
 
 
 class VisionTransformer(nn.Module):
@@ -70,11 +72,11 @@ class VisionTransformer(nn.Module):
                                tokens.shape[1:])
         tokens = tokens + positions.astype(self.dtype)
 
-        tokens = LayerNorm(name="ln_pre")(tokens)
+        tokens = constrain(LayerNorm(name="ln_pre")(tokens), TOKENS)
         class_outputs = Transformer(  # the class token's, [B, D]
             self.layers, self.heads, causal=False, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
             remat=self.remat, name="transformer")(tokens, jnp.zeros((batch,), jnp.int32))
-        pooled = LayerNorm(name="ln_post")(class_outputs)
+        pooled = LayerNorm(name="ln_post")(constrain(class_outputs, POOLED))
         proj = self.param("proj", normal(scale, ("embed", "joint")), (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ proj
