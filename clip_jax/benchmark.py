@@ -44,12 +44,37 @@ file), and --config.model.remat=full the trainer's overrides.
 With `--reference open_clip` the same architecture, global batch, precision and
 AdamW settings then train in OpenCLIP (PyTorch, CPU) in the same process for the
 same number of steps, and the ratio of samples/s is printed (ViT towers only).
+
+Capacity plan of a run before renting its chips (clip_jax/capacity.py): the
+train step compiled for --devices simulated devices on --mesh, per device:
+parameter, optimizer, temporary and total bytes, model FLOPs, bytes moved per
+collective kind against the FSDP / data-parallel ideal, and which accelerators'
+memory it fits; --largest-batch also compiles at twice the per-device batch and
+extrapolates the largest per-device batch each accelerator holds:
+
+  python -m clip_jax.benchmark plan --config configs/clip.py:ViT-L-14 --devices 64 \
+      --mesh fsdp=64 --batch-size 32768 --dtype bfloat16 [--set model.remat=full] \
+      [--largest-batch] [--json]
 """
+
+import sys
 
 from clip_jax import cpu_devices
 
+
+def _devices_wanted(argv):
+    """Simulated devices this command needs: 8, or more for a larger --devices."""
+    for index, argument in enumerate(argv):
+        value = (argument.partition("=")[2] if argument.startswith("--devices=")
+                 else argv[index + 1] if argument == "--devices" and index + 1 < len(argv)
+                 else None)
+        if value is not None and value.isdigit():
+            return max(8, int(value))
+    return 8
+
+
 # Simulated devices must be requested before JAX starts its backend.
-cpu_devices.request(8)
+cpu_devices.request(_devices_wanted(sys.argv[1:]))
 
 import argparse  # noqa: E402
 import ast  # noqa: E402
@@ -58,14 +83,13 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax import config_files, flops, losses, sharding  # noqa: E402
+from clip_jax import capacity, config_files, flops, losses, sharding  # noqa: E402
 from clip_jax import tokenizer as tokenizer_lib  # noqa: E402
 from clip_jax.train_step import setup_training  # noqa: E402
 from configs.clip import get_config  # noqa: E402
@@ -89,15 +113,6 @@ def data_parallel_mesh(num_devices):
                               jax.devices()[:num_devices])
 
 
-def memory_bytes(compiled):
-    """{temp, argument, output, bytes_per_device} of a compiled executable, per device."""
-    analysis = compiled.memory_analysis()
-    sizes = {"temp": analysis.temp_size_in_bytes,
-             "argument": analysis.argument_size_in_bytes,
-             "output": analysis.output_size_in_bytes}
-    return {**sizes, "bytes_per_device": sum(sizes.values())}
-
-
 def loss_memory(loss, global_batch, num_devices=8, embed_dim=512, chunk_size=None):
     """Per-device bytes of the loss and its gradient w.r.t. both embeddings
     [global_batch, embed_dim], batch sharded over num_devices; compiled, not run.
@@ -118,7 +133,7 @@ def loss_memory(loss, global_batch, num_devices=8, embed_dim=512, chunk_size=Non
     compiled = jax.jit(loss_and_grads).lower(embeddings, embeddings, scalar, scalar).compile()
     return {"part": "loss", "loss": loss, "global_batch": global_batch, "devices": num_devices,
             "embed_dim": embed_dim, "chunk_size": settings["chunk_size"],
-            **memory_bytes(compiled)}
+            **capacity.memory_bytes(compiled)}
 
 
 def _mib(n):
@@ -178,22 +193,6 @@ def compiled_flops(compiled):
     return float(analysis["flops"])
 
 
-def abstract_train_step(config, devices):
-    """(jitted train step, abstract state, abstract batch) for `config` on a mesh
-    over `devices`; jax.eval_shape only, so no parameter is allocated."""
-    training = setup_training(config, devices)
-    mesh, step = training.mesh, training.step
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            training.abstract_state, training.shardings)
-    size, length = config.model.image.image_size, config.model.text.context_length
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = {"images": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
-                                            sharding=batch_sharding),
-             "tokens": jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32,
-                                            sharding=batch_sharding)}
-    return step, abstract, batch
-
-
 def train_step_memory(loss, global_batch, num_devices=8):
     """Per-device bytes of the `tiny` preset's full train step (data=num_devices)."""
     settings = LOSS_SETTINGS[loss]
@@ -204,11 +203,11 @@ def train_step_memory(loss, global_batch, num_devices=8):
         config.loss.update(settings)
         if settings["kind"] == "sigmoid":
             config.model.logit_bias_init = -10.0
-    step, state, batch = abstract_train_step(config, jax.devices()[:num_devices])
+    step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:num_devices])
     compiled = step.lower(state, batch).compile()
     return {"part": "train_step_tiny", "loss": loss, "global_batch": global_batch,
             "devices": num_devices, "chunk_size": settings["chunk_size"],
-            **memory_bytes(compiled)}
+            **capacity.memory_bytes(compiled)}
 
 
 def train_step_compile_times(variant, scan_layers, batch_size=8):
@@ -218,7 +217,7 @@ def train_step_compile_times(variant, scan_layers, batch_size=8):
         config.model.scan_layers = scan_layers
         config.mesh.update(data=1, fsdp=1, tensor=1)
         config.batch_size = batch_size
-    step, state, batch = abstract_train_step(config, jax.devices()[:1])
+    step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:1])
     # Process CPU time as well as wall time: on a shared machine the wall time
     # also counts other processes' load.
     started, started_cpu = time.perf_counter(), time.process_time()
@@ -356,7 +355,7 @@ def retrieval_benchmark(images=5000, captions_per_image=5, embed_dim=512, chunk_
                      "gallery": gallery.shape[0], "embed_dim": embed_dim,
                      "chunk_size": chunk_size, "devices": num_devices,
                      "full_matrix_bytes": 4 * queries.shape[0] * gallery.shape[0],
-                     "median_seconds": float(np.median(seconds)), **memory_bytes(compiled)})
+                     "median_seconds": float(np.median(seconds)), **capacity.memory_bytes(compiled)})
     return rows
 
 
@@ -481,7 +480,7 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
     if "peak_bytes_in_use" in stats:
         peak_memory, memory_source = stats["peak_bytes_in_use"], "memory_stats"
     else:
-        peak_memory, memory_source = memory_bytes(compiled)["bytes_per_device"], "memory_analysis"
+        peak_memory, memory_source = capacity.memory_bytes(compiled)["bytes_per_device"], "memory_analysis"
     return {"benchmark": "train", "device_kind": kind, "devices": num_devices,
             "global_batch": config.batch_size, "dtype": config.model.dtype,
             "steps": steps, "warmup": warmup, "compile_time_s": compile_time,
@@ -546,6 +545,75 @@ def run_train(args):
               f"batch, precision, AdamW; PyTorch, another process)\n"
               f"  OpenCLIP samples/s {row['reference_samples_per_sec']:10.1f}\n"
               f"  clip_jax / OpenCLIP {row['speedup']:9.2f}x samples/s", flush=True)
+
+
+def parse_mesh(text):
+    """--mesh 'fsdp=64' or 'data=4,fsdp=16' -> config.mesh values (axes not named: 1)."""
+    sizes = dict.fromkeys(sharding.MESH_AXES, 1)
+    for part in filter(None, text.split(",")):
+        axis, equals, size = part.partition("=")
+        if not equals or axis not in sizes or not size.lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE,... with axes "
+                             f"{', '.join(sharding.MESH_AXES)}, e.g. data=4,fsdp=16")
+        sizes[axis] = int(size)
+    return sizes
+
+
+def _gib(n):
+    return f"{n / 2**30:.2f} GiB"
+
+
+def run_plan(args):
+    try:
+        config = load_config(args.config)
+        with config.unlocked():
+            if args.batch_size:
+                config.batch_size = args.batch_size
+            if args.dtype:
+                config.model.dtype = args.dtype
+            if args.mesh:
+                config.mesh.update(parse_mesh(args.mesh))
+            apply_sets(config, args.set)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"config error: {error}") from None
+    devices = jax.devices()[:args.devices]
+    try:
+        row = {"config": args.config, **capacity.plan(config, devices)}
+        if args.largest_batch:
+            doubled = config.copy_and_resolve_references()
+            doubled.batch_size = 2 * config.batch_size
+            row["largest_batch_per_device"] = capacity.largest_batch_per_device(
+                [row, capacity.plan(doubled, devices)])
+    except ValueError as error:  # config_checks.ConfigError: one line
+        raise SystemExit(f"config error: {error}") from None
+    if args.json:
+        print(json.dumps(row), flush=True)
+        return
+    mesh = " ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
+    collectives = ", ".join(f"{kind} {_gib(n)}" for kind, n in row["collective_bytes"].items() if n)
+    ideal = row["ideal_collective_bytes"]
+    ratio = f", {row['collective_bytes_total'] / ideal:.2f}x" if ideal else ""
+    fits = ", ".join(f"{name} {'yes' if fit else 'no'}" for name, fit in row["fits"].items())
+    print(f"{args.config} train step plan: {row['devices']} devices, mesh {mesh}, global batch "
+          f"{row['global_batch']} ({row['batch_per_device']} per device), {row['dtype']}, "
+          f"remat {row['remat']}\n"
+          f"  parameters       {_gib(row['param_bytes']):>12} per device\n"
+          f"  optimizer state  {_gib(row['optimizer_bytes']):>12}\n"
+          f"  arguments        {_gib(row['argument_bytes']):>12}  (state and batch)\n"
+          f"  temporaries      {_gib(row['temp_bytes']):>12}\n"
+          f"  total            {_gib(row['bytes_per_device']):>12}\n"
+          f"  model FLOPs      {row['model_flops_per_device']:12.3e}  per device per step\n"
+          f"  collectives      {_gib(row['collective_bytes_total']):>12}  sent per device per "
+          f"step ({collectives}; FSDP/data-parallel ideal {_gib(ideal)}{ratio})\n"
+          f"  fits             {fits}", flush=True)
+    for collective in row["largest_collectives"]:
+        print(f"    {collective['kind']:<18} {_gib(collective['bytes']):>12}  "
+              f"{collective['executions']:>4} x over {collective['group_size']} devices  "
+              f"{collective['op'][-70:]}")
+    if args.largest_batch:
+        print("  largest batch per device: " + ", ".join(
+            f"{name} {'-' if b is None else b}"
+            for name, b in row["largest_batch_per_device"].items()), flush=True)
 
 
 def config_overrides_as_sets(argv):
@@ -615,6 +683,22 @@ def main(argv=None):
     train.add_argument("--reference", choices=("open_clip",),
                        help="also train the same model in OpenCLIP and print the ratio")
     train.add_argument("--json", action="store_true", help="one JSON line")
+    plan = commands.add_parser("plan", help="per-device memory, FLOPs and collective bytes of "
+                                            "a train step on a simulated mesh")
+    plan.add_argument("--config", default="tiny",
+                      help="configs/clip.py variant or FILE.py:ARG, as for train")
+    plan.add_argument("--devices", type=int, default=8, help="simulated devices of the mesh")
+    plan.add_argument("--mesh", default="", help="AXIS=SIZE,... e.g. data=4,fsdp=16 (unnamed "
+                                                 "axes 1; default: the config's mesh)")
+    plan.add_argument("--batch-size", type=int, default=0, help="global batch (default: config's)")
+    plan.add_argument("--dtype", choices=("float32", "bfloat16"), default="",
+                      help="compute dtype (default: config's)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. model.remat=full (repeatable)")
+    plan.add_argument("--largest-batch", action="store_true",
+                      help="also compile at twice the batch and extrapolate the largest "
+                           "per-device batch per accelerator")
+    plan.add_argument("--json", action="store_true", help="one JSON line")
     args = parser.parse_args(config_overrides_as_sets(sys.argv[1:] if argv is None else argv))
     if args.command == "memory":
         run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
@@ -626,6 +710,8 @@ def main(argv=None):
         run_retrieval(args)
     elif args.command == "train":
         run_train(args)
+    elif args.command == "plan":
+        run_plan(args)
     else:
         run_tokenizer(args.texts, not args.no_reference, args.json)
 

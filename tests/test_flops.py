@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from clip_jax import benchmark, flops
+from clip_jax import benchmark, capacity, flops
 from clip_jax.models.clip import CLIP
 from configs.clip import get_config
 from tests.conftest import small_config
@@ -59,7 +59,7 @@ def test_vit_clip_train_step_flops_match_xla():
     step, which also holds LayerNorms, softmaxes, the loss and AdamW
     (measured: XLA 5.5% above the analytic count)."""
     config = vit_config()
-    step, state, batch = benchmark.abstract_train_step(config, jax.devices()[:1])
+    step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:1])
     xla = benchmark.compiled_flops(step.lower(state, batch).compile())
     assert_within(flops.train_step_flops(config.model, BATCH)["train_step"], xla)
 
@@ -73,7 +73,7 @@ def test_other_objectives_train_step_flops_match_xla(objective, text_encoder):
     config = vit_config()
     with config.unlocked():
         config.objective, config.model.text_encoder = objective, text_encoder
-    step, state, batch = benchmark.abstract_train_step(config, jax.devices()[:1])
+    step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:1])
     xla = benchmark.compiled_flops(step.lower(state, batch).compile())
     counts = flops.train_step_flops(config.model, BATCH, objective=objective)
     assert_within(counts["train_step"], xla)

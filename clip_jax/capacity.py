@@ -1,0 +1,151 @@
+"""Capacity planning: what one train step costs each device, read from the
+compiled program before any accelerator is rented.
+
+`plan(config, devices)` builds the run's mesh over `devices` and AOT-compiles
+its train step on abstract inputs (nothing is allocated), then reads per
+device: parameter and optimizer-state bytes (from the state's shardings),
+temporaries and totals (XLA's memory analysis), model FLOPs
+(clip_jax/flops.py) and the bytes each kind of collective moves per step
+(clip_jax/hlo_stats.py), against the ideal for the same parameter sharding.
+
+Simulated CPU devices stand in for the accelerators: the partitioner decides
+every array's sharding and every collective before any backend code exists,
+so what is split, gathered and reduced is the program a TPU or GPU would run.
+Byte figures are XLA:CPU's buffer assignment, which fuses and schedules
+differently from the TPU and GPU compilers; collectives are counted at the
+width a bfloat16 run moves (see hlo_stats._wire_dtype).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from clip_jax import flops, hlo_stats, sharding
+from clip_jax.config_checks import check_config
+from clip_jax.train_step import setup_training
+
+# Memory per chip (GiB), from the vendors' spec sheets.
+ACCELERATOR_MEMORY_GIB = {
+    "TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32,
+    "A100 40GB": 40, "A100 80GB": 80, "H100": 80, "H200": 141,
+}
+
+
+def memory_bytes(compiled):
+    """{temp, argument, output, bytes_per_device} of a compiled executable, per
+    device (XLA's memory analysis). Outputs donated back into the arguments'
+    buffers (a train step's new state) are not counted twice."""
+    analysis = compiled.memory_analysis()
+    sizes = {"temp": analysis.temp_size_in_bytes,
+             "argument": analysis.argument_size_in_bytes,
+             "output": analysis.output_size_in_bytes}
+    return {**sizes, "bytes_per_device": sum(sizes.values()) - analysis.alias_size_in_bytes}
+
+
+def shard_bytes(abstract_tree, shardings):
+    """Bytes one device holds of a tree of abstract arrays under `shardings`."""
+    leaves = zip(jax.tree.leaves(abstract_tree),
+                 jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding)))
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in leaves)
+
+
+def ideal_collective_bytes(abstract_params, param_shardings, mesh):
+    """Bytes each device sends per step when the parameters, split as they are,
+    move no more than FSDP (ZeRO-3) needs, in float32 and by the ring
+    algorithm: a parameter split g ways over the batch axes is all-gathered in
+    the forward and again in the backward and its gradient reduce-scattered
+    (3 (g-1)/g of its size); replicated over r batch-axis ways, its gradient
+    (shard) is all-reduced (2 (r-1)/r), which is data parallelism's ideal.
+    Tensor parallelism's activation all-reduces come on top."""
+    total = 0.0
+    for value, shard in zip(jax.tree.leaves(abstract_params),
+                            jax.tree.leaves(param_shardings,
+                                            is_leaf=lambda s: isinstance(s, NamedSharding))):
+        split = {axis for entry in shard.spec if entry is not None
+                 for axis in (entry if isinstance(entry, tuple) else (entry,))}
+        local = math.prod(shard.shard_shape(value.shape)) * 4
+        gathered = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in split)
+        replicated = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a not in split)
+        total += 3 * local * (gathered - 1) + 2 * local * (replicated - 1) / replicated
+    return int(total)
+
+
+def abstract_train_step(config, devices):
+    """(jitted train step, abstract state, abstract batch, Training) for `config`
+    on a mesh over `devices`; shapes and shardings only, nothing allocated."""
+    training = setup_training(config, devices)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         training.abstract_state, training.shardings)
+    size, length = config.model.image.image_size, config.model.text.context_length
+    batch_sharding = sharding.batch_sharding(training.mesh)
+    batch = {"images": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
+                                            sharding=batch_sharding),
+             "tokens": jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32,
+                                            sharding=batch_sharding)}
+    return training.step, state, batch, training
+
+
+def compile_train_step(config, devices):
+    """(compiled train step, Training) of a checked config on a mesh over `devices`."""
+    check_config(config, len(devices))
+    step, abstract_state, batch, training = abstract_train_step(config, devices)
+    return step.lower(abstract_state, batch).compile(), training
+
+
+def plan(config, devices):
+    """Per-device cost of config's train step on a mesh over `devices`: a dict
+    of bytes (parameters, optimizer state, arguments, temporaries, total),
+    model FLOPs, collective bytes by kind and their ideal (FSDP's), and
+    per accelerator whether the total fits its memory."""
+    return summarize(config, *compile_train_step(config, devices))
+
+
+def summarize(config, compiled, training):
+    """plan's dict, from the compiled step and its Training."""
+    mesh = training.mesh
+    memory = memory_bytes(compiled)
+    total = memory["bytes_per_device"]
+    num_devices = mesh.devices.size
+    found = hlo_stats.collectives(compiled.as_text(), num_devices)
+    by_kind = hlo_stats.bytes_by_kind(found)
+    locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
+    model_flops = flops.train_step_flops(config.model, config.batch_size, locked,
+                                         objective=config.objective)["train_step"]
+    state, shardings = training.abstract_state, training.shardings
+    return {
+        "devices": num_devices, "mesh": dict(mesh.shape), "global_batch": config.batch_size,
+        "batch_per_device": config.batch_size // sharding.data_parallel_size(mesh),
+        "dtype": config.model.dtype, "remat": config.model.remat,
+        "param_bytes": shard_bytes(state.params, shardings.params),
+        "optimizer_bytes": shard_bytes(state.opt_state, shardings.opt_state),
+        "argument_bytes": memory["argument"],
+        "temp_bytes": memory["temp"],
+        "bytes_per_device": total,
+        "model_flops_per_device": model_flops / num_devices,
+        "collective_bytes": by_kind,
+        "collective_bytes_total": sum(by_kind.values()),
+        "ideal_collective_bytes": ideal_collective_bytes(state.params, shardings.params, mesh),
+        "fits": {name: total <= gib * 2**30 for name, gib in ACCELERATOR_MEMORY_GIB.items()},
+        "largest_collectives": [
+            {"kind": c.kind, "bytes": int(c.bytes_moved), "executions": c.executions,
+             "group_size": c.group_size, "op": c.op_name}
+            for c in sorted(found, key=lambda c: -c.bytes_moved)[:5]],
+    }
+
+
+def largest_batch_per_device(rows):
+    """{accelerator: the largest per-device batch whose total fits its memory},
+    from plans at two per-device batches (memory is affine in the batch: fixed
+    state plus per-example activations); None where even the state does not fit."""
+    small, large = sorted(rows, key=lambda row: row["batch_per_device"])
+    per_example = ((large["bytes_per_device"] - small["bytes_per_device"])
+                   / (large["batch_per_device"] - small["batch_per_device"]))
+    fixed = small["bytes_per_device"] - per_example * small["batch_per_device"]
+    largest = {}
+    for name, gib in ACCELERATOR_MEMORY_GIB.items():
+        room = gib * 2**30 - fixed
+        largest[name] = int(np.floor(room / per_example)) if room > 0 and per_example > 0 else None
+    return largest

@@ -1,0 +1,230 @@
+"""What a compiled XLA program moves between devices and which arrays it holds,
+read from its optimised HLO text (`compiled.as_text()`).
+
+XLA reports memory (`memory_analysis`) and FLOPs (`cost_analysis`) but no
+collective traffic, so this reads the program itself: each collective's result
+shape and replica-group size, each computation's call sites, and the trip
+counts XLA proves for its while loops, so that a collective in a scanned
+layer's body counts once per layer. A well-kept parser of the HLO text exists
+only inside XLA (C++); this one reads the few fields needed and is tested
+against programs of known traffic (tests/test_hlo_stats.py).
+"""
+
+import dataclasses
+import functools
+import math
+import re
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+_ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+               "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+               "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
+               "f8e4m3fnuz": 1, "f8e5m2fnuz": 1}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY )?%([^\s(]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s+(ROOT )?%([^\s=]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def array_shapes(type_text):
+    """[(dtype, (dims...)), ...] of an HLO type: one array or a tuple of them."""
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d))
+            for dtype, dims in _ARRAY.findall(type_text) if dtype in _ITEM_BYTES]
+
+
+def type_bytes(type_text):
+    """Bytes of the arrays in an HLO type."""
+    return sum(_ITEM_BYTES[dtype] * math.prod(dims) for dtype, dims in array_shapes(type_text))
+
+
+def group_size(attributes, num_devices):
+    """Devices per replica group of a collective, from its `replica_groups`
+    (mesh-axes, iota or explicit form); an empty list is one group of all."""
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\S*?\)(?= \{|,))?"
+                     r"(?: \{([^}]*)\})?", attributes)
+    if mesh:
+        sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        axes = sizes if mesh.group(2) is None else re.findall(r"'([^']+)'", mesh.group(2))
+        return math.prod(sizes[axis] for axis in axes)
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attributes)
+    if iota:
+        return int(iota.group(2))
+    explicit = re.search(r"replica_groups=\{\{([^}]*)\}", attributes)
+    if explicit:
+        return len(explicit.group(1).split(","))
+    return num_devices
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str  # one of COLLECTIVES
+    result_bytes: int  # per device, of one execution
+    group_size: int
+    executions: int  # per run of the program (loop trip counts multiplied)
+    op_name: str  # the JAX operation it came from (HLO metadata)
+
+    @property
+    def bytes_moved(self):
+        """Bytes each device sends per run, as a bandwidth-optimal (ring)
+        algorithm moves them: all-gather (n-1)/n of its result, reduce-scatter
+        (n-1) times its result (its input is n times larger), all-reduce a
+        reduce-scatter plus an all-gather, all-to-all (n-1)/n, a permute its
+        whole buffer."""
+        n = self.group_size
+        if n <= 1 and self.kind != "collective-permute":
+            return 0
+        per_execution = {
+            "all-gather": self.result_bytes * (n - 1) / n,
+            "reduce-scatter": self.result_bytes * (n - 1),
+            "all-reduce": 2 * self.result_bytes * (n - 1) / n,
+            "all-to-all": self.result_bytes * (n - 1) / n,
+            "collective-permute": self.result_bytes,
+        }[self.kind]
+        return per_execution * self.executions
+
+
+@dataclasses.dataclass
+class _Instruction:
+    is_root: bool
+    name: str
+    type_text: str
+    opcode: str
+    attributes: str  # operands, then the attributes
+
+    def operands(self):
+        return re.findall(r"%([^\s,)]+)", self.attributes.split(")", 1)[0])
+
+
+def _computations(hlo_text):
+    """{computation name: [instructions]} and the entry computation's name."""
+    computations, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+            if line.startswith("ENTRY"):
+                entry = header.group(1)
+            continue
+        instruction = _INSTRUCTION.match(line) if current is not None else None
+        if instruction:
+            root, *fields = instruction.groups()
+            current.append(_Instruction(bool(root), *fields))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return computations, entry
+
+
+def _callees(instruction):
+    """[(computation, times it runs per execution of `instruction`, is_branch)]."""
+    attributes = instruction.attributes
+    if instruction.opcode == "while":
+        trip_count = _TRIP_COUNT.search(attributes)
+        body = re.search(r"body=%([^\s,]+)", attributes).group(1)
+        return [(body, int(trip_count.group(1)) if trip_count else 1, False)]
+    if instruction.opcode == "conditional":
+        branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
+        names = (re.findall(r"%([^\s,]+)", branches.group(1)) if branches else
+                 re.findall(r"(?:true|false)_computation=%([^\s,]+)", attributes))
+        return [(name, 1, True) for name in names]
+    return [(name, 1, False) for name in re.findall(r"(?:calls|to_apply)=%([^\s,]+)", attributes)]
+
+
+_NARROW_FLOATS = ("bf16", "f16", "f8e4m3fn", "f8e5m2", "f8e4m3b11fnuz", "f8e4m3fnuz", "f8e5m2fnuz")
+
+
+_LAYOUT_OPS = ("bitcast", "reshape", "copy", "transpose")
+
+
+def _wire_dtype(operand, computations):
+    """The float type an operand of a collective holds its values in: XLA:CPU
+    has no bfloat16 collectives, so it widens a bfloat16 operand to float32 (a
+    fusion whose root converts a narrower float up, then at most changes its
+    layout) and moves twice the bytes a GPU or TPU would. None when the operand
+    is not such a fusion."""
+    if operand is None or operand.opcode != "fusion":
+        return None
+    called = re.search(r"calls=%([^\s,]+)", operand.attributes)
+    body = {i.name: i for i in computations.get(called.group(1), ())} if called else {}
+    node = next((i for i in body.values() if i.is_root), None)
+    while node is not None and node.opcode in _LAYOUT_OPS:
+        node = body.get(next(iter(node.operands()), None))
+    if node is None or node.opcode != "convert":
+        return None
+    source = body.get(next(iter(node.operands()), None))
+    narrow = array_shapes(source.type_text)[0][0] if source is not None else None
+    return narrow if narrow in _NARROW_FLOATS else None
+
+
+def _collective_bytes(instruction, kind, by_name, computations):
+    """Result bytes of one execution of a collective, at its operands' wire width."""
+    shapes = array_shapes(instruction.type_text)
+    # An async start's result holds its operand, then its result (and, for a
+    # permute, context words): count the result.
+    if instruction.opcode.endswith("-start") and kind != "all-reduce":
+        shapes = shapes[1:2]
+    operands = [by_name.get(name) for name in instruction.operands()]
+    total = 0
+    for index, (dtype, dims) in enumerate(shapes):
+        wire = _wire_dtype(operands[index], computations) if index < len(operands) else None
+        total += _ITEM_BYTES[wire or dtype] * math.prod(dims)
+    return total
+
+
+def collectives(hlo_text, num_devices):
+    """Every collective of the program with its executions per run: a while
+    body's counted trip-count times (a loop XLA cannot bound counts once), and
+    of a conditional's branches the one that moves the most. Bytes are counted
+    at the width of the values moved (see _wire_dtype)."""
+    computations, entry = _computations(hlo_text)
+
+    @functools.lru_cache(maxsize=None)
+    def inside(name):
+        """(collectives, bytes moved) of one execution of computation `name`."""
+        found = []
+        by_name = {instruction.name: instruction for instruction in computations.get(name, ())}
+        for instruction in by_name.values():
+            kind = instruction.opcode.removesuffix("-start")
+            if kind in COLLECTIVES:
+                op_name = _OP_NAME.search(instruction.attributes)
+                found.append(Collective(
+                    kind, _collective_bytes(instruction, kind, by_name, computations),
+                    group_size(instruction.attributes, num_devices), 1,
+                    op_name.group(1) if op_name else ""))
+            branches = []
+            for callee, times, is_branch in _callees(instruction):
+                called = [dataclasses.replace(c, executions=c.executions * times)
+                          for c in inside(callee)[0]]
+                if is_branch:
+                    branches.append(called)
+                else:
+                    found += called
+            if branches:
+                found += max(branches, key=lambda cs: sum(c.bytes_moved for c in cs))
+        return tuple(found), sum(c.bytes_moved for c in found)
+
+    return list(inside(entry)[0])
+
+
+def bytes_by_kind(found):
+    """{kind: bytes each device sends per run} over COLLECTIVES (zeros included)."""
+    totals = dict.fromkeys(COLLECTIVES, 0)
+    for collective in found:
+        totals[collective.kind] += collective.bytes_moved
+    return {kind: int(total) for kind, total in totals.items()}
+
+
+def arrays_with_leading_dim(hlo_text, size, min_rank=1):
+    """[(dtype, dims, op_name)] of every array of rank >= min_rank whose first
+    dimension is `size`, among the results of all instructions (fusion bodies
+    included)."""
+    computations, _ = _computations(hlo_text)
+    found = []
+    for instructions in computations.values():
+        for instruction in instructions:
+            op_name = _OP_NAME.search(instruction.attributes)
+            found += [(dtype, dims, op_name.group(1) if op_name else "")
+                      for dtype, dims in array_shapes(instruction.type_text)
+                      if len(dims) >= min_rank and dims[0] == size]
+    return found

@@ -1,0 +1,82 @@
+"""The HLO reader against compiled programs whose traffic is known by construction."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clip_jax import hlo_stats
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:8])
+
+
+def compiled_text(fn, mesh, *args, in_specs, out_spec):
+    return jax.jit(fn, in_shardings=tuple(NamedSharding(mesh, s) for s in in_specs),
+                   out_shardings=NamedSharding(mesh, out_spec)).lower(*args).compile().as_text()
+
+
+def test_all_gather_bytes_are_seven_eighths_of_the_result(mesh):
+    text = compiled_text(lambda x: x * 2, mesh, jnp.ones((64, 32)), in_specs=[P("x")],
+                         out_spec=P())
+    moved = hlo_stats.bytes_by_kind(hlo_stats.collectives(text, 8))
+    assert moved["all-gather"] == 64 * 32 * 4 * 7 // 8
+    assert moved["all-reduce"] == moved["reduce-scatter"] == 0
+
+
+def test_bfloat16_gathers_count_two_bytes_per_value(mesh):
+    """XLA:CPU widens bf16 collectives to f32; the reader counts what a GPU/TPU moves."""
+    text = compiled_text(lambda x: (x.astype(jnp.bfloat16) * 2), mesh, jnp.ones((64, 32)),
+                         in_specs=[P("x")], out_spec=P())
+    moved = hlo_stats.bytes_by_kind(hlo_stats.collectives(text, 8))
+    assert moved["all-gather"] == 64 * 32 * 2 * 7 // 8
+
+
+def test_a_collective_in_a_loop_counts_once_per_iteration(mesh):
+    """A sum over the sharded axis inside a 5-step scan: 5 all-reduces of [32]."""
+    def fn(x):
+        def body(carry, _):
+            carry = carry + jnp.sum(x * carry[None, :], axis=0)
+            return carry, None
+        return jax.lax.scan(body, jnp.ones(32), None, length=5)[0]
+
+    text = compiled_text(fn, mesh, jnp.ones((64, 32)), in_specs=[P("x")], out_spec=P())
+    found = [c for c in hlo_stats.collectives(text, 8) if c.kind == "all-reduce"]
+    assert sum(c.executions for c in found) == 5
+    assert hlo_stats.bytes_by_kind(found)["all-reduce"] == 5 * 2 * 32 * 4 * 7 // 8
+
+
+def test_of_a_conditional_the_branch_that_moves_most_counts(mesh):
+    def fn(x, flag):
+        return jax.lax.cond(flag > 0, lambda v: jnp.sum(v, axis=0), lambda v: v[0] * 0, x)
+
+    text = jax.jit(fn, in_shardings=(NamedSharding(mesh, P("x")), NamedSharding(mesh, P())),
+                   out_shardings=NamedSharding(mesh, P())).lower(
+        jnp.ones((64, 32)), jnp.ones(())).compile().as_text()
+    found = hlo_stats.collectives(text, 8)
+    # Either branch needs data from other devices; the sum needs [32] all-reduced at most.
+    assert 0 < sum(c.bytes_moved for c in found) <= 2 * 64 * 32 * 4
+
+
+@pytest.mark.parametrize("attributes, size", [
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, dimensions={0}", 4),
+    ("replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=4], device_ids=([4,2]T(1,0)) "
+     "{'axis_1'}, use_global_device_ids=true", 2),
+    ("replica_groups=mesh['a'=2,'b'=4], use_global_device_ids=true", 8),
+    ("replica_groups=[2,4]<=[4,2]T(1,0), dimensions={2}", 4),
+    ("replica_groups={{0,1,2},{3,4,5}}, dimensions={0}", 3),
+    ("replica_groups={}, dimensions={0}", 16),
+])
+def test_group_size_reads_every_replica_group_form(attributes, size):
+    assert hlo_stats.group_size(attributes, 16) == size
+
+
+def test_arrays_with_leading_dim_finds_them_in_fusions(mesh):
+    text = compiled_text(lambda x: jnp.tanh(x) @ jnp.ones((32, 24)), mesh, jnp.ones((40, 32)),
+                         in_specs=[P()], out_spec=P())
+    shapes = {dims for _, dims, _ in hlo_stats.arrays_with_leading_dim(text, 40, min_rank=2)}
+    assert (40, 24) in shapes and (40, 32) in shapes
+    assert not hlo_stats.arrays_with_leading_dim(text, 41)
