@@ -70,9 +70,26 @@ def replicated(mesh):
 
 
 def logical_shardings(boxed_tree, mesh, rules):
-    """NamedShardings for a tree of nn.LogicallyPartitioned (abstract) values."""
+    """NamedShardings for a tree of nn.LogicallyPartitioned (abstract) values;
+    a ValueError names the first array a mesh axis does not divide."""
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, [tuple(rule) for rule in rules])
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, [tuple(rule) for rule in rules])
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=is_box)[0]
+    for (path, leaf), shard in zip(leaves, jax.tree.leaves(
+            shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+        shape = (leaf.value if is_box(leaf) else leaf).shape
+        for dim, (size, entry) in enumerate(zip(shape, shard.spec)):
+            axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+            ways = math.prod(mesh.shape[axis] for axis in axes)
+            if size % ways:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                fits = math.gcd(size, ways)
+                raise ValueError(
+                    f"{name} {tuple(shape)}: its axis {dim} ({leaf.names[dim]!r}, size {size}) "
+                    f"cannot be split {ways} ways over mesh axes {axes}, at most {fits}; "
+                    f"e.g. move a factor of {ways // fits} of them to mesh.data")
+    return shardings
 
 
 @contextlib.contextmanager

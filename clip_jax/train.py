@@ -117,7 +117,10 @@ def train(config, workdir):
     """Runs training to config.total_steps and returns the last logged metrics."""
     check_config(config, jax.device_count())
     started = time.time()
-    training = setup_training(config)
+    try:
+        training = setup_training(config)
+    except ValueError as error:  # e.g. a mesh axis that does not divide a parameter
+        raise ConfigError(str(error)) from None
     mesh, model, shardings = training.mesh, training.model, training.shardings
     abstract_state = training.abstract_state
 

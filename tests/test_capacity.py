@@ -199,3 +199,13 @@ def test_largest_batch_extrapolates_linearly_between_two_plans():
 def test_plan_command_bad_mesh_is_one_line(mesh, message):
     with pytest.raises(SystemExit, match=message):
         benchmark.main(["plan", "--config", "tiny", "--devices", "8", "--mesh", mesh])
+
+
+def test_a_width_the_fsdp_axis_does_not_divide_is_named_in_one_line():
+    """ViT-bigG's 1664 over fsdp=256 fails the same way: name the parameter, the
+    largest split that works and the factor to move to `data`."""
+    config = small(dict(FSDP), **{"model.image.width": 36})
+    with pytest.raises(ValueError, match=r"visual/class_embedding \(36,\): its axis 0 "
+                                         r"\('embed', size 36\) cannot be split 8 ways over mesh "
+                                         r"axes \('fsdp',\), at most 4; e.g. move a factor of 2"):
+        capacity.compile_train_step(config, jax.devices()[:8])
