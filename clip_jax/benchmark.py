@@ -77,7 +77,6 @@ def _devices_wanted(argv):
 cpu_devices.request(_devices_wanted(sys.argv[1:]))
 
 import argparse  # noqa: E402
-import ast  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -89,7 +88,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clip_jax import capacity, config_files, flops, losses, sharding  # noqa: E402
+from clip_jax import capacity, config_files, flops, losses, overrides, sharding  # noqa: E402
 from clip_jax import tokenizer as tokenizer_lib  # noqa: E402
 from clip_jax.train_step import setup_training  # noqa: E402
 from configs.clip import get_config  # noqa: E402
@@ -389,28 +388,6 @@ def peak_flops_per_device(device_kind):
     return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
 
 
-def apply_sets(config, assignments):
-    """Applies ['dotted.key=value', ...] to an unlocked config; values are Python
-    literals where they parse as one (2, 0.5, True, (1, 2)), else strings."""
-    for assignment in assignments:
-        key, equals, text = assignment.partition("=")
-        if not equals:
-            raise ValueError(f"override {assignment!r}: expected key=value, e.g. model.remat=full")
-        *parents, leaf = key.removeprefix("config.").split(".")
-        node = config
-        for part in parents:
-            if not hasattr(node, "keys") or part not in node:
-                raise ValueError(f"override {assignment!r}: no config key {key!r}")
-            node = node[part]
-        if not hasattr(node, "keys") or leaf not in node:
-            raise ValueError(f"override {assignment!r}: no config key {key!r}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        node[leaf] = value
-
-
 def load_config(spec):
     """--config: a configs/clip.py variant (`ViT-B-32`) or, as the trainer takes
     it, a config file with its argument (`configs/clip.py:ViT-B-32`)."""
@@ -424,7 +401,7 @@ def train_config(variant, batch_size, dtype="float32", sets=()):
     with config.unlocked():
         config.batch_size = batch_size
         config.model.dtype = dtype
-        apply_sets(config, sets)
+        overrides.apply(config, sets)
     return config
 
 
@@ -573,7 +550,7 @@ def run_plan(args):
                 config.model.dtype = args.dtype
             if args.mesh:
                 config.mesh.update(parse_mesh(args.mesh))
-            apply_sets(config, args.set)
+            overrides.apply(config, args.set)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"config error: {error}") from None
     devices = jax.devices()[:args.devices]

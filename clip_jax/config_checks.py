@@ -5,7 +5,7 @@ Each problem is reported as one line naming the key, its value and the fix.
 
 import jax.numpy as jnp
 
-from clip_jax import losses, objectives, output_vocab, sharding
+from clip_jax import losses, objectives, output_vocab, overrides, sharding
 from clip_jax.data import pipeline
 from clip_jax.evals import specs
 from clip_jax.models.clip import TEXT_TOWERS
@@ -25,20 +25,16 @@ def _require(condition, message):
 
 def _positive(config, *keys):
     for key in keys:
-        value = _lookup(config, key)
+        value = overrides.lookup(config, key)
         _require(value > 0, f"config.{key}={value!r} must be positive")
 
 
 def _non_negative(config, *keys):
     for key in keys:
-        value = _lookup(config, key)
+        value = overrides.lookup(config, key)
         _require(value >= 0, f"config.{key}={value!r} must be >= 0")
 
 
-def _lookup(config, dotted):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
 
 
 def check_config(config, num_devices):
@@ -52,7 +48,7 @@ def check_config(config, num_devices):
                   "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
                   "data.prefetch", "data.workers")
     for key in ("optimizer.b1", "optimizer.b2"):
-        value = _lookup(config, key)
+        value = overrides.lookup(config, key)
         _require(0 <= value < 1, f"config.{key}={value!r} must be in [0, 1)")
 
     try:

@@ -22,6 +22,7 @@ Sweeps are declared here too (`get_sweep`) and run, then tabulated, by
 
 import ml_collections
 
+from clip_jax import overrides
 from clip_jax.evals.specs import evaluator_config
 from clip_jax.models import zoo
 from configs import sweeps
@@ -168,10 +169,10 @@ def get_config(arg=None):
         else:
             config[key] = value
     for knob in knobs:
-        key, _, value = knob.partition("=")
+        key, value = overrides.split(knob)
         if key not in config or isinstance(config[key], ml_collections.ConfigDict):
             raise ValueError(f"unknown config knob {key!r} in {arg!r}; use a top-level key")
-        config[key] = type(config[key])(value)
+        overrides.apply(config, {key: value})
     config.lock()
     return config
 

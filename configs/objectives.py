@@ -22,6 +22,7 @@ template captions), and any top-level key of configs/clip.py, e.g.
 `configs/objectives.py:captions=templates,total_steps=300`.
 """
 
+from clip_jax import overrides
 from clip_jax.evals.specs import evaluator_config
 from configs import clip
 
@@ -44,7 +45,7 @@ PROMPT_TEMPLATES = ("a photo of a {}.",)
 
 def get_config(arg=None):
     """The study's base config (contrastive, Transformer text); `arg` as above."""
-    knobs = dict(knob.partition("=")[::2] for knob in (arg or "").split(",") if knob)
+    knobs = dict(overrides.split(knob) for knob in (arg or "").split(",") if knob)
     captions = knobs.pop("captions", "alt_text")
     if captions not in CAPTIONS:
         raise ValueError(f"unknown captions={captions!r}; choose one of {', '.join(CAPTIONS)}")

@@ -6,6 +6,8 @@ Pure functions: nothing here touches the filesystem or starts a process.
 import hashlib
 import re
 
+from clip_jax import overrides
+
 # Longest workdir name kept whole; longer ones are cut and end in a hash of the full
 # name, so they stay distinct and under filesystem limits (255 bytes).
 MAX_NAME_LENGTH = 120
@@ -43,25 +45,19 @@ def run_names(runs):
 
 def parse_sets(assignments):
     """['key=value', ...] -> {key: 'value'} (values stay strings, as on a command line)."""
-    parsed = {}
-    for assignment in assignments:
-        key, equals, value = assignment.partition("=")
-        if not equals or not key:
-            raise ValueError(f"--set {assignment!r}: expected key=value, e.g. total_steps=100")
-        parsed[key.removeprefix("config.")] = value
-    return parsed
+    return dict(overrides.split(assignment) for assignment in assignments)
 
 
 def check_keys(config, runs, sets):
     """Raises ValueError naming the first override key that `config` (a ConfigDict)
-    lacks, or a --set key that a run also sets."""
-    for overrides in [sets, *runs]:
-        for key in overrides:
-            node = config
-            for part in key.split("."):
-                if not hasattr(node, "keys") or part not in node:
-                    raise ValueError(f"no such config key {key!r} (in {overrides})")
-                node = node[part]
+    lacks or whose value does not parse as the trainer would read it, or a --set
+    key that a run also sets."""
+    for run_overrides in [sets, *runs]:
+        for key, value in run_overrides.items():
+            try:
+                overrides.parse(config, key, format_value(value))
+            except ValueError as error:
+                raise ValueError(f"{error} (in {run_overrides})") from None
     for run in runs:
         clash = sorted(set(run) & set(sets))
         if clash:

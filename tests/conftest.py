@@ -26,6 +26,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
+from clip_jax import overrides as config_overrides  # noqa: E402
 from configs.clip import get_config  # noqa: E402
 
 
@@ -39,12 +40,7 @@ def small_config(**overrides):
         config.model.embed_dim = 16
         for entry in config.evals.values():
             entry.batch_size = 64
-        for dotted, value in overrides.items():
-            *parents, leaf = dotted.split(".")
-            node = config
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = value
+        config_overrides.apply(config, overrides)
     return config
 
 

@@ -95,7 +95,7 @@ def test_train_takes_the_trainers_config_arguments():
     (["--config", "no/such/file.py:ViT-B-32"],
      "config error: --config: no such file 'no/such/file.py'"),
     (["--config", "ViT-Q-99"], "config error: unknown config variant 'ViT-Q-99'"),
-    (["--config.model.nope=1"], "config error: override 'model.nope=1': no config key"),
+    (["--config.model.nope=1"], "config error: no config key 'model.nope'"),
 ])
 def test_train_config_errors_are_one_line(arguments, message):
     with pytest.raises(SystemExit) as stopped:

@@ -45,7 +45,7 @@ def test_product_zipped_and_unsafe_names():
 def test_unknown_sweep_and_keys_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown sweep 'lr'; choose one of lr_batch, "):
         get_sweep("lr")
-    with pytest.raises(sweep.SweepError, match="no such config key 'optimizer.rate'"):
+    with pytest.raises(sweep.SweepError, match="no config key 'optimizer.rate'"):
         sweep.run_sweep(CONFIG, "lr_batch", "/nonexistent", ["optimizer.rate=1"])
     with pytest.raises(sweep.SweepError, match="--set batch_size is swept"):
         sweep.run_sweep(CONFIG, "lr_batch", "/nonexistent", ["batch_size=8"])
