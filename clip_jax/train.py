@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from clip_jax import checkpoint, preemption, sharding
 from clip_jax.config_checks import ConfigError, check_config
+from clip_jax.progress import StepProgress
 from clip_jax.data import pipeline
 from clip_jax.metrics import MetricWriter
 from clip_jax.train_step import setup_training
@@ -205,6 +206,16 @@ def _diverged_message(step, metrics, config):
             + "); the last good parameters are checkpointed")
 
 
+def _eval_line(step, eval_row):
+    """'step S: <headline metrics (top-1, R@1) first>, <the rest>'; counts of
+    examples and zero skip counts left out."""
+    shown = {k: v for k, v in eval_row.items()
+             if not k.endswith(("/examples", "/captions", "/train_examples"))
+             and not (k.endswith("/skipped") and v == 0)}
+    headline = sorted(shown, key=lambda k: not k.endswith(("/top1", "_r1")))
+    return f"step {step}: " + ", ".join(f"{k} {shown[k]:.4g}" for k in headline)
+
+
 class _Run:
     """The step loop of one run and what it writes (metrics, evals, checkpoints)."""
 
@@ -231,13 +242,15 @@ class _Run:
         """Steps start_step + 1 .. total_steps -> (last logged metrics, the step
         saved for a preemption or None)."""
         config = self.config
-        progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit="step",
-                             disable=jax.process_index() != 0, dynamic_ncols=True)
+        progress = StepProgress(config.total_steps, start_step,
+                                enabled=jax.process_index() == 0)
         row = {}
         last_time, last_step = None, start_step
         in_flight = None
         upcoming = (_next_device_batch(batches, self.batch_sharding)
                     if start_step < config.total_steps else None)
+        if upcoming is not None:
+            progress.write("compiling the train step (the first step waits for it)")
         for step in range(start_step + 1, config.total_steps + 1):
             batch, input_state = upcoming
             # Any implicit host<->device copy inside the step is a bug: fail loudly.
@@ -254,7 +267,7 @@ class _Run:
                 self.save(state, input_state)  # bad steps left the parameters untouched
                 raise TrainingStopped(_diverged_message(step - 1, in_flight, config))
             in_flight = metrics
-            progress.update(1)
+            progress.update()
             if last_time is None:  # exclude compilation from the throughput figure
                 jax.block_until_ready(metrics)
                 last_time, last_step = time.time(), step
@@ -268,8 +281,8 @@ class _Run:
                     row["train/samples_per_sec"] = ((step - last_step) * config.batch_size
                                                     / (now - last_time))
                     last_time, last_step = now, step
-                    progress.set_postfix(loss=f"{row['train/loss']:.3f}",
-                                         samples_per_sec=f"{row['train/samples_per_sec']:.0f}")
+                progress.log(step, float(row["train/loss"]), row.get("train/samples_per_sec"),
+                             config.batch_size)
                 self.writer.write(step, row)
             evaluated = bool(self.evaluator.due(step, final=step == config.total_steps))
             if evaluated:
@@ -277,10 +290,7 @@ class _Run:
                                              final=step == config.total_steps)
                 self.writer.write(step, eval_row)
                 row.update(eval_row)
-                _print(f"step {step}: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in eval_row.items()
-                    if not k.endswith(("/examples", "/captions", "/train_examples"))
-                    and not (k.endswith("/skipped") and v == 0)))
+                progress.write(_eval_line(step, eval_row))
                 if self.best_manager is not None:
                     self.save_if_best(state, input_state, eval_row)
             if watcher.reached(step):

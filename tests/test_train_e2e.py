@@ -106,3 +106,22 @@ def test_finetune_from_a_run_with_a_locked_image_tower(data_dir, tmp_path):
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()),
                                          after["params"]["text"], before["params"]["text"]))
     assert all(moved)
+
+
+def test_output_to_a_file_gets_one_line_per_logged_step_and_no_bar_frames(
+        data_dir, tmp_path, capfd):
+    """pytest's capture is not a terminal, as a SLURM or TPU VM log is not."""
+    config = e2e_config(data_dir, 6)
+    with config.unlocked():
+        config.evals.retrieval.every = -1
+    train_lib.train(config, str(tmp_path / "run"))
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err
+    lines = (out + err).splitlines()
+    step_lines = [line for line in lines if line.startswith("step ") and "/6: loss" in line]
+    assert [line.split("/")[0] for line in step_lines] == ["step 2", "step 4", "step 6"]
+    assert "samples/s, ETA" in step_lines[-1]
+    assert lines.index(next(l for l in lines if l.startswith("compiling the train step"))) < \
+        lines.index(step_lines[0])
+    evals = [line for line in lines if line.startswith("step 3: ")]
+    assert evals and evals[0].split(", ")[0].startswith("step 3: zeroshot/synthetic_shapes/top1")

@@ -27,6 +27,7 @@ from tensorflow.core.example import example_pb2
 from clip_jax import tokenizer
 from clip_jax.data import augment, decode, sampling
 from clip_jax.data import synthetic_shapes  # noqa: F401  (registers the built-in dataset)
+from clip_jax.progress import is_terminal
 
 _ARRAY_RECORD = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
 # A batch that needs this many replacements means the data, not a few files, is broken.
@@ -58,6 +59,8 @@ def prepared_builder(name, data_dir):
             f"`tfds build {name.split(':')[0]} --file_format=array_record"
             + (f" --data_dir={data_dir}`" if data_dir else "`")
             + " (or pass the data_dir that holds it)")
+    # TFDS's bars write a frame per update into log files.
+    tfds.display_progress_bar(is_terminal())
     # One process prepares first, so hosts sharing a data_dir never race.
     if jax.process_index() == 0:
         tfds.builder(name, data_dir=data_dir, file_format=_ARRAY_RECORD).download_and_prepare()

@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 
 from clip_jax import image_ops, sharding, tokenizer
 from clip_jax.data import eval_input
+from clip_jax.progress import is_terminal
 from clip_jax.models import l2_normalize
 
 
@@ -96,7 +97,7 @@ def embed_split(encoders, variables, source, batch_size, *, workers=0, progress=
                                       context_length=encoders.context_length, workers=workers)
     show = progress and jax.process_index() == 0
     for batch in tqdm.tqdm(batches, desc=f"embedding {source.dataset}:{source.split}",
-                           unit="batch", disable=not show, leave=False,
+                           unit="batch", disable=not (show and is_terminal()), leave=False,
                            total=eval_input.batch_count(source, batch_size) if show else None):
         rows = {"images": encode_images(variables, to_global(batch["images"])),
                 "mask": to_global(batch["mask"]), "is_record": to_global(batch["is_record"])}
