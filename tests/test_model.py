@@ -114,8 +114,20 @@ def test_lean_layer_norm_and_gelu_equal_autodiff(dtype):
                                        np.asarray(expected, np.float32),
                                        rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
-    check(lambda *a: lean_ops.layer_norm(*a, 1e-5), _reference_layer_norm, x, scale, bias)
-    check(lean_ops.gelu, lambda v: jax.nn.gelu(v, approximate=False), x)
+    check(lambda *a: lean_ops.lean_layer_norm(*a, 1e-5), _reference_layer_norm, x, scale, bias)
+    check(lean_ops.lean_gelu, lambda v: jax.nn.gelu(v, approximate=False), x)
+
+
+@pytest.mark.parametrize("backend, lean", [("cpu", True), ("gpu", False), ("tpu", False)])
+def test_lean_backward_passes_apply_on_cpu_only(backend, lean, monkeypatch):
+    """Measured on XLA:CPU only: other backends trace autodiff's LayerNorm and GELU."""
+    from clip_jax.models import lean_ops  # noqa: PLC0415
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    x = jnp.ones((2, 8))
+    # Fresh functions: jax caches traces by function.
+    for fn in (lambda v: lean_ops.layer_norm(v, jnp.ones(8), jnp.zeros(8), 1e-5),
+               lambda v: lean_ops.gelu(v)):
+        assert ("custom_vjp_call" in str(jax.make_jaxpr(fn)(x))) == lean
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

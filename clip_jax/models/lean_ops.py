@@ -9,6 +9,12 @@ forward loop writes layer by layer, so their size is memory traffic every
 step. Here the LayerNorm keeps its normalised input and 1/std, the GELU its
 input; the backward recomputes the rest (elementwise). Values are autodiff's
 up to float rounding (tests/test_model.py).
+
+They apply on CPU only, where they were measured (ViT-B/32 train step 7%
+faster, 16% less memory on XLA:CPU). GPU and TPU compilers fuse and
+rematerialise elementwise work themselves, and a custom VJP can stand in the
+way of that; until measured there, `layer_norm` and `gelu` are autodiff's
+elsewhere (the backend is read when the model is traced).
 """
 
 import functools
@@ -26,9 +32,28 @@ def _normalise(x, epsilon):
     return centred * inverse_std, inverse_std
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def hand_written_backward():
+    """Whether the lean backward passes apply: on the CPU backend only."""
+    return jax.default_backend() == "cpu"
+
+
 def layer_norm(x, scale, bias, epsilon):
-    """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    """LayerNorm over the last axis, computed in float32, returned in x's dtype;
+    the lean backward pass on CPU, autodiff's elsewhere."""
+    if hand_written_backward():
+        return lean_layer_norm(x, scale, bias, epsilon)
+    normalised, _ = _normalise(x, epsilon)
+    return (normalised * scale + bias).astype(x.dtype)
+
+
+def gelu(x):
+    """The exact (erf) GELU, x * Phi(x); the lean backward pass on CPU."""
+    return lean_gelu(x) if hand_written_backward() else jax.nn.gelu(x, approximate=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lean_layer_norm(x, scale, bias, epsilon):
+    """layer_norm with the hand-written backward pass (on any backend)."""
     normalised, _ = _normalise(x, epsilon)
     return (normalised * scale + bias).astype(x.dtype)
 
@@ -51,17 +76,18 @@ def _layer_norm_bwd(epsilon, residuals, grad):
             grad32.sum(axis=leading).astype(scale.dtype))
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+lean_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 @jax.custom_vjp
-def gelu(x):
-    """The exact (erf) GELU, x * Phi(x), as jax.nn.gelu(approximate=False)."""
+def lean_gelu(x):
+    """The exact (erf) GELU, as jax.nn.gelu(approximate=False), with the
+    hand-written backward pass (on any backend)."""
     return jax.nn.gelu(x, approximate=False)
 
 
 def _gelu_fwd(x):
-    return gelu(x), x
+    return lean_gelu(x), x
 
 
 def _gelu_bwd(x, grad):
@@ -71,4 +97,4 @@ def _gelu_bwd(x, grad):
     return ((grad.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+lean_gelu.defvjp(_gelu_fwd, _gelu_bwd)
