@@ -80,7 +80,6 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 

@@ -26,7 +26,8 @@ def random_embeddings(batch, dim=8, seed=0):
     rng = np.random.default_rng(seed)
     image = rng.normal(size=(batch, dim)).astype(np.float64)
     text = (image + rng.normal(size=(batch, dim))).astype(np.float64)  # correlated pairs
-    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    def norm(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
     return norm(image).astype(np.float32), norm(text).astype(np.float32)
 
 
@@ -63,8 +64,9 @@ def test_gradients_through_all_gather_match_single_device():
         loss_fn = losses.contrastive_loss(mesh, sharding.BATCH_AXES)
         return lambda i, t, s: loss_fn(l2_normalize(i), l2_normalize(t), s)["loss"]
 
-    grad = lambda mesh: jax.jit(jax.grad(loss_on(mesh), argnums=(0, 1, 2)))(
-        raw_image, raw_text, jnp.float32(10.0))
+    def grad(mesh):
+        return jax.jit(jax.grad(loss_on(mesh), argnums=(0, 1, 2)))(
+            raw_image, raw_text, jnp.float32(10.0))
     for single, sharded in zip(grad(make_mesh(1)), grad(make_mesh(8))):
         np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-7)
 

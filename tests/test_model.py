@@ -33,7 +33,8 @@ def test_every_parameter_has_logical_axis_names():
 
 def test_text_is_pooled_at_end_token_and_causal(model_and_params):
     config, model, variables = model_and_params
-    encode = lambda tokens: model.apply(variables, jnp.asarray(tokens), method=model.encode_text)
+    def encode(tokens):
+        return model.apply(variables, jnp.asarray(tokens), method=model.encode_text)
     tokens = np.zeros((1, config.model.text.context_length), np.int32)
     tokens[0, :4] = [49406, 320, 1125, 49407]
     after_end = tokens.copy()

@@ -218,7 +218,7 @@ def test_random_resized_crop_stays_inside_the_image_and_in_the_scale_range():
             ratio = (right - left) / (bottom - top)
             assert 3 / 4 - 0.05 <= ratio <= 4 / 3 + 0.05
     # Square images usually get a crop within the area range.
-    areas = [(r - l) * (b - t) / 1e4 for l, t, r, b in
+    areas = [(r - left) * (b - t) / 1e4 for left, t, r, b in
              (augment.crop_box(100, 100, sample, (0.9, 1.0)) for sample in draws[200:400])]
     assert 0.88 <= min(areas) and max(areas) <= 1.0
 

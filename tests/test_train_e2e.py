@@ -121,7 +121,7 @@ def test_output_to_a_file_gets_one_line_per_logged_step_and_no_bar_frames(
     step_lines = [line for line in lines if line.startswith("step ") and "/6: loss" in line]
     assert [line.split("/")[0] for line in step_lines] == ["step 2", "step 4", "step 6"]
     assert "samples/s, ETA" in step_lines[-1]
-    assert lines.index(next(l for l in lines if l.startswith("compiling the train step"))) < \
-        lines.index(step_lines[0])
+    compiling = next(line for line in lines if line.startswith("compiling the train step"))
+    assert lines.index(compiling) < lines.index(step_lines[0])
     evals = [line for line in lines if line.startswith("step 3: ")]
     assert evals and evals[0].split(", ")[0].startswith("step 3: zeroshot/synthetic_shapes/top1")
