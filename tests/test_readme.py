@@ -1,7 +1,10 @@
 """The README's notebook snippet runs as written (IPython `!` lines aside)."""
 
+import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,19 +14,43 @@ from clip_jax.data import synthetic_shapes
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.slow
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
 
 
 def notebook_snippet():
+    """The snippet as a notebook runs it: `!` shell lines are the reader's set-up
+    (done here by the test), `%cd DIR` changes directory."""
     with open(README) as f:
         text = f.read()
     block = re.search(r"<!-- notebook-snippet -->\n```python\n(.*?)```\n<!-- /notebook-snippet -->",
                       text, re.S)
     assert block, "README.md lost its notebook snippet markers"
-    return "\n".join(line for line in block.group(1).splitlines() if not line.startswith("!"))
+    lines = []
+    for line in block.group(1).splitlines():
+        if line.startswith("%cd "):
+            lines.append(f"import os; os.chdir({line[4:].split('#')[0].strip()!r})")
+        elif not line.startswith("!"):
+            lines.append(line)
+    return "\n".join(lines)
 
 
-def test_the_notebook_snippet_runs_on_a_trained_workdir(tmp_path, monkeypatch, capsys):
+# What the test reads back from the snippet's fresh interpreter.
+REPORT = """
+import json, numpy as np
+print("REPORT " + json.dumps({
+    "probabilities": np.asarray(probabilities).tolist(),
+    "image_norms": np.linalg.norm(image_embeddings, axis=1).tolist(),
+    "text_norms": np.linalg.norm(text_embeddings, axis=1).tolist(),
+    "embed_dim": int(image_embeddings.shape[1]), "module": clip_jax.__file__}))
+"""
+
+
+def test_the_notebook_snippet_runs_in_a_fresh_interpreter_beside_the_clone(
+        tmp_path, monkeypatch):
+    """Trained here; the snippet then runs as `python -c` (a notebook's import
+    path: the working directory first) from a folder holding the clone as
+    `clip_jax`, as the README's `pip install -e clip_jax` has it."""
     monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 64)
     monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 32)
     workdir = str(tmp_path / "clip_tiny")
@@ -33,15 +60,20 @@ def test_the_notebook_snippet_runs_on_a_trained_workdir(tmp_path, monkeypatch, c
     train_lib.train(config, workdir)
     code = notebook_snippet()
     assert '"/tmp/clip_tiny"' in code
-    namespace = {}
-    exec(compile(code.replace('"/tmp/clip_tiny"', repr(workdir)), "README snippet", "exec"),
-         namespace)
-    probabilities = namespace["probabilities"]
+    beside = tmp_path / "notebook"
+    beside.mkdir()
+    os.symlink(REPO, beside / "clip_jax")
+    done = subprocess.run([sys.executable, "-c", code.replace('"/tmp/clip_tiny"', repr(workdir))
+                           + REPORT], cwd=beside, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = [line for line in done.stdout.splitlines() if not line.startswith("REPORT ")]
+    report = json.loads(done.stdout.split("REPORT ", 1)[1])
+    probabilities = np.asarray(report["probabilities"])
     assert probabilities.shape == (3, 4)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    for name, rows in (("image_embeddings", 3), ("text_embeddings", 4)):
-        embeddings = namespace[name]
-        assert embeddings.shape == (rows, config.model.embed_dim)
-        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
-    printed = capsys.readouterr().out.splitlines()[-3:]
-    assert all(line.split()[-1].replace(".", "").isdigit() for line in printed)
+    np.testing.assert_allclose(report["image_norms"] + report["text_norms"], 1.0, rtol=1e-5)
+    assert report["embed_dim"] == config.model.embed_dim
+    assert report["module"].startswith(REPO)
+    assert len(printed) >= 3 and all(line.split()[-1].replace(".", "").isdigit()
+                                     for line in printed[-3:])
