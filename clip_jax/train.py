@@ -2,7 +2,13 @@ r"""Trains CLIP: config -> mesh -> sharded state -> input -> jitted step -> metr
 
   python -m clip_jax.train --config configs/clip.py:tiny --workdir /tmp/clip_tiny
 
-Re-running with the same --workdir resumes from its latest checkpoint.
+--config is a config file and its argument, FILE.py:VARIANT[,KEY=VALUE,...]
+(configs/clip.py: `tiny` or a zoo model such as ViT-B-32, with top-level knobs,
+e.g. configs/clip.py:ViT-B-32,total_steps=1000). Any key is then overridden with
+--config.KEY=VALUE, dotted for nested keys (--config.optimizer.lr=1e-3
+--config.mesh.fsdp=8). Every key is listed with its meaning in docs/configs.md
+and commented in configs/clip.py. Re-running with the same --workdir resumes
+from its latest checkpoint.
 """
 
 import os
@@ -340,4 +346,7 @@ def main(argv, config_flag, workdir_flag, distributed_flags):
 if __name__ == "__main__":
     _config_flag, _workdir_flag = _define_flags()
     _distributed_flags = define_distributed_flags()
+    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):  # absl exits 1 on --help
+        print(__doc__ + "\n" + flags.FLAGS.main_module_help())
+        sys.exit(0)
     app.run(lambda argv: main(argv, _config_flag, _workdir_flag, _distributed_flags))

@@ -86,3 +86,12 @@ def test_command_line_errors_are_one_line_before_any_compile(flag, message, tmp_
     assert len(error_lines) == 1, result.stderr[-2000:]
     assert "Compiling" not in result.stderr  # JAX_LOG_COMPILES logs every compile
     assert "Traceback" not in result.stderr
+
+
+def test_trainer_help_explains_configs_and_exits_0():
+    done = subprocess.run([sys.executable, "-m", "clip_jax.train", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "--config.KEY=VALUE" in done.stdout and "docs/configs.md" in done.stdout
+    assert "--workdir" in done.stdout
