@@ -7,17 +7,31 @@
   variables = clip_jax.convert.from_torch("ViT-B-32.pt", "ViT-B-32")
   image_embeddings = model.apply(variables, images, method=model.encode_image)
   text_embeddings = model.apply(variables, clip_jax.tokenize(texts), method=model.encode_text)
+
+`import clip_jax` imports nothing heavy: each name below brings its module (and
+JAX, Flax, orbax or TensorFlow with it) on first use, so that launchers and
+config files pay only for what they touch.
 """
 
-from clip_jax import convert
-from clip_jax.models.zoo import MODEL_NAMES, create_model
-from clip_jax.tokenizer import tokenize
+import importlib
 
-__all__ = ["MODEL_NAMES", "convert", "create_model", "load", "tokenize"]
+# Public name -> (module, attribute in it; None: the module itself).
+_LAZY = {
+    "MODEL_NAMES": ("clip_jax.models.zoo", "MODEL_NAMES"),
+    "create_model": ("clip_jax.models.zoo", "create_model"),
+    "convert": ("clip_jax.convert", None),
+    "load": ("clip_jax.pretrained", "load"),
+    "tokenize": ("clip_jax.tokenizer", "tokenize"),
+}
+
+__all__ = sorted(_LAZY)
 
 
-def load(model_or_workdir, weights=None):
-    """clip_jax.pretrained.load, imported on first use (it brings orbax and the
-    trainer's set-up, which `import clip_jax` should not pay for)."""
-    from clip_jax import pretrained  # noqa: PLC0415
-    return pretrained.load(model_or_workdir, weights)
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'clip_jax' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value

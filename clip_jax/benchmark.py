@@ -90,7 +90,7 @@ import numpy as np  # noqa: E402
 from clip_jax import capacity, config_files, flops, losses, overrides, sharding  # noqa: E402
 from clip_jax import tokenizer as tokenizer_lib  # noqa: E402
 from clip_jax.train_step import setup_training  # noqa: E402
-from configs.clip import get_config  # noqa: E402
+from clip_jax.data import throughput  # noqa: E402
 
 # Benchmark name -> contrastive_loss arguments. The chunked losses hold
 # [B_local, chunk_size] logits at a time (linear in B at a fixed device count);
@@ -194,7 +194,7 @@ def compiled_flops(compiled):
 def train_step_memory(loss, global_batch, num_devices=8):
     """Per-device bytes of the `tiny` preset's full train step (data=num_devices)."""
     settings = LOSS_SETTINGS[loss]
-    config = get_config("tiny")
+    config = config_files.load("tiny")
     with config.unlocked():
         config.batch_size = global_batch
         config.mesh.update(data=num_devices, fsdp=1, tensor=1)
@@ -210,7 +210,7 @@ def train_step_memory(loss, global_batch, num_devices=8):
 
 def train_step_compile_times(variant, scan_layers, batch_size=8):
     """{lower_s, compile_s} of the variant's full train step on one device."""
-    config = get_config(variant)
+    config = config_files.load(variant)
     with config.unlocked():
         config.model.scan_layers = scan_layers
         config.mesh.update(data=1, fsdp=1, tensor=1)
@@ -246,30 +246,6 @@ def run_compile(variant, as_json):
 # ---------------------------------------------------------------- tokenizer
 
 
-def caption_corpus(count, seed=0):
-    """Alt-text-like captions: 4-24 words drawn Zipf-like from the BPE vocabulary's
-    whole words of 2+ letters (merge rank stands in for frequency), capitals, digits and
-    punctuation; 5% carry non-ASCII words (accents, CJK, emoji)."""
-    tokenizer = tokenizer_lib.default_tokenizer()
-    # Merged symbols (ids from 512 on) come in merge order, a proxy for frequency.
-    words = [s[:-4] for s in tokenizer._decoder[512:] if s.endswith("</w>") and s[:-4].isascii()
-             and s[:-4].isalpha() and len(s) > 5]
-    foreign = ["café", "naïve", "日本の", "straße", "🐱", "über", "señor", "ñandú", "北京", "😀"]
-    rng = np.random.default_rng(seed)
-    ranks = (rng.zipf(1.2, size=(count, 24)) - 1) % len(words)  # the heavy tail wraps
-    lengths = rng.integers(4, 25, size=count)
-    captions = []
-    for i in range(count):
-        caption = [words[r] for r in ranks[i, :lengths[i]]]
-        caption[0] = caption[0].capitalize()
-        if rng.random() < 0.3:
-            caption.insert(rng.integers(len(caption)), str(rng.integers(1, 3000)))
-        if rng.random() < 0.05:
-            caption.insert(rng.integers(len(caption)), foreign[rng.integers(len(foreign))])
-        captions.append(" ".join(caption) + rng.choice([".", "", "!", " - stock photo"]))
-    return captions
-
-
 def _texts_per_sec(tokenize, texts, batch=256):
     start = time.perf_counter()
     for i in range(0, len(texts), batch):
@@ -281,7 +257,8 @@ def tokenizer_benchmark(count=50_000, reference=True):
     """Texts/s of clip_jax.tokenize and OpenCLIP's SimpleTokenizer on the same captions,
     in batches of 256 after a warm-up on as many other captions (word caches filled, as
     in a long-running input pipeline)."""
-    warmup, texts = caption_corpus(count, seed=1), caption_corpus(count, seed=2)
+    warmup, texts = (throughput.caption_corpus(count, seed=1),
+                     throughput.caption_corpus(count, seed=2))
     contenders = {"clip_jax": tokenizer_lib.Tokenizer()}
     if reference:
         from clip_jax import references  # noqa: PLC0415
@@ -307,10 +284,10 @@ def run_tokenizer(count, reference, as_json):
 
 
 def run_data(args):
-    from clip_jax.data import throughput  # noqa: PLC0415
     if not args.source and not args.synthetic:
         raise SystemExit("data: give --source 'shards/*.tar' or --synthetic N")
-    rows = throughput.data_benchmark(args.source, synthetic=args.synthetic,
+    rows = throughput.data_benchmark(args.source, config_files.load("tiny"),
+                                     synthetic=args.synthetic,
                                      image_size=args.image_size, batch_size=args.batch_size,
                                      batches=args.batches, workers=args.workers or None,
                                      reference=not args.no_reference)
@@ -390,7 +367,7 @@ def peak_flops_per_device(device_kind):
 def load_config(spec):
     """--config: a configs/clip.py variant (`ViT-B-32`) or, as the trainer takes
     it, a config file with its argument (`configs/clip.py:ViT-B-32`)."""
-    return config_files.load(spec) if ".py" in spec else get_config(spec)
+    return config_files.load(spec)
 
 
 def train_config(variant, batch_size, dtype="float32", sets=()):

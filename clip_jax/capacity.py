@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from clip_jax import flops, hlo_stats, sharding
+from clip_jax import flops, hlo_stats, sharding, variables
 from clip_jax.config_checks import check_config
 from clip_jax.train_step import setup_training
 
@@ -77,8 +77,7 @@ def abstract_train_step(config, devices):
     """(jitted train step, abstract state, abstract batch, Training) for `config`
     on a mesh over `devices`; shapes and shardings only, nothing allocated."""
     training = setup_training(config, devices)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         training.abstract_state, training.shardings)
+    state = variables.with_shardings(training.abstract_state, training.shardings)
     size, length = config.model.image.image_size, config.model.text.context_length
     batch_sharding = sharding.batch_sharding(training.mesh)
     batch = {"images": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,

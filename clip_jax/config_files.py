@@ -1,8 +1,16 @@
 """Config files as the trainer's --config names them: `path/to/file.py[:arg]`,
-a Python file whose get_config(arg) returns an ml_collections.ConfigDict."""
+a Python file whose get_config(arg) returns an ml_collections.ConfigDict.
+
+The library reads config files by path, as the trainer's flag does, and never
+imports the `configs` package: configs build on the library, not the reverse.
+"""
 
 import importlib.util
 import os
+
+# The trainer's default --config file, beside the package in a clone or an install.
+DEFAULT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs", "clip.py")
 
 
 def load_module(path):
@@ -18,6 +26,9 @@ def load_module(path):
 
 
 def load(spec):
-    """'path/to/file.py[:arg]' -> that file's get_config(arg) (arg None when absent)."""
+    """'path/to/file.py[:arg]' -> that file's get_config(arg) (arg None when absent);
+    a bare argument ('ViT-B-32', 'tiny,total_steps=10') is one of DEFAULT_FILE's."""
+    if ".py" not in spec:
+        return load_module(DEFAULT_FILE).get_config(spec or None)
     path, _, arg = spec.partition(":")
     return load_module(path).get_config(arg or None)

@@ -20,12 +20,12 @@ import sys
 from typing import Callable, Mapping, Union
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clip_jax import variables as variables_lib
 from clip_jax.models import zoo
 from clip_jax.pytree import get_path, set_path
 from clip_jax.models.clip import CLIP
@@ -231,10 +231,7 @@ def _relayout(variables, model_config, convert_stack):
 
 def abstract_variables(model_config):
     """Flax variable shapes of an architecture, without allocating them."""
-    from clip_jax.train_step import dummy_inputs  # noqa: PLC0415 (train_step imports optax)
-    module = CLIP(model_config)
-    return nn.unbox(jax.eval_shape(lambda r: module.init(r, *dummy_inputs(model_config)),
-                                   jax.random.key(0)))
+    return variables_lib.abstract_variables(CLIP(model_config))
 
 
 # ---------------------------------------------------------------- reading files
@@ -389,9 +386,9 @@ def to_torch(variables: Mapping, model) -> dict:
 def _check_trained_as_clip(path):
     """ConversionError unless `path`, when it is a training workdir, trained the
     contrastive objective with the Transformer text tower (OpenCLIP's model)."""
-    from clip_jax.pretrained import run_config  # noqa: PLC0415 (pretrained imports this module)
+    from clip_jax import run_config  # noqa: PLC0415 (TensorFlow's gfile; from_torch needs none)
     try:
-        config = run_config(path)
+        config = run_config.read(path)
     except ValueError:
         return  # no config.json: a clip_jax.convert output, which is CLIP by construction
     if config.objective != "contrastive":

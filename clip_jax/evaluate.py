@@ -28,8 +28,9 @@ from clip_jax.config_checks import ConfigError
 from clip_jax.evals import specs
 from clip_jax.evals.report import format_value, natural_order, write_report
 from clip_jax.evals.suite import EvalSuite
-from clip_jax.pretrained import load_model, model_config, run_config
-from clip_jax.train import define_distributed_flags, initialize_distributed
+from clip_jax import run_config
+from clip_jax.pretrained import load_model, released_config
+from clip_jax.distributed import define_distributed_flags, initialize_distributed
 
 
 def evaluate(config, weights, entries, *, data_dir=None, batch_size=0, workers=0,
@@ -70,7 +71,7 @@ def main(argv, options, distributed):
         raise app.UsageError("--model needs --evals, e.g. --evals zeroshot:cifar10")
     initialize_distributed(**{key: flag.value for key, flag in distributed.items()})
     try:
-        config = run_config(workdir) if workdir else model_config(model_name)
+        config = run_config.read(workdir) if workdir else released_config(model_name)
         entries = (ml_collections.ConfigDict({spec: specs.parse_spec(spec)
                                               for spec in options["evals"].value})
                    if options["evals"].value else config.evals)

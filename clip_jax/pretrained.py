@@ -6,8 +6,6 @@
 """
 
 import dataclasses
-import json
-import os
 
 import jax
 import ml_collections
@@ -15,62 +13,45 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from clip_jax import checkpoint, convert, objectives, sharding
+from clip_jax import checkpoint, convert, objectives, run_config, sharding
+from clip_jax import variables as variables_lib
 from clip_jax.data import augment
-from clip_jax.evals import specs
 from clip_jax.evals.embed import Encoders
 from clip_jax.evals.prompts import DEFAULT_TEMPLATES, ZeroShotTask
 from clip_jax.evals.zeroshot import class_embeddings
-from clip_jax.train_step import setup_training
+from clip_jax.models import zoo
 
 
-def run_config(workdir):
-    """The config a training run wrote to WORKDIR/config.json."""
-    path = os.path.join(workdir, "config.json")
-    if not tf.io.gfile.exists(path):
-        raise ValueError(f"{workdir}: no config.json; is it a clip_jax training workdir?")
-    with tf.io.gfile.GFile(path) as f:
-        values = json.load(f)
-    if "evals" not in values and "zeroshot" in values:  # workdirs from before config.evals
-        old = values.pop("zeroshot")
-        values["evals"] = {"zeroshot": specs.evaluator_config(
-            "zeroshot", old["dataset"], split=old["split"], label_key=old["label_key"],
-            batch_size=old["batch_size"]).to_dict()}
-    # Workdirs from before config.objective trained CLIP with its Transformer text tower.
-    values.setdefault("objective", "contrastive")
-    values["model"].setdefault("text_encoder", "transformer")
-    values["model"].setdefault("output_vocab", "full")
-    return ml_collections.ConfigDict(values)
-
-
-def model_config(model_name):
-    """The config of a zoo architecture (configs/clip.py:MODEL), unlocked."""
-    from configs.clip import get_config  # noqa: PLC0415 (configs/ is not always importable)
-    config = get_config(model_name)
-    config.unlock()
-    return config
+def released_config(model_name):
+    """The config that loading released weights of a zoo architecture needs:
+    the CLIP objective, the architecture, a data-parallel mesh and the default
+    sharding rules."""
+    return ml_collections.ConfigDict(dict(
+        objective="contrastive", model=zoo.model_config(model_name),
+        mesh=dict(data=-1, fsdp=1, tensor=1), sharding_rules=sharding.DEFAULT_RULES,
+        data=dict(data_dir=ml_collections.FieldReference(None, field_type=str)), evals={}))
 
 
 def _evaluation_mesh(config):
     """The run's mesh when it fits these devices, else pure data parallel."""
     try:
-        sharding.mesh_shape(config.mesh, jax.device_count())
+        return sharding.make_mesh(config.mesh)
     except ValueError:
-        config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+        return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
 
 
 def load_model(config, weights):
-    """(model, mesh, variables placed per the config's sharding rules, shardings)."""
-    _evaluation_mesh(config)
-    training = setup_training(config)
-    shardings = training.shardings.variables()
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            training.abstract_state.variables(), shardings)
+    """(model, mesh, variables placed per the config's sharding rules, shardings):
+    the objective's model and its variables only (no optimizer state)."""
+    mesh = _evaluation_mesh(config)
+    model = objectives.get(config.objective).model(config.model)
+    shardings = variables_lib.variable_shardings(model, mesh, config.sharding_rules)
+    abstract = variables_lib.with_shardings(variables_lib.abstract_variables(model), shardings)
     if tf.io.gfile.isdir(weights):  # a workdir or a clip_jax.convert output
         variables = checkpoint.load_variables(weights, abstract)
     else:
         variables = jax.device_put(convert.from_torch(weights, config.model), shardings)
-    return training.model, training.mesh, variables, shardings
+    return model, mesh, variables, shardings
 
 
 @dataclasses.dataclass
@@ -125,8 +106,8 @@ def load(model_or_workdir, weights=None):
     architecture name and its weights (PyTorch/safetensors file or clip_jax.convert
     directory)."""
     if weights is None:
-        config, weights = run_config(model_or_workdir), model_or_workdir
+        config, weights = run_config.read(model_or_workdir), model_or_workdir
     else:
-        config = model_config(model_or_workdir)
+        config = released_config(model_or_workdir)
     model, mesh, variables, shardings = load_model(config, weights)
     return Pretrained(model, variables, Encoders(model, mesh, shardings))

@@ -24,7 +24,9 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from clip_jax import checkpoint, preemption, sharding
+from clip_jax import checkpoint, config_files, preemption, sharding
+from clip_jax.distributed import define_distributed_flags, initialize_distributed
+from clip_jax import variables as variables_lib
 from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.progress import StepProgress
 from clip_jax.data import pipeline
@@ -32,8 +34,7 @@ from clip_jax.metrics import MetricWriter
 from clip_jax.train_step import setup_training
 from clip_jax.evals.suite import EvalSuite
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "clip.py")
+
 
 
 def _define_flags():
@@ -44,7 +45,7 @@ def _define_flags():
     """
     try:
         config = config_flags.DEFINE_config_file(
-            "config", f"{_DEFAULT_CONFIG}:tiny",
+            "config", f"{config_files.DEFAULT_FILE}:tiny",
             "Config file and variant, e.g. configs/clip.py:tiny.", lock_config=True)
     except (AttributeError, KeyError) as error:
         message = str(error).replace("\\", "")
@@ -57,28 +58,6 @@ def _define_flags():
     workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
                                   "TensorBoard logs (local or gs://).", required=True)
     return config, workdir
-
-
-def define_distributed_flags():
-    """Multi-process flags -> {keyword of `initialize_distributed`: flag holder}."""
-    return dict(
-        coordinator_address=flags.DEFINE_string(
-            "coordinator_address", None, "Multi-process runs: host:port of process 0, passed "
-            "to jax.distributed.initialize with --num_processes and --process_id. Omit all "
-            "three for a single process."),
-        num_processes=flags.DEFINE_integer(
-            "num_processes", None, "Multi-process runs: total number of processes."),
-        process_id=flags.DEFINE_integer(
-            "process_id", None, "Multi-process runs: this process's index."),
-        auto=flags.DEFINE_bool(
-            "distributed_auto", False, "Call jax.distributed.initialize() without arguments, "
-            "letting JAX detect the cluster (Cloud TPU, SLURM, Kubernetes, MPI). Off by "
-            "default so single-process runs never wait for a coordinator."),
-        cpu_collectives=flags.DEFINE_enum(
-            "cpu_collectives", "gloo", ["gloo", "mpi"], "Cross-process collectives of the CPU "
-            "backend in multi-process runs (jax_cpu_collectives_implementation); accelerators "
-            "ignore it."),
-    )
 
 
 def _print(message):
@@ -104,9 +83,8 @@ def _global_batch(local_batch, batch_sharding):
 
 def _initialise_from(path, state, abstract_state, shardings):
     """`state` with its parameters and running statistics read from `path`."""
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            {"params": abstract_state.params, **abstract_state.model_state},
-                            shardings.variables())
+    abstract = variables_lib.with_shardings(
+        {"params": abstract_state.params, **abstract_state.model_state}, shardings.variables())
     try:
         variables = checkpoint.load_variables(path, abstract)
     except ValueError as error:
@@ -132,9 +110,9 @@ def train(config, workdir):
     abstract_state = training.abstract_state
 
     manager = checkpoint.make_manager(workdir, config)
-    state, saved_input = checkpoint.restore_latest(manager, jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-        shardings), warn=lambda message: _print(f"warning: {message}"))
+    state, saved_input = checkpoint.restore_latest(
+        manager, variables_lib.with_shardings(abstract_state, shardings),
+        warn=lambda message: _print(f"warning: {message}"))
     if state is None:
         state = training.init_state(jax.random.key(config.seed))
         if config.init_from:
@@ -311,23 +289,6 @@ class _Run:
                 last_time, last_step = time.time(), step  # throughput counts training only
         progress.close()
         return row, None
-
-
-def initialize_distributed(coordinator_address, num_processes, process_id, auto=False,
-                           cpu_collectives="gloo"):
-    """Joins a multi-process run (jax.distributed) before anything touches devices.
-
-    Explicit arguments win; with none, `auto` lets JAX detect the cluster; else
-    this stays a single-process run."""
-    explicit = (coordinator_address, num_processes, process_id)
-    if all(value is None for value in explicit) and not auto:
-        return
-    if any(value is None for value in explicit) and not all(value is None for value in explicit):
-        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
-    # Only the CPU client reads this; accelerators bring their own collectives.
-    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
 
 
 def main(argv, config_flag, workdir_flag, distributed_flags):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from clip_jax import image_ops, objectives, optim, sharding
+from clip_jax import variables as variables_lib
 from clip_jax.models.clip import TOWER_PARAMS
 from clip_jax.objectives.contrastive import with_logit_params
 
@@ -35,18 +36,10 @@ class TrainState:
         return {"params": self.params, **self.model_state}
 
 
-def dummy_inputs(model_config):
-    """Batch-of-one inputs of the right shapes for init and eval_shape."""
-    size = model_config.image.image_size
-    return (jnp.zeros((1, size, size, 3), jnp.float32),
-            jnp.zeros((1, model_config.text.context_length), jnp.int32))
-
-
 def state_shardings(model, optimizer, mesh, rules, rng):
     """(abstract TrainState, TrainState of NamedShardings) without allocating anything."""
-    inputs = dummy_inputs(model.config)
-    boxed = jax.eval_shape(lambda r: model.init(r, *inputs), rng)
-    param_shardings = sharding.logical_shardings(boxed["params"], mesh, rules)
+    param_shardings = sharding.logical_shardings(
+        variables_lib.boxed_variables(model, rng)["params"], mesh, rules)
     abstract = jax.eval_shape(lambda r: _init_state(model, optimizer, r), rng)
     opt_shardings = _mirror_param_shardings(abstract.opt_state, abstract.params, param_shardings,
                                             sharding.replicated(mesh))
@@ -81,7 +74,7 @@ def _mirror_param_shardings(opt_state, params, param_shardings, replicated):
 
 
 def _init_state(model, optimizer, rng):
-    variables = nn.unbox(model.init(rng, *dummy_inputs(model.config)))
+    variables = nn.unbox(model.init(rng, *variables_lib.dummy_inputs(model.config)))
     params = variables.pop("params")
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params),

@@ -22,7 +22,7 @@ Sweeps are declared here too (`get_sweep`) and run, then tabulated, by
 
 import ml_collections
 
-from clip_jax import overrides
+from clip_jax import overrides, sharding
 from clip_jax.evals.specs import evaluator_config
 from clip_jax.models import zoo
 from configs import sweeps
@@ -132,27 +132,9 @@ def _base():
     # Mesh axis sizes; -1 takes the remaining devices. The batch is split over
     # data x fsdp; parameters and activations are placed by `sharding_rules`.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # Logical axis -> mesh axis (None: replicated). FSDP (ZeRO-3) splits the
-    # weights' `embed` over fsdp and the activations' batch over data x fsdp;
-    # Megatron-style tensor parallelism splits `mlp`/`heads` of both over tensor.
-    config.sharding_rules = (
-        # Parameters.
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv", None),
-        ("vocab", "tensor"),
-        ("joint", None),
-        ("layers", None),  # the stacked-blocks axis of scan_layers=True
-        # Activations (clip_jax/models/partitioning.py).
-        ("activation_batch", ("data", "fsdp")),
-        ("activation_length", None),
-        ("activation_embed", None),
-        ("activation_mlp", "tensor"),
-        ("activation_heads", "tensor"),
-        ("activation_kv", None),
-        ("activation_vocab", "tensor"),
-    )
+    # Logical axis -> mesh axis (None: replicated), for parameters and
+    # activations: FSDP and tensor parallelism as clip_jax/sharding.py says.
+    config.sharding_rules = sharding.DEFAULT_RULES
     return config
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from clip_jax import checkpoint, convert
+from clip_jax import variables as variables_lib
 from clip_jax import train as train_lib
 from clip_jax.data import pipeline, synthetic_shapes
 from clip_jax.train_step import setup_training
@@ -129,8 +130,7 @@ def _one_step_state(config, devices=None):
 
 
 def _abstract(training):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        training.abstract_state, training.shardings)
+    return variables_lib.with_shardings(training.abstract_state, training.shardings)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clip_jax.models import CLIP
-from clip_jax.train_step import dummy_inputs
+from clip_jax.variables import dummy_inputs
 from tests.conftest import small_config
 
 

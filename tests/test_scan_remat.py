@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 from clip_jax import image_ops, losses, optim, sharding
 from clip_jax.models import CLIP
 from clip_jax.models.transformer import stack_layers, unstack_layers
-from clip_jax.train_step import TrainState, dummy_inputs, setup_training
+from clip_jax.train_step import TrainState, setup_training
+from clip_jax.variables import dummy_inputs
 from tests.conftest import small_config
 from tests.test_train_step import random_batch
 

@@ -23,6 +23,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from clip_jax import tokenizer as tokenizer_lib
 
 
 def write_photo_shards(directory, count, *, per_shard=500, seed=0, captions=None):
@@ -84,25 +85,50 @@ def reference_samples_per_sec(paths, image_size, batch_size, batches, workers, w
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def data_benchmark(source, *, synthetic=0, image_size=224, batch_size=256, batches=20,
+def caption_corpus(count, seed=0):
+    """Alt-text-like captions: 4-24 words drawn Zipf-like from the BPE vocabulary's
+    whole words of 2+ letters (merge rank stands in for frequency), capitals, digits and
+    punctuation; 5% carry non-ASCII words (accents, CJK, emoji)."""
+    tokenizer = tokenizer_lib.default_tokenizer()
+    # Merged symbols (ids from 512 on) come in merge order, a proxy for frequency.
+    words = [s[:-4] for s in tokenizer._decoder[512:] if s.endswith("</w>") and s[:-4].isascii()
+             and s[:-4].isalpha() and len(s) > 5]
+    foreign = ["café", "naïve", "日本の", "straße", "🐱", "über", "señor", "ñandú", "北京", "😀"]
+    rng = np.random.default_rng(seed)
+    ranks = (rng.zipf(1.2, size=(count, 24)) - 1) % len(words)  # the heavy tail wraps
+    lengths = rng.integers(4, 25, size=count)
+    captions = []
+    for i in range(count):
+        caption = [words[r] for r in ranks[i, :lengths[i]]]
+        caption[0] = caption[0].capitalize()
+        if rng.random() < 0.3:
+            caption.insert(rng.integers(len(caption)), str(rng.integers(1, 3000)))
+        if rng.random() < 0.05:
+            caption.insert(rng.integers(len(caption)), foreign[rng.integers(len(foreign))])
+        captions.append(" ".join(caption) + rng.choice([".", "", "!", " - stock photo"]))
+    return captions
+
+
+def data_benchmark(source, config, *, synthetic=0, image_size=224, batch_size=256, batches=20,
                    workers=None, reference=True):
     """Rows of {"pipeline", "samples_per_sec", "samples_per_sec_per_core", ...};
-    scratch files (shards, prepared dataset) are removed afterwards."""
+    `config` is a training config whose input is measured (its data keys are
+    pointed at the scratch dataset); scratch files (shards, prepared dataset)
+    are removed afterwards."""
     workers = workers or os.cpu_count()
     scratch = tempfile.mkdtemp(prefix="clip_jax_data_benchmark_")
     try:
-        return _measure(source, scratch, synthetic, image_size, batch_size, batches, workers,
-                        reference)
+        return _measure(source, config, scratch, synthetic, image_size, batch_size, batches,
+                        workers, reference)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _measure(source, scratch, synthetic, image_size, batch_size, batches, workers, reference):
+def _measure(source, config, scratch, synthetic, image_size, batch_size, batches, workers,
+             reference):
     from clip_jax.data import prepare  # noqa: PLC0415
-    from configs.clip import get_config  # noqa: PLC0415
     cores = os.cpu_count()
     if synthetic:
-        from clip_jax.benchmark import caption_corpus  # noqa: PLC0415
         paths = write_photo_shards(os.path.join(scratch, "shards"), synthetic,
                                    captions=caption_corpus(synthetic))
     else:
@@ -114,7 +140,6 @@ def _measure(source, scratch, synthetic, image_size, batch_size, batches, worker
                              max_side=100_000, workers=workers)
     prepare_seconds = time.perf_counter() - start
     written = report["splits"]["train"]["written"]
-    config = get_config("tiny")
     with config.unlocked():
         config.batch_size = batch_size
         config.model.image.image_size = image_size

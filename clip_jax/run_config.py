@@ -1,0 +1,30 @@
+"""The config a training run wrote to its workdir, for everything that reads a
+run afterwards (evaluation, loading for inference, weight conversion)."""
+
+import json
+import os
+
+import ml_collections
+import tensorflow as tf
+
+from clip_jax.evals import specs
+
+
+def read(workdir):
+    """WORKDIR/config.json as a ConfigDict, with the keys of later versions
+    filled in for runs that predate them; a ValueError when there is none."""
+    path = os.path.join(workdir, "config.json")
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"{workdir}: no config.json; is it a clip_jax training workdir?")
+    with tf.io.gfile.GFile(path) as f:
+        values = json.load(f)
+    if "evals" not in values and "zeroshot" in values:  # workdirs from before config.evals
+        old = values.pop("zeroshot")
+        values["evals"] = {"zeroshot": specs.evaluator_config(
+            "zeroshot", old["dataset"], split=old["split"], label_key=old["label_key"],
+            batch_size=old["batch_size"]).to_dict()}
+    # Workdirs from before config.objective trained CLIP with its Transformer text tower.
+    values.setdefault("objective", "contrastive")
+    values["model"].setdefault("text_encoder", "transformer")
+    values["model"].setdefault("output_vocab", "full")
+    return ml_collections.ConfigDict(values)

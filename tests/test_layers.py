@@ -1,0 +1,112 @@
+"""Layers point down: configs import the library, never the reverse; no import
+cycles (function-level imports included); `import clip_jax` stays light;
+loading weights for inference builds no optimizer."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clip_jax import optim, pretrained
+from clip_jax import train as train_lib
+from clip_jax.data import synthetic_shapes
+from tests.conftest import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def library_modules():
+    """{dotted module name: path} of every module under clip_jax/."""
+    modules = {}
+    for directory, _, files in os.walk(os.path.join(REPO, "clip_jax")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                dotted = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+                modules[dotted.removesuffix(".__init__")] = path
+    return modules
+
+
+def imports_of(path, module, modules):
+    """Dotted names `module` imports anywhere in its file (function bodies too),
+    resolved to modules of `modules` where they are one, else as written."""
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if full in modules else base)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph():
+    modules = library_modules()
+    return {module: imports_of(path, module, modules) for module, path in modules.items()}
+
+
+def test_the_library_never_imports_configs(graph):
+    assert {module: sorted(d for d in deps if d.split(".")[0] == "configs")
+            for module, deps in graph.items()
+            if any(d.split(".")[0] == "configs" for d in deps)} == {}
+
+
+def test_no_import_cycles(graph):
+    cycles, state, path = [], {}, []
+
+    def visit(module):
+        state[module] = "open"
+        path.append(module)
+        for dep in sorted(d for d in graph[module] if d in graph):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    assert cycles == []
+
+
+def test_models_know_no_optimizer_trainer_or_evaluator(graph):
+    heavy = ("clip_jax.train", "clip_jax.train_step", "clip_jax.optim", "clip_jax.evals",
+             "clip_jax.objectives", "clip_jax.checkpoint")
+    assert {module: sorted(d for d in deps if d.startswith(heavy))
+            for module, deps in graph.items() if module.startswith("clip_jax.models")
+            and any(d.startswith(heavy) for d in deps)} == {}
+
+
+def test_import_clip_jax_imports_neither_jax_nor_flax():
+    done = subprocess.run([sys.executable, "-c", "import clip_jax, sys; "
+                           "print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'orbax') "
+                           "if m in sys.modules))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_loading_a_workdir_builds_no_optimizer(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 64)
+    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 32)
+    workdir = str(tmp_path / "run")
+    train_lib.train(small_config(**{"data.data_dir": str(tmp_path / "tfds"), "total_steps": 1,
+                                    "eval_every": 0, "evals": {}}), workdir)
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("clip_jax.load built an optimizer")
+
+    monkeypatch.setattr(optim, "make_optimizer", no_optimizer)
+    clip = pretrained.load(workdir)
+    assert clip.encode_texts(["a red circle"]).shape == (1, small_config().model.embed_dim)
