@@ -5,11 +5,12 @@ Each problem is reported as one line naming the key, its value and the fix.
 
 import jax.numpy as jnp
 
-from clip_jax import losses, objectives, output_vocab, overrides, sharding
+from clip_jax import losses, objectives, overrides, sharding
 from clip_jax.data import pipeline
 from clip_jax.evals import specs
 from clip_jax.models.clip import TEXT_TOWERS
 from clip_jax.models.image_towers import IMAGE_TOWERS
+from clip_jax.models import output_classes
 from clip_jax.models.partitioning import ACTIVATION_AXES
 from clip_jax.models.transformer import ACTIVATIONS, REMAT_NAMES
 
@@ -154,7 +155,7 @@ def _check_objective(config):
              f"config.model.text_encoder={config.model.text_encoder!r} is unknown; "
              f"choose one of {', '.join(TEXT_TOWERS)}")
     try:
-        output_vocab.check_name(config.model.output_vocab)
+        output_classes.check(config.model.output_vocab, config.model.text.vocab_size)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _require(config.microbatches == 1 or objective.embedding_loss is not None,

@@ -37,7 +37,7 @@ OpenCLIP's published per-example GFLOPs (ViT-B-32: 8.82 image, 5.96 text).
 
 import functools
 
-from clip_jax import output_vocab
+from clip_jax.models import output_classes
 
 # Backward = 2x forward: gradients w.r.t. activations and w.r.t. weights.
 TRAIN_MULTIPLIER = 3
@@ -137,7 +137,7 @@ def caption_decoder(model_config):
     the output head at every caption position."""
     text_config = model_config.text
     tokens = text_config.context_length
-    classes = output_vocab.head_size(model_config.output_vocab, text_config.vocab_size)
+    classes = output_classes.head_size(model_config.output_vocab, text_config.vocab_size)
     blocks = text_config.layers * transformer_block(tokens + 1, text_config.width,
                                                     text_config.heads, text_config.mlp_ratio)
     return (matmul(1, model_config.embed_dim, text_config.width) + blocks
@@ -157,7 +157,7 @@ def _objective_parts(objective, model_config, global_batch, full_last_block):
     """{part: forward FLOPs of the global batch} besides the image tower."""
     embed_dim = model_config.embed_dim
     if objective == "bow_predict":
-        classes = output_vocab.head_size(model_config.output_vocab,
+        classes = output_classes.head_size(model_config.output_vocab,
                                          model_config.text.vocab_size)
         return {"head": global_batch * matmul(1, embed_dim, classes)}
     if objective == "caption_lm":

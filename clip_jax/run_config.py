@@ -7,6 +7,7 @@ import os
 import ml_collections
 import tensorflow as tf
 
+from clip_jax import output_vocab
 from clip_jax.evals import specs
 
 
@@ -26,5 +27,9 @@ def read(workdir):
     # Workdirs from before config.objective trained CLIP with its Transformer text tower.
     values.setdefault("objective", "contrastive")
     values["model"].setdefault("text_encoder", "transformer")
-    values["model"].setdefault("output_vocab", "full")
+    # Earlier runs named their output vocabulary; it is token ids now.
+    vocab = values["model"].setdefault("output_vocab", "full")
+    if isinstance(vocab, str) and vocab in output_vocab.NAMES:
+        values["model"]["output_vocab"] = output_vocab.NAMES[vocab]()
+    values["model"]["output_vocab"] = tuple(values["model"]["output_vocab"])
     return ml_collections.ConfigDict(values)

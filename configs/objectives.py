@@ -22,7 +22,7 @@ template captions), and any top-level key of configs/clip.py, e.g.
 `configs/objectives.py:captions=templates,total_steps=300`.
 """
 
-from clip_jax import overrides
+from clip_jax import output_vocab, overrides
 from clip_jax.evals.specs import evaluator_config
 from configs import clip
 
@@ -38,7 +38,7 @@ _STUDY = {
     "eval_every": 100,
     "checkpoint_every": 0,  # the final checkpoint only
     "model.text.context_length": 24,
-    "model.output_vocab": "synthetic_shapes",
+    "model.output_vocab": output_vocab.synthetic_shapes(),
 }
 PROMPT_TEMPLATES = ("a photo of a {}.",)
 

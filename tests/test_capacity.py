@@ -12,7 +12,7 @@ import json
 import jax
 import pytest
 
-from clip_jax import benchmark, capacity, hlo_stats
+from clip_jax import benchmark, capacity, hlo_stats, output_vocab
 from configs.clip import get_config
 from tests.conftest import small_config
 
@@ -88,7 +88,7 @@ CONFIGS = {
     "bow_text": lambda mesh: small(mesh, **{"model.text_encoder": "bag_of_words"}),
     "bow_predict": lambda mesh: small(mesh, objective="bow_predict"),
     "caption_lm": lambda mesh: small(mesh, objective="caption_lm",
-                                     **{"model.output_vocab": "synthetic_shapes"}),
+                                     **{"model.output_vocab": output_vocab.synthetic_shapes()}),
 }
 
 FSDP = (("fsdp", 8),)

@@ -3,13 +3,14 @@ cycles (function-level imports included); `import clip_jax` stays light;
 loading weights for inference builds no optimizer."""
 
 import ast
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from clip_jax import optim, pretrained
+from clip_jax import optim, output_vocab, pretrained, run_config
 from clip_jax import train as train_lib
 from clip_jax.data import synthetic_shapes
 from tests.conftest import small_config
@@ -80,9 +81,10 @@ def test_no_import_cycles(graph):
     assert cycles == []
 
 
-def test_models_know_no_optimizer_trainer_or_evaluator(graph):
+def test_models_know_no_dataset_optimizer_trainer_or_evaluator(graph):
     heavy = ("clip_jax.train", "clip_jax.train_step", "clip_jax.optim", "clip_jax.evals",
-             "clip_jax.objectives", "clip_jax.checkpoint")
+             "clip_jax.objectives", "clip_jax.checkpoint", "clip_jax.data",
+             "clip_jax.output_vocab")
     assert {module: sorted(d for d in deps if d.startswith(heavy))
             for module, deps in graph.items() if module.startswith("clip_jax.models")
             and any(d.startswith(heavy) for d in deps)} == {}
@@ -110,3 +112,11 @@ def test_loading_a_workdir_builds_no_optimizer(tmp_path, monkeypatch):
     monkeypatch.setattr(optim, "make_optimizer", no_optimizer)
     clip = pretrained.load(workdir)
     assert clip.encode_texts(["a red circle"]).shape == (1, small_config().model.embed_dim)
+
+
+def test_earlier_runs_output_vocabulary_names_read_as_token_ids(tmp_path):
+    config = small_config().to_dict()
+    for name, ids in (("full", ()), ("synthetic_shapes", output_vocab.synthetic_shapes())):
+        config["model"]["output_vocab"] = name
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert run_config.read(str(tmp_path)).model.output_vocab == ids

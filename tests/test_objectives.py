@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from clip_jax import image_ops, objectives, output_vocab, tokenizer
+from clip_jax.models import output_classes
 from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.data import synthetic_shapes as ss
 from clip_jax.evals import zeroshot
@@ -27,7 +28,8 @@ from tests.test_losses import numpy_clip_loss
 OBJECTIVES = {
     "bow_predict": {"objective": "bow_predict"},
     # The compact vocabulary: these captions' out-of-vocabulary words map to "other".
-    "caption_lm": {"objective": "caption_lm", "model.output_vocab": "synthetic_shapes"},
+    "caption_lm": {"objective": "caption_lm",
+                   "model.output_vocab": output_vocab.synthetic_shapes()},
     "contrastive_bow": {"model.text_encoder": "bag_of_words"},
 }
 # A different 8-device mesh for each: data, 3-D (tensor shards the heads' vocab), FSDP.
@@ -156,7 +158,7 @@ def test_first_step_loss_matches_numpy(name):
     params, config = initial.params, training.model.config
     batch, _ = constructed_batch(config_for(name))
     images = image_embeddings(training, params, batch["images"])
-    classes = output_vocab.token_classes(config.output_vocab, config.text.vocab_size)
+    classes = output_classes.token_classes(config.output_vocab, config.text.vocab_size)
     if name == "bow_predict":
         expected = numpy_bow_loss(params, images, batch["tokens"], classes)
     elif name == "caption_lm":
@@ -224,7 +226,7 @@ def numpy_prompt_scores(name, training, params, images, prompts):
     """bow_predict: mean log p(word | image) over a prompt's words; caption_lm: mean
     log-likelihood per predicted token (words and end token). [N, P]."""
     config = training.model.config
-    classes = output_vocab.token_classes(config.output_vocab, config.text.vocab_size)
+    classes = output_classes.token_classes(config.output_vocab, config.text.vocab_size)
     embeddings = image_embeddings(training, params, images)
     if name == "bow_predict":
         head = params["bow_head"]
@@ -250,7 +252,8 @@ def numpy_prompt_scores(name, training, params, images, prompts):
     ({"objective": "mlm"}, "config.objective='mlm' is unknown; choose one of contrastive, "
                            "bow_predict, caption_lm"),
     ({"model.text_encoder": "cnn"}, "config.model.text_encoder='cnn' is unknown"),
-    ({"model.output_vocab": "tiny"}, "config.model.output_vocab='tiny' is unknown"),
+    ({"model.output_vocab": (5, 5)}, "config.model.output_vocab must list distinct token ids"),
+    ({"model.output_vocab": (49408,)}, "config.model.output_vocab must list distinct token ids"),
     ({"objective": "caption_lm", "microbatches": 2},
      "config.microbatches=2: GradCache splits the step around a loss over embeddings, which "
      "config.objective='caption_lm' does not have"),
@@ -305,7 +308,7 @@ def test_alt_text_variant_keeps_the_images_and_its_words_have_classes(tmp_path):
         changed += alt["caption"] != example["caption"]
         assert example["caption"] in alt["caption"] or len(alt["caption"].split()) <= 5
     assert changed > 20  # about 70% get a prefix, a suffix or a replacement
-    vocabulary = set(output_vocab.listed_ids("synthetic_shapes"))
+    vocabulary = set(output_vocab.synthetic_shapes())
     encode = tokenizer.default_tokenizer().encode
     for index in range(300):
         example = ss.draw_example(np.random.default_rng([ss.SEED, 0, index]), ss.IMAGE_SIZE, 0.3)
@@ -313,8 +316,8 @@ def test_alt_text_variant_keeps_the_images_and_its_words_have_classes(tmp_path):
                                       np.random.default_rng([ss.SEED, 0, index, 1]))
         assert set(encode(caption)) <= vocabulary, caption
         assert len(encode(caption)) + 2 <= 24  # the study's context length
-    assert output_vocab.head_size("synthetic_shapes", 49408) == 128
-    assert output_vocab.head_size("full", 49408) == 49408
+    assert output_classes.head_size(output_vocab.synthetic_shapes(), 49408) == 128
+    assert output_classes.head_size((), 49408) == 49408
 
 
 # ---------------------------------------------------------------- efficiency table

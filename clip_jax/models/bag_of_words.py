@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from clip_jax import output_vocab
+from clip_jax.models import output_classes
 from clip_jax.models import tokens as token_layout
 from clip_jax.models.image_towers import embed_images, image_tower
 from clip_jax.models.partitioning import BATCH, POOLED, VOCAB, constrain
@@ -41,7 +41,7 @@ class BagOfWordsText(nn.Module):
 
 class BagOfWordsPredictor(nn.Module):
     """The bow_predict model: `__call__(images [B,H,W,3], tokens)` -> logits
-    [B, V] over the output vocabulary (output_vocab.head_size classes), a linear
+    [B, V] over the output vocabulary (output_classes.head_size classes), a linear
     head on the image embedding; `encode_image` gives the embedding [B, E].
 
     The tokens are not read (they are the loss's target); a locked image tower
@@ -56,7 +56,7 @@ class BagOfWordsPredictor(nn.Module):
         # Zero-initialised, as classifier heads usually are: the first prediction is
         # uniform over the head's classes.
         self.bow_head = nn.Dense(
-            output_vocab.head_size(cfg.output_vocab, cfg.text.vocab_size),
+            output_classes.head_size(cfg.output_vocab, cfg.text.vocab_size),
             kernel_init=zeros(("joint", "vocab")), bias_init=zeros(("vocab",)))
 
     def encode_image(self, images, train=False):

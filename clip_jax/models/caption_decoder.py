@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from clip_jax import output_vocab
+from clip_jax.models import output_classes
 from clip_jax.models.image_towers import embed_images, image_tower
 from clip_jax.models.partitioning import BATCH, LENGTH, TOKENS, VOCAB, constrain
 from clip_jax.models.transformer import LayerNorm, Transformer, embed_tokens, normal, zeros
@@ -34,7 +34,7 @@ class CaptionDecoder(nn.Module):
 
     context_length: int
     vocab_size: int  # of the input tokens
-    output_size: int  # output classes (output_vocab.head_size)
+    output_size: int  # output classes (output_classes.head_size)
     width: int
     layers: int
     heads: int
@@ -88,7 +88,7 @@ class CaptionModel(nn.Module):
         text = cfg.text
         self.decoder = CaptionDecoder(
             context_length=text.context_length, vocab_size=text.vocab_size,
-            output_size=output_vocab.head_size(cfg.output_vocab, text.vocab_size),
+            output_size=output_classes.head_size(cfg.output_vocab, text.vocab_size),
             width=text.width, layers=text.layers, heads=text.heads, activation=cfg.activation,
             mlp_ratio=text.mlp_ratio, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers,
             remat=cfg.remat)

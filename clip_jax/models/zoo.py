@@ -63,8 +63,9 @@ def build_model_config(image, text, embed_dim, activation):
         # (the mean of the caption's token embeddings, projected; paper §2.3).
         text_encoder="transformer",
         # What the predictive objectives (bow_predict, caption_lm) predict over: "full"
-        # (all text.vocab_size ids) or a named subset (clip_jax.output_vocab).
-        output_vocab="full",
+        # as token ids with a class each, the rest one class "other"; empty: every
+        # id (clip_jax/models/output_classes.py, clip_jax/output_vocab.py).
+        output_vocab=(),
         # Compute dtype of the towers; parameters and the loss stay float32.
         dtype="float32",
         # Run each tower's residual blocks in a loop (lax.scan), params stacked on a leading

@@ -12,7 +12,8 @@ i.e. minus the same cross-entropy with the prompt as the caption.
 import jax
 import jax.numpy as jnp
 
-from clip_jax import image_ops, output_vocab
+from clip_jax import image_ops
+from clip_jax.models import output_classes as output_classes_lib
 from clip_jax.models import tokens as token_layout
 from clip_jax.models.bag_of_words import BagOfWordsPredictor
 from clip_jax.objectives.base import Objective
@@ -20,7 +21,7 @@ from clip_jax.objectives.base import Objective
 
 def output_classes(model_config):
     """int32 [vocab_size]: token id -> output class of the model's head."""
-    return jnp.asarray(output_vocab.token_classes(model_config.output_vocab,
+    return jnp.asarray(output_classes_lib.token_classes(model_config.output_vocab,
                                                   model_config.text.vocab_size))
 
 
