@@ -89,6 +89,7 @@ import numpy as np  # noqa: E402
 
 from clip_jax import capacity, config_files, flops, losses, overrides, sharding  # noqa: E402
 from clip_jax import tokenizer as tokenizer_lib  # noqa: E402
+from clip_jax.config_checks import check_config  # noqa: E402
 from clip_jax.train_step import setup_training  # noqa: E402
 from clip_jax.data import throughput  # noqa: E402
 
@@ -466,7 +467,8 @@ def reference_benchmark(config, steps, warmup):
 def run_train(args):
     try:
         config = train_config(args.config, args.batch_size, args.dtype, args.set)
-    except (ValueError, FileNotFoundError) as error:  # a bad name, file or key: one line
+        check_config(config, args.devices)
+    except (ValueError, FileNotFoundError) as error:  # a bad name, file, key or value: one line
         raise SystemExit(f"config error: {error}") from None
     row = {"config": args.config, **train_benchmark(config, args.devices, args.steps, args.warmup)}
     if args.reference:

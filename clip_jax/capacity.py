@@ -88,7 +88,8 @@ def abstract_train_step(config, devices):
 
 
 def compile_train_step(config, devices):
-    """(compiled train step, Training) of a checked config on a mesh over `devices`."""
+    """(compiled train step, Training) of a checked config on a mesh over `devices`
+    (a ConfigError names the first bad value)."""
     check_config(config, len(devices))
     step, abstract_state, batch, training = abstract_train_step(config, devices)
     return step.lower(abstract_state, batch).compile(), training

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 from clip_jax import losses, objectives, overrides, sharding
 from clip_jax.data import pipeline
 from clip_jax.evals import specs
-from clip_jax.models.clip import TEXT_TOWERS
-from clip_jax.models.image_towers import IMAGE_TOWERS
+from clip_jax.models.clip import text_tower_builder
+from clip_jax.models.image_towers import image_tower
 from clip_jax.models import output_classes
 from clip_jax.models.partitioning import ACTIVATION_AXES
-from clip_jax.models.transformer import ACTIVATIONS, REMAT_NAMES
+from clip_jax.models.transformer import activation_fn, remat_policy
 
 
 class ConfigError(ValueError):
@@ -22,6 +22,14 @@ class ConfigError(ValueError):
 def _require(condition, message):
     if not condition:
         raise ConfigError(message)
+
+
+def _looked_up(lookup, value):
+    """lookup(value), its ValueError (a one-line message) as a ConfigError."""
+    try:
+        return lookup(value)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _positive(config, *keys):
@@ -92,14 +100,10 @@ def check_config(config, num_devices):
              "(sigmoid loss)")
 
     model = config.model
-    _require(model.image.kind in IMAGE_TOWERS,
-             f"config.model.image.kind={model.image.kind!r} is unknown; "
-             f"choose one of {', '.join(IMAGE_TOWERS)}")
-    _require(model.activation in ACTIVATIONS,
-             f"config.model.activation={model.activation!r} is unknown; "
-             f"choose one of {', '.join(ACTIVATIONS)}")
-    _require(model.remat in REMAT_NAMES,
-             f"config.model.remat={model.remat!r} is unknown; choose one of {', '.join(REMAT_NAMES)}")
+    # Names are checked by the lookups that use them, called here before anything runs.
+    _looked_up(image_tower, model)
+    _looked_up(activation_fn, model.activation)
+    _looked_up(remat_policy, model.remat)
     try:
         jnp.dtype(model.dtype)
     except TypeError:
@@ -147,13 +151,8 @@ def _check_data(data):
 
 def _check_objective(config):
     """config.objective and what it needs of the rest of the config."""
-    _require(config.objective in objectives.OBJECTIVES,
-             f"config.objective={config.objective!r} is unknown; "
-             f"choose one of {', '.join(objectives.OBJECTIVES)}")
-    objective = objectives.get(config.objective)
-    _require(config.model.text_encoder in TEXT_TOWERS,
-             f"config.model.text_encoder={config.model.text_encoder!r} is unknown; "
-             f"choose one of {', '.join(TEXT_TOWERS)}")
+    objective = _looked_up(objectives.get, config.objective)
+    _looked_up(text_tower_builder, config.model.text_encoder)
     try:
         output_classes.check(config.model.output_vocab, config.model.text.vocab_size)
     except ValueError as error:

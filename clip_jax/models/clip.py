@@ -42,6 +42,14 @@ def _bag_of_words_text(cfg, dtype):
 TEXT_TOWERS = {"transformer": _transformer_text, "bag_of_words": _bag_of_words_text}
 
 
+def text_tower_builder(name):
+    """The builder of config.model.text_encoder `name`."""
+    if name not in TEXT_TOWERS:
+        raise ValueError(f"config.model.text_encoder={name!r} is unknown; "
+                         f"choose one of {', '.join(TEXT_TOWERS)}")
+    return TEXT_TOWERS[name]
+
+
 class CLIP(nn.Module):
     """`__call__(images [B,H,W,3], tokens [B,L])` -> (image [B,E], text [B,E] unit
     embeddings, logit_scale scalar, logit_bias scalar or None); `encode_image` /
@@ -61,10 +69,7 @@ class CLIP(nn.Module):
     def setup(self):
         cfg = self.config
         self.visual = image_tower(cfg)
-        if cfg.text_encoder not in TEXT_TOWERS:
-            raise ValueError(f"config.model.text_encoder={cfg.text_encoder!r} is unknown; "
-                             f"choose one of {', '.join(TEXT_TOWERS)}")
-        self.text = TEXT_TOWERS[cfg.text_encoder](cfg, jnp.dtype(cfg.dtype))
+        self.text = text_tower_builder(cfg.text_encoder)(cfg, jnp.dtype(cfg.dtype))
         # Stored as log(1/temperature) so the update is scale-free; init 1/0.07.
         self.logit_scale = self.param(
             "logit_scale",

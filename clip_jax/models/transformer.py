@@ -130,7 +130,8 @@ ACTIVATIONS = {"gelu": lean_ops.gelu, "quick_gelu": quick_gelu}
 def activation_fn(name: str) -> Callable:
     """Looks up an activation by config name."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+        raise ValueError(f"config.model.activation={name!r} is unknown; "
+                         f"choose one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -144,6 +145,14 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 REMAT_NAMES = ("none", *REMAT_POLICIES)
+
+
+def remat_policy(name):
+    """The jax.checkpoint policy of config.model.remat `name`; None for "none"."""
+    if name not in REMAT_NAMES:
+        raise ValueError(f"config.model.remat={name!r} is unknown; "
+                         f"choose one of {', '.join(REMAT_NAMES)}")
+    return REMAT_POLICIES.get(name)
 
 
 def normal(stddev, names):
@@ -287,13 +296,11 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x, pool_positions=None):
         block_class = ResidualBlock
-        if self.remat != "none":
-            if self.remat not in REMAT_POLICIES:
-                raise ValueError(f"unknown remat policy {self.remat!r}; "
-                                 f"choose one of {', '.join(REMAT_NAMES)}")
+        policy = remat_policy(self.remat)
+        if policy is not None:
             # Under scan the loop boundary already stops XLA from merging the
             # recomputation with the forward pass, so CSE prevention is not needed.
-            block_class = nn.remat(ResidualBlock, policy=REMAT_POLICIES[self.remat],
+            block_class = nn.remat(ResidualBlock, policy=policy,
                                    prevent_cse=not self.scan_layers)
         block_args = (self.heads, self.layers, self.causal, self.activation, self.mlp_ratio,
                       self.dtype)
