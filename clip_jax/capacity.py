@@ -45,6 +45,14 @@ def memory_bytes(compiled):
     return {**sizes, "bytes_per_device": sum(sizes.values()) - analysis.alias_size_in_bytes}
 
 
+def compiled_flops(compiled):
+    """XLA's count of the FLOPs of a compiled executable (per device)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # one entry per computation in older JAX versions
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
 def shard_bytes(abstract_tree, shardings):
     """Bytes one device holds of a tree of abstract arrays under `shardings`."""
     leaves = zip(jax.tree.leaves(abstract_tree),

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from clip_jax import benchmark, references
+from clip_jax.benchmarks import memory as memory_bench
+from clip_jax.benchmarks import train as train_bench
 from configs.clip import get_config
 
 
 def loss_bytes(loss, global_batch):
     # Small embeddings and chunks so that logits dominate already at small batches.
-    return benchmark.loss_memory(loss, global_batch, num_devices=8, embed_dim=64,
+    return memory_bench.loss_memory(loss, global_batch, num_devices=8, embed_dim=64,
                                  chunk_size=128)["bytes_per_device"]
 
 
@@ -37,7 +39,7 @@ def test_the_measurement_sees_the_plain_softmax_logits():
 def test_json_lines_have_the_documented_keys(capsys):
     benchmark.main(["memory", "--json", "--batches", "64,256"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 * len(benchmark.LOSS_SETTINGS)
+    assert len(lines) == 2 * len(memory_bench.LOSS_SETTINGS)
     for line in lines:
         row = json.loads(line)
         assert {"loss", "global_batch", "devices", "bytes_per_device"} <= set(row)
@@ -83,9 +85,9 @@ def test_train_takes_the_trainers_config_arguments():
          "--config.optimizer.lr", "0.001", "--json"])
     assert argv == ["train", "--config", "configs/clip.py:ViT-B-16", "--set", "model.remat=full",
                     "--set", "optimizer.lr=0.001", "--json"]
-    from_file = benchmark.train_config("configs/clip.py:ViT-B-16", 64,
+    from_file = train_bench.train_config("configs/clip.py:ViT-B-16", 64,
                                        sets=["model.remat=full", "optimizer.lr=0.001"])
-    by_name = benchmark.train_config("ViT-B-16", 64)
+    by_name = train_bench.train_config("ViT-B-16", 64)
     with by_name.unlocked():
         by_name.model.remat, by_name.optimizer.lr = "full", 0.001
     assert from_file.to_dict() == by_name.to_dict()

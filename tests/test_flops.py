@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from clip_jax import benchmark, capacity, flops
+from clip_jax import capacity, flops
+from clip_jax.benchmarks import train as train_bench
 from clip_jax.models.clip import CLIP
 from configs.clip import get_config
 from tests.conftest import small_config
@@ -47,7 +48,7 @@ def forward_xla_flops(model_config, method, inputs, **kwargs):
         jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)))
     compiled = jax.jit(lambda v, x: model.apply(v, x, method=method, **kwargs)).lower(
         variables, inputs).compile()
-    return benchmark.compiled_flops(compiled)
+    return capacity.compiled_flops(compiled)
 
 
 def assert_within(analytic, xla, tolerance=0.10):
@@ -60,7 +61,7 @@ def test_vit_clip_train_step_flops_match_xla():
     (measured: XLA 5.5% above the analytic count)."""
     config = vit_config()
     step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:1])
-    xla = benchmark.compiled_flops(step.lower(state, batch).compile())
+    xla = capacity.compiled_flops(step.lower(state, batch).compile())
     assert_within(flops.train_step_flops(config.model, BATCH)["train_step"], xla)
 
 
@@ -74,7 +75,7 @@ def test_other_objectives_train_step_flops_match_xla(objective, text_encoder):
     with config.unlocked():
         config.objective, config.model.text_encoder = objective, text_encoder
     step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:1])
-    xla = benchmark.compiled_flops(step.lower(state, batch).compile())
+    xla = capacity.compiled_flops(step.lower(state, batch).compile())
     counts = flops.train_step_flops(config.model, BATCH, objective=objective)
     assert_within(counts["train_step"], xla)
     clip = flops.train_step_flops(vit_config().model, BATCH)  # contrastive, Transformer text
@@ -133,4 +134,4 @@ def test_a_locked_tower_counts_its_forward_once():
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
     ("NVIDIA H200", 989e12), ("cpu", None)])
 def test_mfu_peak_is_found_from_the_device_kind(device_kind, peak):
-    assert benchmark.peak_flops_per_device(device_kind) == peak
+    assert train_bench.peak_flops_per_device(device_kind) == peak

@@ -120,3 +120,12 @@ def test_earlier_runs_output_vocabulary_names_read_as_token_ids(tmp_path):
         config["model"]["output_vocab"] = name
         (tmp_path / "config.json").write_text(json.dumps(config))
         assert run_config.read(str(tmp_path)).model.output_vocab == ids
+
+
+def test_importing_the_benchmark_cli_starts_nothing():
+    """Simulated devices are requested when a benchmark runs, not on import."""
+    done = subprocess.run([sys.executable, "-c", "import os; os.environ.pop('XLA_FLAGS', None); "
+                           "import clip_jax.benchmark; print(os.environ.get('XLA_FLAGS'))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.strip() == "None"

@@ -7,7 +7,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import benchmark, overrides
+from clip_jax import overrides
+from clip_jax.benchmarks import train as train_bench
 from configs.clip import get_config
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "clip.py")
@@ -41,7 +42,7 @@ def trainer_flag_value(key, text, monkeypatch):
 @pytest.mark.parametrize("key, text, value", CASES)
 def test_every_entry_point_reads_the_same_value(key, text, value, monkeypatch):
     assert trainer_flag_value(key, text, monkeypatch) == value
-    via_set = benchmark.train_config("tiny", 32, sets=[f"{key}={text}"])
+    via_set = train_bench.train_config("tiny", 32, sets=[f"{key}={text}"])
     assert overrides.lookup(via_set, key) == value
     assert type(overrides.lookup(via_set, key)) is type(value)
     if "." not in key:  # config file knobs are the top-level keys

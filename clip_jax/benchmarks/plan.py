@@ -1,0 +1,76 @@
+"""The capacity plan command (clip_jax/capacity.py does the work): per-device
+memory, FLOPs and collective bytes of a train step on a simulated mesh."""
+
+import json
+
+import jax
+
+from clip_jax import capacity, config_files, overrides, sharding
+
+def parse_mesh(text):
+    """--mesh 'fsdp=64' or 'data=4,fsdp=16' -> config.mesh values (axes not named: 1)."""
+    sizes = dict.fromkeys(sharding.MESH_AXES, 1)
+    for part in filter(None, text.split(",")):
+        axis, equals, size = part.partition("=")
+        if not equals or axis not in sizes or not size.lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE,... with axes "
+                             f"{', '.join(sharding.MESH_AXES)}, e.g. data=4,fsdp=16")
+        sizes[axis] = int(size)
+    return sizes
+
+
+def _gib(n):
+    return f"{n / 2**30:.2f} GiB"
+
+
+def run_plan(args):
+    try:
+        config = config_files.load(args.config)
+        with config.unlocked():
+            if args.batch_size:
+                config.batch_size = args.batch_size
+            if args.dtype:
+                config.model.dtype = args.dtype
+            if args.mesh:
+                config.mesh.update(parse_mesh(args.mesh))
+            overrides.apply(config, args.set)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"config error: {error}") from None
+    devices = jax.devices()[:args.devices]
+    try:
+        row = {"config": args.config, **capacity.plan(config, devices)}
+        if args.largest_batch:
+            doubled = config.copy_and_resolve_references()
+            doubled.batch_size = 2 * config.batch_size
+            row["largest_batch_per_device"] = capacity.largest_batch_per_device(
+                [row, capacity.plan(doubled, devices)])
+    except ValueError as error:  # config_checks.ConfigError: one line
+        raise SystemExit(f"config error: {error}") from None
+    if args.json:
+        print(json.dumps(row), flush=True)
+        return
+    mesh = " ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
+    collectives = ", ".join(f"{kind} {_gib(n)}" for kind, n in row["collective_bytes"].items() if n)
+    ideal = row["ideal_collective_bytes"]
+    ratio = f", {row['collective_bytes_total'] / ideal:.2f}x" if ideal else ""
+    fits = ", ".join(f"{name} {'yes' if fit else 'no'}" for name, fit in row["fits"].items())
+    print(f"{args.config} train step plan: {row['devices']} devices, mesh {mesh}, global batch "
+          f"{row['global_batch']} ({row['batch_per_device']} per device), {row['dtype']}, "
+          f"remat {row['remat']}\n"
+          f"  parameters       {_gib(row['param_bytes']):>12} per device\n"
+          f"  optimizer state  {_gib(row['optimizer_bytes']):>12}\n"
+          f"  arguments        {_gib(row['argument_bytes']):>12}  (state and batch)\n"
+          f"  temporaries      {_gib(row['temp_bytes']):>12}\n"
+          f"  total            {_gib(row['bytes_per_device']):>12}\n"
+          f"  model FLOPs      {row['model_flops_per_device']:12.3e}  per device per step\n"
+          f"  collectives      {_gib(row['collective_bytes_total']):>12}  sent per device per "
+          f"step ({collectives}; FSDP/data-parallel ideal {_gib(ideal)}{ratio})\n"
+          f"  fits             {fits}", flush=True)
+    for collective in row["largest_collectives"]:
+        print(f"    {collective['kind']:<18} {_gib(collective['bytes']):>12}  "
+              f"{collective['executions']:>4} x over {collective['group_size']} devices  "
+              f"{collective['op'][-70:]}")
+    if args.largest_batch:
+        print("  largest batch per device: " + ", ".join(
+            f"{name} {'-' if b is None else b}"
+            for name, b in row["largest_batch_per_device"].items()), flush=True)

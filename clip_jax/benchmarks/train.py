@@ -1,0 +1,161 @@
+"""Training speed of a preset on random data: compile time, step time,
+samples/s, model and XLA FLOPs, MFU against known accelerator peaks, peak
+memory; optionally side by side with OpenCLIP on the same machine."""
+
+import functools
+import json
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from clip_jax import capacity, config_files, flops, overrides, sharding
+from clip_jax.config_checks import check_config
+from clip_jax.train_step import setup_training
+
+# Peak dense bf16 FLOP/s of one device (a TPU chip, a GPU) by a lower-case part of
+# jax's device_kind, most specific first (v5e reports "TPU v5 lite", v6e "TPU v6 lite").
+PEAK_BF16_FLOPS = (
+    ("tpu v5 lite", 197e12), ("tpu v5e", 197e12), ("tpu v5p", 459e12), ("tpu v5", 459e12),
+    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v4", 275e12),
+    ("a100", 312e12), ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12),
+)
+
+
+def peak_flops_per_device(device_kind):
+    """The device's peak dense bf16 FLOP/s, or None when unknown (CPUs)."""
+    kind = device_kind.lower()
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
+
+
+def train_config(variant, batch_size, dtype="float32", sets=()):
+    """The config named by `variant` (see load_config) with the given global batch,
+    compute dtype and --set overrides."""
+    config = config_files.load(variant)
+    with config.unlocked():
+        config.batch_size = batch_size
+        config.model.dtype = dtype
+        overrides.apply(config, sets)
+    return config
+
+
+def random_batch(config, mesh, seed=0):
+    """Random uint8 images [B, S, S, 3] and tokens [B, L] in the batch sharding."""
+    rng = np.random.default_rng(seed)
+    size, text = config.model.image.image_size, config.model.text
+    batch = {"images": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+             "tokens": rng.integers(1, text.vocab_size, (config.batch_size, text.context_length),
+                                    dtype=np.int32)}
+    return jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
+def train_benchmark(config, num_devices=1, steps=10, warmup=2):
+    """Speed of config's train step on the first num_devices devices: compile
+    time, median step time after `warmup` steps, samples/s, model and XLA FLOPs,
+    achieved FLOP/s, MFU (None without a known peak) and peak memory."""
+    devices = jax.devices()[:num_devices]
+    if len(devices) < num_devices:
+        raise ValueError(f"--devices {num_devices}: only {len(devices)} devices are visible")
+    training = setup_training(config, devices)
+    state = training.init_state(jax.random.key(config.seed))
+    batch = random_batch(config, training.mesh)
+
+    started = time.perf_counter()
+    compiled = training.step.lower(state, batch).compile()
+    compile_time = time.perf_counter() - started
+    progress = functools.partial(print, file=sys.stderr, flush=True)  # stdout stays JSON
+    progress(f"compiled in {compile_time:.1f} s")
+
+    seconds = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        state, metrics = compiled(state, batch)  # the old state is donated
+        jax.block_until_ready((state, metrics))
+        elapsed = time.perf_counter() - started
+        progress(f"step {i + 1}/{warmup + steps}{' (warm-up)' if i < warmup else ''}: "
+                 f"{elapsed:.2f} s")
+        if i >= warmup:
+            seconds.append(elapsed)
+    step_time = float(np.median(seconds))
+
+    locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
+    model_flops = flops.train_step_flops(config.model, config.batch_size, locked,
+                                         objective=config.objective)["train_step"]
+    achieved = model_flops / step_time
+    kind = devices[0].device_kind
+    peak = peak_flops_per_device(kind)
+    # XLA's count also holds elementwise work, the optimizer, and any recomputation
+    # (remat, GradCache): hardware FLOPs. It is of the partitioned per-device program.
+    xla_flops = capacity.compiled_flops(compiled) * num_devices
+    stats = devices[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        peak_memory, memory_source = stats["peak_bytes_in_use"], "memory_stats"
+    else:
+        peak_memory, memory_source = capacity.memory_bytes(compiled)["bytes_per_device"], "memory_analysis"
+    return {"benchmark": "train", "device_kind": kind, "devices": num_devices,
+            "global_batch": config.batch_size, "dtype": config.model.dtype,
+            "steps": steps, "warmup": warmup, "compile_time_s": compile_time,
+            "step_time_s": step_time, "samples_per_sec": config.batch_size / step_time,
+            "samples_per_sec_per_device": config.batch_size / step_time / num_devices,
+            "flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
+            "achieved_flops_per_sec": achieved,
+            "achieved_flops_per_sec_per_device": achieved / num_devices,
+            "peak_flops_per_device": peak,
+            "mfu": None if peak is None else achieved / (peak * num_devices),
+            "peak_memory_bytes": int(peak_memory), "peak_memory_source": memory_source,
+            "loss": float(metrics["loss"])}
+
+
+def reference_benchmark(config, steps, warmup):
+    """OpenCLIP's speed on the same architecture, batch, precision and optimizer,
+    in a child process: this one's XLA thread pools stay alive and would compete
+    with PyTorch's threads for the cores."""
+    command = [sys.executable, "-m", "clip_jax.references", "--train-step-times",
+               config.to_json(), str(steps), str(warmup)]
+    child = subprocess.run(command, capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        raise RuntimeError(f"the OpenCLIP reference failed: {child.stderr.strip().splitlines()[-1]}")
+    seconds = json.loads(child.stdout.strip().splitlines()[-1])
+    step_time = float(np.median(seconds))
+    return {"reference": "open_clip", "reference_step_time_s": step_time,
+            "reference_samples_per_sec": config.batch_size / step_time}
+
+
+def run_train(args):
+    try:
+        config = train_config(args.config, args.batch_size, args.dtype, args.set)
+        check_config(config, args.devices)
+    except (ValueError, FileNotFoundError) as error:  # a bad name, file, key or value: one line
+        raise SystemExit(f"config error: {error}") from None
+    row = {"config": args.config, **train_benchmark(config, args.devices, args.steps, args.warmup)}
+    if args.reference:
+        row.update(reference_benchmark(config, args.steps, args.warmup))
+        row["speedup"] = row["samples_per_sec"] / row["reference_samples_per_sec"]
+    if args.json:
+        print(json.dumps(row), flush=True)
+        return
+    mfu = ("n/a (no known peak for this device)" if row["mfu"] is None
+           else f"{100 * row['mfu']:.1f}% of {row['peak_flops_per_device']:.3g} FLOP/s (bf16) "
+                f"per device")
+    print(f"{args.config} train step: {row['devices']} x {row['device_kind']}, global batch "
+          f"{row['global_batch']}, {row['dtype']}\n"
+          f"  compile            {row['compile_time_s']:10.1f} s\n"
+          f"  step time          {row['step_time_s']:10.3f} s  (median of {row['steps']}, "
+          f"after {row['warmup']} warm-up)\n"
+          f"  samples/s          {row['samples_per_sec']:10.1f}    "
+          f"({row['samples_per_sec_per_device']:.1f} per device)\n"
+          f"  model FLOPs/step   {row['flops_per_step']:10.3e}    "
+          f"(XLA's count: {row['xla_flops_per_step']:.3e})\n"
+          f"  achieved           {row['achieved_flops_per_sec']:10.3e} FLOP/s  "
+          f"({row['achieved_flops_per_sec_per_device']:.3e} per device)\n"
+          f"  MFU                {mfu}\n"
+          f"  peak memory        {row['peak_memory_bytes'] / 2**30:10.2f} GiB  "
+          f"(per device, {row['peak_memory_source']})\n"
+          f"  final loss         {row['loss']:10.4f}", flush=True)
+    if args.reference:
+        print(f"  OpenCLIP step time {row['reference_step_time_s']:10.3f} s  (same steps, "
+              f"batch, precision, AdamW; PyTorch, another process)\n"
+              f"  OpenCLIP samples/s {row['reference_samples_per_sec']:10.1f}\n"
+              f"  clip_jax / OpenCLIP {row['speedup']:9.2f}x samples/s", flush=True)
