@@ -57,6 +57,7 @@ extrapolates the largest per-device batch each accelerator holds:
       [--largest-batch] [--json]
 """
 
+from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
 import sys
 

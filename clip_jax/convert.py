@@ -13,6 +13,7 @@ CLI (orbax checkpoint <-> PyTorch file):
   python -m clip_jax.convert --model ViT-B-32 --input /tmp/vit_b32 --output out.safetensors --to-torch
 """
 
+from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
 import dataclasses
 import os

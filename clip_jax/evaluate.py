@@ -15,6 +15,7 @@ a directory written by `python -m clip_jax.convert`. Metric names match the
 training metrics (zeroshot/cifar10/top1, retrieval/coco_captions/image_to_text_r1).
 """
 
+from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import json
 import sys
 

@@ -11,6 +11,7 @@ and commented in configs/clip.py. Re-running with the same --workdir resumes
 from its latest checkpoint.
 """
 
+from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import os
 import re
 import sys

@@ -12,6 +12,7 @@ output (array_record, input order) reads back without registering the name:
 A report per split is printed and written to DIR/NAME/VERSION/prepare_report.json.
 """
 
+from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
 import collections
 import concurrent.futures
