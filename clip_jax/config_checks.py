@@ -6,7 +6,7 @@ Each problem is reported as one line naming the key, its value and the fix.
 import jax.numpy as jnp
 
 from clip_jax import losses, objectives, overrides, sharding
-from clip_jax.data import pipeline
+from clip_jax.data.spec import parse_split
 from clip_jax.evals import specs
 from clip_jax.models.clip import text_tower_builder
 from clip_jax.models.image_towers import image_tower
@@ -140,7 +140,7 @@ def check_config(config, num_devices):
 
 def _check_data(data):
     try:
-        pipeline.parse_split(data.train)
+        parse_split(data.train)
     except ValueError as error:
         raise ConfigError(f"config.data.train={data.train!r}: {error}") from None
     low, high = data.crop_scale

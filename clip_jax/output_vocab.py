@@ -23,8 +23,6 @@ NAMES = {"full": lambda: (), "synthetic_shapes": lambda: synthetic_shapes()}
 def synthetic_shapes():
     """Sorted token ids of the built-in captions and their zero-shot prompts."""
     task = prompts.zeroshot_task("synthetic_shapes")
-    texts = synthetic_shapes_data.caption_vocabulary() + [
-        task.edit_prompt(template.format(name))
-        for name in task.class_names for template in task.templates]
+    texts = synthetic_shapes_data.caption_vocabulary() + task.prompts()
     encode = tokenizer.default_tokenizer().encode
     return tuple(sorted({token for text in texts for token in encode(text)}))

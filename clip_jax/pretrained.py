@@ -10,15 +10,14 @@ import dataclasses
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from etils import epath
 from PIL import Image
 
 from clip_jax import checkpoint, convert, objectives, run_config, sharding
 from clip_jax import variables as variables_lib
 from clip_jax.data import augment
-from clip_jax.evals.embed import Encoders
+from clip_jax.evals.encoders import Encoders
 from clip_jax.evals.prompts import DEFAULT_TEMPLATES, ZeroShotTask
-from clip_jax.evals.zeroshot import class_embeddings
 from clip_jax.models import zoo
 
 
@@ -47,7 +46,7 @@ def load_model(config, weights):
     model = objectives.get(config.objective).model(config.model)
     shardings = variables_lib.variable_shardings(model, mesh, config.sharding_rules)
     abstract = variables_lib.with_shardings(variables_lib.abstract_variables(model), shardings)
-    if tf.io.gfile.isdir(weights):  # a workdir or a clip_jax.convert output
+    if epath.Path(weights).is_dir():  # a workdir or a clip_jax.convert output
         variables = checkpoint.load_variables(weights, abstract)
     else:
         variables = jax.device_put(convert.from_torch(weights, config.model), shardings)
@@ -92,8 +91,8 @@ class Pretrained:
         """Zero-shot class probabilities [N, C]: softmax over the learned-temperature
         cosine similarities to each class's prompt ensemble (contrastive models)."""
         self._require_text_tower("classify")
-        classes = class_embeddings(self.encoders, self.variables,
-                                   ZeroShotTask(tuple(class_names), tuple(templates)))
+        classes = self.encoders.classes(self.variables,
+                                        ZeroShotTask(tuple(class_names), tuple(templates)))
         scale = float(self.model.apply(self.variables, method=self.model.temperature_scale))
         logits = scale * self.encode_images(images) @ classes.T
         logits -= logits.max(axis=1, keepdims=True)

@@ -2,10 +2,9 @@
 run afterwards (evaluation, loading for inference, weight conversion)."""
 
 import json
-import os
 
 import ml_collections
-import tensorflow as tf
+from etils import epath
 
 from clip_jax import output_vocab
 from clip_jax.evals import specs
@@ -14,11 +13,10 @@ from clip_jax.evals import specs
 def read(workdir):
     """WORKDIR/config.json as a ConfigDict, with the keys of later versions
     filled in for runs that predate them; a ValueError when there is none."""
-    path = os.path.join(workdir, "config.json")
-    if not tf.io.gfile.exists(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise ValueError(f"{workdir}: no config.json; is it a clip_jax training workdir?")
-    with tf.io.gfile.GFile(path) as f:
-        values = json.load(f)
+    values = json.loads(path.read_text())
     if "evals" not in values and "zeroshot" in values:  # workdirs from before config.evals
         old = values.pop("zeroshot")
         values["evals"] = {"zeroshot": specs.evaluator_config(

@@ -13,7 +13,7 @@ import pytest
 from clip_jax import checkpoint, convert
 from clip_jax import variables as variables_lib
 from clip_jax import train as train_lib
-from clip_jax.data import pipeline, synthetic_shapes
+from clip_jax.data import builtin_datasets, pipeline
 from clip_jax.train_step import setup_training
 from tests.conftest import small_config
 from tests.test_train_step import random_batch
@@ -27,8 +27,8 @@ def data_dir(tmp_path_factory):
     """A shrunk built-in dataset, prepared once for the in-process and CLI runs."""
     directory = str(tmp_path_factory.mktemp("tfds"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 256)
-        patch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 100)
+        patch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
+        patch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 100)
         pipeline.prepared_builder("synthetic_shapes", directory)
     return directory
 

@@ -12,7 +12,7 @@ import pytest
 
 from clip_jax import optim, output_vocab, pretrained, run_config
 from clip_jax import train as train_lib
-from clip_jax.data import synthetic_shapes
+from clip_jax.data import builtin_datasets
 from tests.conftest import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,9 +99,22 @@ def test_import_clip_jax_imports_neither_jax_nor_flax():
     assert done.stdout.strip() == "[]"
 
 
+def test_commands_that_read_no_data_import_no_tensorflow():
+    """Planning, benchmarking, converting, loading weights and launching sweeps
+    need no TensorFlow; only the data pipelines (training, evaluation, prepare) do."""
+    modules = ("clip_jax.benchmark", "clip_jax.convert", "clip_jax.pretrained",
+               "clip_jax.capacity", "launch.sweep", "launch.tpu_vm", "launch.slurm")
+    done = subprocess.run([sys.executable, "-c", f"import sys; import {', '.join(modules)}; "
+                           "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') "
+                           "if m in sys.modules))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_loading_a_workdir_builds_no_optimizer(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 64)
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 32)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 64)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 32)
     workdir = str(tmp_path / "run")
     train_lib.train(small_config(**{"data.data_dir": str(tmp_path / "tfds"), "total_steps": 1,
                                     "eval_every": 0, "evals": {}}), workdir)

@@ -23,9 +23,9 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, monkeypatch):
     """The real CLI: 2 processes x 4 CPU devices (gloo) log the same per-step
     losses, gradient norms and temperatures as 1 process x 8 devices: same global
     batches, same gradients, same updates."""
-    from clip_jax.data import pipeline, synthetic_shapes
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 256)
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 100)
+    from clip_jax.data import builtin_datasets, pipeline
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 100)
     data_dir = tmp_path / "tfds"
     pipeline.prepared_builder("synthetic_shapes", str(data_dir))  # once, for all runs
 

@@ -16,7 +16,7 @@ from clip_jax.models import output_classes
 from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.data import synthetic_shapes as ss
 from clip_jax.evals import zeroshot
-from clip_jax.evals.embed import Encoders
+from clip_jax.evals.encoders import Encoders
 from clip_jax.evals.prompts import ZeroShotTask
 from clip_jax.evals.suite import EvalSuite
 from clip_jax.train_step import setup_training
@@ -209,7 +209,7 @@ def test_zero_shot_scorer_ranks_the_true_class_first_once_learnt(name):
     encoders = Encoders(training_8.model, training_8.mesh, training_8.shardings.variables())
     objective = objectives.of_model(training_8.model)
     if objective.text_embeddings:
-        classes = zeroshot.class_embeddings(encoders, variables, TASK)
+        classes = encoders.classes(variables, TASK)
         scores = encoders.images(variables, batch["images"]) @ classes.T
     else:  # the evaluator's own jitted scorer, without a dataset to read
         evaluator = zeroshot.PromptScoreZeroShot(

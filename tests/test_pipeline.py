@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from clip_jax import tokenizer
-from clip_jax.data import augment, decode, pipeline, sampling
+from clip_jax.data import augment, decode, pipeline, sampling, spec
 from tests.conftest import small_config
 
 
@@ -233,7 +233,7 @@ def test_eval_transform_centres_the_shorter_side():
 
 def test_bad_data_config_is_one_line():
     with pytest.raises(ValueError, match="name\\[:version\\]:split"):
-        pipeline.parse_split("synthetic_shapes")
+        spec.parse_split("synthetic_shapes")
     config = _config(**{"data.train": "no_such_dataset_xyz:train"})
     with pytest.raises(ValueError, match="no such TFDS dataset"):
         pipeline.TrainInput(config)

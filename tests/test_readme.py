@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clip_jax import train as train_lib
-from clip_jax.data import synthetic_shapes
+from clip_jax.data import builtin_datasets
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.slow
@@ -51,8 +51,8 @@ def test_the_notebook_snippet_runs_in_a_fresh_interpreter_beside_the_clone(
     """Trained here; the snippet then runs as `python -c` (a notebook's import
     path: the working directory first) from a folder holding the clone as
     `clip_jax`, as the README's `pip install -e clip_jax` has it."""
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 64)
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 32)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 64)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 32)
     workdir = str(tmp_path / "clip_tiny")
     config = small_config(**{"data.data_dir": str(tmp_path / "tfds"), "total_steps": 2,
                              "eval_every": 0, "evals.zeroshot.batch_size": 32,

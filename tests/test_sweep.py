@@ -113,9 +113,9 @@ def test_collect_without_sweep_records_uses_the_differing_config_values(tmp_path
 @pytest.fixture
 def shrunk_data_dir(tmp_path, monkeypatch):
     """synthetic_shapes prepared once, small, for every run of the sweep."""
-    from clip_jax.data import pipeline, synthetic_shapes  # noqa: PLC0415
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 256)
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 64)
+    from clip_jax.data import builtin_datasets, pipeline  # noqa: PLC0415
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 64)
     data_dir = tmp_path / "tfds"
     pipeline.prepared_builder("synthetic_shapes", str(data_dir))
     return data_dir

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from clip_jax.data import builtin_datasets
 from clip_jax.data import synthetic_shapes as ss
 
 TRAIN, TEST = 64, 32
@@ -16,8 +17,8 @@ PALETTE = np.array(list(ss.COLOURS.values()), np.float32)
 def _prepare(data_dir):
     """Prepares a shrunk synthetic_shapes into data_dir; {split: list of examples}."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ss.SyntheticShapes, "train_examples", TRAIN)
-        patch.setattr(ss.SyntheticShapes, "test_examples", TEST)
+        patch.setattr(builtin_datasets.SyntheticShapes, "train_examples", TRAIN)
+        patch.setattr(builtin_datasets.SyntheticShapes, "test_examples", TEST)
         builder = tfds.builder("synthetic_shapes", data_dir=data_dir)
         builder.download_and_prepare()
     return builder, {

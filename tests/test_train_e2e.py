@@ -11,7 +11,7 @@ import pytest
 
 from clip_jax import cpu_devices
 from clip_jax import train as train_lib
-from clip_jax.data import synthetic_shapes
+from clip_jax.data import builtin_datasets
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.slow
@@ -25,8 +25,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def small_dataset(monkeypatch):
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 256)
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 100)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 100)
 
 
 def e2e_config(data_dir, total_steps):

@@ -9,7 +9,7 @@ import pytest
 from tensorflow.core.example import example_pb2
 
 from clip_jax import train as train_lib
-from clip_jax.data import pipeline, prepare, synthetic_shapes
+from clip_jax.data import builtin_datasets, pipeline, prepare
 from tests import web_data
 from tests.conftest import small_config
 
@@ -67,8 +67,8 @@ def test_one_epoch_of_training_input_reads_each_good_sample_once(prepared_web):
 def test_trainer_runs_on_the_prepared_web_dataset(prepared_web, tmp_path, monkeypatch):
     data_dir, _, _, _ = prepared_web
     # The zero-shot evaluation at the end reads a shrunk built-in dataset.
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "train_examples", 16)
-    monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "test_examples", 64)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 16)
+    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 64)
     config = _web_config(data_dir, total_steps=3, log_every=1, eval_every=0,
                          checkpoint_every=0)
     workdir = str(tmp_path / "run")

@@ -26,20 +26,13 @@ from tensorflow.core.example import example_pb2
 
 from clip_jax import tokenizer
 from clip_jax.data import augment, decode, sampling
-from clip_jax.data import synthetic_shapes  # noqa: F401  (registers the built-in dataset)
+from clip_jax.data.spec import parse_split
+from clip_jax.data import builtin_datasets  # noqa: F401  (registers the built-in datasets)
 from clip_jax.progress import is_terminal
 
 _ARRAY_RECORD = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
 # A batch that needs this many replacements means the data, not a few files, is broken.
 _MAX_SKIPS_PER_BATCH_FACTOR = 10
-
-
-def parse_split(spec):
-    """'name[:version]:split' -> ('name[:version]', 'split')."""
-    name, sep, split = spec.rpartition(":")
-    if not sep or not name or not split:
-        raise ValueError(f"{spec!r} is not 'name[:version]:split' (e.g. 'synthetic_shapes:train')")
-    return name, split
 
 
 def prepared_builder(name, data_dir):

@@ -14,7 +14,8 @@ import numpy as np
 import optax
 
 from clip_jax.evals.base import EvalResult, row_counts
-from clip_jax.evals.embed import embed_split, to_host
+from clip_jax.evals.embed import embed_split
+from clip_jax.evals.encoders import to_host
 
 # Coarse search over decades, then the half-decades either side of the best:
 # the CLIP paper swept 1e-6..1e6 (96 steps) for sklearn's C; with a mean loss,

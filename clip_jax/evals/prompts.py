@@ -30,6 +30,11 @@ class ZeroShotTask:
     edit_prompt: Callable[[str], str] = lambda prompt: prompt
     source: str = ""
 
+    def prompts(self):
+        """Every prompt, class-major: [class 0 template 0, class 0 template 1, ...]."""
+        return [self.edit_prompt(template.format(name))
+                for name in self.class_names for template in self.templates]
+
 
 # Built in code: the classes come from the dataset's own module, not a file.
 _SYNTHETIC_SHAPES = ZeroShotTask(

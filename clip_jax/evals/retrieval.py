@@ -11,7 +11,8 @@ import numpy as np
 
 from clip_jax.evals import ranking
 from clip_jax.evals.base import EvalResult, row_counts
-from clip_jax.evals.embed import embed_split, to_host
+from clip_jax.evals.embed import embed_split
+from clip_jax.evals.encoders import to_host
 
 RECALL_AT = (1, 5, 10)
 

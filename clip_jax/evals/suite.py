@@ -8,7 +8,7 @@ from clip_jax import objectives, sharding
 from clip_jax.data import eval_input
 from clip_jax.data.eval_input import EvalSource
 from clip_jax.evals import prompts
-from clip_jax.evals.embed import Encoders
+from clip_jax.evals.encoders import Encoders
 from clip_jax.evals.linear_probe import LinearProbe
 from clip_jax.evals.retrieval import Retrieval
 from clip_jax.evals.specs import check_entry, resolved

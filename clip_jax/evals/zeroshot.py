@@ -17,23 +17,10 @@ import numpy as np
 from clip_jax import sharding, tokenizer
 from clip_jax.evals import ranking
 from clip_jax.evals.base import EvalResult, row_counts
-from clip_jax.evals.embed import embed_split, to_host
-from clip_jax.models import l2_normalize
+from clip_jax.evals.embed import embed_split
+from clip_jax.evals.encoders import to_host
 
 TOP_K = 5
-
-
-def class_prompts(task):
-    """All prompts, class-major: [class 0 template 0, class 0 template 1, ...]."""
-    return [task.edit_prompt(template.format(name))
-            for name in task.class_names for template in task.templates]
-
-
-def class_embeddings(encoders, variables, task):
-    """Unit prompt-ensemble embeddings, host array [C, E]."""
-    texts = encoders.texts(variables, class_prompts(task))  # [C*T, E], unit
-    texts = texts.reshape(len(task.class_names), len(task.templates), -1)
-    return np.asarray(l2_normalize(texts.mean(axis=1)))
 
 
 def classification_ranks(mesh, images, classes, labels, k=TOP_K):
@@ -75,7 +62,7 @@ class ZeroShot:
         self.batch_size, self.prefix, self.workers = batch_size, prefix, workers
 
     def __call__(self, variables, progress=False):
-        classes = class_embeddings(self.encoders, variables, self.task)
+        classes = self.encoders.classes(variables, self.task)
         data = embed_split(self.encoders, variables, self.source, self.batch_size,
                            workers=self.workers, progress=progress)
         ranks, top = classification_ranks(self.encoders.mesh, data["images"], classes,
@@ -84,9 +71,9 @@ class ZeroShot:
 
 
 def prompt_tokens(task, context_length):
-    """Tokenized class_prompts(task), int32 [C*T, L'], cut after the longest
+    """Tokenized task.prompts(), int32 [C*T, L'], cut after the longest
     prompt's end token (L' <= context_length): a decoder then runs no padding."""
-    tokens = tokenizer.tokenize(class_prompts(task), context_length)
+    tokens = tokenizer.tokenize(task.prompts(), context_length)
     return tokens[:, :int(tokens.argmax(axis=1).max()) + 1]
 
 
