@@ -13,7 +13,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from clip_jax import checkpoint, convert, objectives, run_config, sharding
+from clip_jax import checkpoint, convert, objectives, run_config, sharding, sharding_rules
 from clip_jax import variables as variables_lib
 from clip_jax.data import augment
 from clip_jax.evals.encoders import Encoders
@@ -27,7 +27,7 @@ def released_config(model_name):
     sharding rules."""
     return ml_collections.ConfigDict(dict(
         objective="contrastive", model=zoo.model_config(model_name),
-        mesh=dict(data=-1, fsdp=1, tensor=1), sharding_rules=sharding.DEFAULT_RULES,
+        mesh=dict(data=-1, fsdp=1, tensor=1), sharding_rules=sharding_rules.DEFAULT_RULES,
         data=dict(data_dir=ml_collections.FieldReference(None, field_type=str)), evals={}))
 
 

@@ -3,7 +3,8 @@
 Models name their parameter axes (`embed`, `mlp`, `heads`, `vocab`, ...) and
 their activations' (`activation_batch`, `activation_mlp`, ...;
 models.partitioning); the config's `sharding_rules` say which mesh axis each
-name is split over. This is the one place where logical names meet devices.
+name is split over (defaults: `sharding_rules`). This is the one place where
+logical names meet devices.
 """
 
 import contextlib
@@ -16,32 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axis -> mesh axis (None: replicated), config.sharding_rules' default.
-# FSDP (ZeRO-3) splits the weights' `embed` over fsdp and the activations' batch
-# over data x fsdp; Megatron-style tensor parallelism splits `mlp`/`heads` of
-# both over tensor.
-DEFAULT_RULES = (
-    # Parameters.
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("joint", None),
-    ("layers", None),  # the stacked-blocks axis of scan_layers=True
-    # Activations (clip_jax/models/partitioning.py).
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_mlp", "tensor"),
-    ("activation_heads", "tensor"),
-    ("activation_kv", None),
-    ("activation_vocab", "tensor"),
-)
-# The batch dimension is split over these axes (pure data parallel plus FSDP).
-BATCH_AXES = ("data", "fsdp")
+from clip_jax.sharding_rules import BATCH_AXES, MESH_AXES
 
 
 def mesh_shape(mesh_config, num_devices):

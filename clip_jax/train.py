@@ -156,8 +156,8 @@ def train(config, workdir):
         _print(f"preempted: saved step {preempted_at}; re-run the same command to resume")
         return row
     _print(f"done: step {config.total_steps} in {time.time() - started:.0f}s; "
-           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(row.items())
-                       if k == "train/loss" or k.endswith(("/top1", "_r1"))))
+           + (f"train/loss {row['train/loss']:.4f}; " if "train/loss" in row else "")
+           + _headline_metrics(row))
     return row
 
 
@@ -191,14 +191,32 @@ def _diverged_message(step, metrics, config):
             + "); the last good parameters are checkpointed")
 
 
+# Headline metrics as eval lines show them; the rest is in metrics.jsonl.
+_HEADLINE_LABELS = {"top1": "top-1", "image_to_text_r1": "i2t R@1", "text_to_image_r1": "t2i R@1"}
+_EVALUATOR_ORDER = ("zeroshot", "linear_probe", "retrieval")
+
+
+def _headline_metrics(row):
+    """'zeroshot/D top-1 V; retrieval/D i2t R@1 V, t2i R@1 V (+N in metrics.jsonl)':
+    each evaluator's headline metrics, zero-shot first, so the line fits a terminal;
+    non-zero skip counts are shown too (they are warnings)."""
+    groups, hidden = {}, 0
+    for key, value in row.items():
+        prefix, _, metric = key.rpartition("/")
+        if metric in _HEADLINE_LABELS or (metric == "skipped" and value):
+            groups.setdefault(prefix, []).append(f"{_HEADLINE_LABELS.get(metric, metric)} {value:.4g}")
+        elif prefix.split("/")[0] in _EVALUATOR_ORDER and metric not in (
+                "examples", "captions", "train_examples", "skipped"):
+            hidden += 1
+    rank = lambda prefix: (_EVALUATOR_ORDER.index(prefix.split("/")[0])  # noqa: E731
+                           if prefix.split("/")[0] in _EVALUATOR_ORDER else len(_EVALUATOR_ORDER),
+                           prefix)
+    line = "; ".join(f"{prefix} {', '.join(groups[prefix])}" for prefix in sorted(groups, key=rank))
+    return line + (f" (+{hidden} in metrics.jsonl)" if hidden else "")
+
+
 def _eval_line(step, eval_row):
-    """'step S: <headline metrics (top-1, R@1) first>, <the rest>'; counts of
-    examples and zero skip counts left out."""
-    shown = {k: v for k, v in eval_row.items()
-             if not k.endswith(("/examples", "/captions", "/train_examples"))
-             and not (k.endswith("/skipped") and v == 0)}
-    headline = sorted(shown, key=lambda k: not k.endswith(("/top1", "_r1")))
-    return f"step {step}: " + ", ".join(f"{k} {shown[k]:.4g}" for k in headline)
+    return f"step {step}: {_headline_metrics(eval_row)}"
 
 
 class _Run:

@@ -22,7 +22,7 @@ Sweeps are declared here too (`get_sweep`) and run, then tabulated, by
 
 import ml_collections
 
-from clip_jax import overrides, sharding
+from clip_jax import overrides, sharding_rules
 from clip_jax.evals.specs import evaluator_config
 from clip_jax.models import zoo
 from configs import sweeps
@@ -134,7 +134,7 @@ def _base():
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # Logical axis -> mesh axis (None: replicated), for parameters and
     # activations: FSDP and tensor parallelism as clip_jax/sharding.py says.
-    config.sharding_rules = sharding.DEFAULT_RULES
+    config.sharding_rules = sharding_rules.DEFAULT_RULES
     return config
 
 

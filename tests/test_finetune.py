@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from clip_jax import checkpoint, convert
-from clip_jax.models import CLIP, zoo
+from clip_jax.models import CLIP
+from clip_jax.models.clip import create_model
 from clip_jax.train import _initialise_from
 from clip_jax.train_step import setup_training
 from tests.conftest import small_config
@@ -85,7 +86,7 @@ def test_wrong_architecture_in_init_from_is_one_line(tmp_path):
 def test_cli_converts_both_ways(tmp_path):
     """Full-size RN50: PyTorch .safetensors -> orbax -> .safetensors, unchanged."""
     from safetensors.numpy import load_file, save_file
-    model = zoo.create_model("RN50")
+    model = create_model("RN50")
     shapes = convert.abstract_variables(model.config)
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)

@@ -90,8 +90,14 @@ def test_models_know_no_dataset_optimizer_trainer_or_evaluator(graph):
             and any(d.startswith(heavy) for d in deps)} == {}
 
 
-def test_import_clip_jax_imports_neither_jax_nor_flax():
-    done = subprocess.run([sys.executable, "-c", "import clip_jax, sys; "
+@pytest.mark.parametrize("statement", [
+    "import clip_jax",
+    # Launchers and sweeps read configs: that costs neither JAX nor Flax.
+    "import configs.clip, configs.objectives; configs.clip.get_config('ViT-L-14,batch_size=64'); "
+    "configs.objectives.get_config('objective=caption_lm')",
+])
+def test_light_imports_load_neither_jax_nor_flax(statement):
+    done = subprocess.run([sys.executable, "-c", f"import sys; {statement}; "
                            "print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'orbax') "
                            "if m in sys.modules))"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from clip_jax.data import builtin_datasets
+from clip_jax.data import builtin_datasets, pipeline
 from clip_jax.data import synthetic_shapes as ss
 
 TRAIN, TEST = 64, 32
@@ -148,3 +148,14 @@ def test_position_and_size_words_are_true():
     for shape in ss.SHAPES:
         assert max(extents[shape, "small"]) <= min(extents[shape, "medium"]), shape
         assert max(extents[shape, "medium"]) <= min(extents[shape, "large"]), shape
+
+
+def test_first_use_says_what_it_prepares_without_tfds_download_wording(tmp_path, capfd):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(builtin_datasets.SyntheticShapes, "train_examples", TRAIN)
+        patch.setattr(builtin_datasets.SyntheticShapes, "test_examples", TEST)
+        builder = pipeline.prepared_builder("synthetic_shapes", str(tmp_path))
+    out, err = capfd.readouterr()
+    assert builder.is_prepared()
+    assert f"preparing the built-in dataset synthetic_shapes ({TRAIN} + {TEST} images" in out
+    assert "ownload" not in out + err and "Variant folder" not in out + err

@@ -124,4 +124,16 @@ def test_output_to_a_file_gets_one_line_per_logged_step_and_no_bar_frames(
     compiling = next(line for line in lines if line.startswith("compiling the train step"))
     assert lines.index(compiling) < lines.index(step_lines[0])
     evals = [line for line in lines if line.startswith("step 3: ")]
-    assert evals and evals[0].split(", ")[0].startswith("step 3: zeroshot/synthetic_shapes/top1")
+    assert evals and evals[0].startswith("step 3: zeroshot/synthetic_shapes top-1 ")
+
+
+def test_eval_lines_lead_with_zero_shot_and_fit_a_terminal():
+    row = {f"retrieval/coco/{direction}_r{k}": 0.5 for direction in ("image_to_text", "text_to_image")
+           for k in (1, 5, 10)}
+    row.update({"retrieval/coco/images": 5000, "zeroshot/imagenet2012/top1": 0.25,
+                "zeroshot/imagenet2012/top5": 0.5, "zeroshot/imagenet2012/examples": 50000,
+                "zeroshot/imagenet2012/skipped": 3, "retrieval/coco/skipped": 0})
+    line = train_lib._eval_line(7, row)
+    assert line == ("step 7: zeroshot/imagenet2012 top-1 0.25, skipped 3; "
+                    "retrieval/coco i2t R@1 0.5, t2i R@1 0.5 (+6 in metrics.jsonl)")
+    assert len(line) <= 120

@@ -13,7 +13,9 @@ Evaluation input lives in `eval_input`.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -36,6 +38,12 @@ _MAX_SKIPS_PER_BATCH_FACTOR = 10
 
 
 def prepared_builder(name, data_dir):
+    """The TFDS builder of `name[:version]`, prepared (see `_prepared_builder`)."""
+    with _without_unprepared_folder_warnings():
+        return _prepared_builder(name, data_dir)
+
+
+def _prepared_builder(name, data_dir):
     """The TFDS builder of `name[:version]`. Datasets clip_jax generates itself (the
     built-in synthetic one) are prepared on first use, as ArrayRecord; any other
     must have been prepared already (nothing is downloaded at run time)."""
@@ -63,6 +71,20 @@ def prepared_builder(name, data_dir):
     if not builder.is_prepared():
         builder.download_and_prepare()
     return builder
+
+
+@contextlib.contextmanager
+def _without_unprepared_folder_warnings():
+    """TFDS warns of the version folder it is itself about to fill ('Variant
+    folder ... has no dataset_info.json') while a built-in dataset is prepared."""
+    def keep(record):
+        return not str(record.msg).startswith("Variant folder")
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def open_split(name, split, data_dir):

@@ -11,6 +11,7 @@ import ml_collections
 
 from clip_jax.models.bag_of_words import BagOfWordsText
 from clip_jax.models.image_towers import image_tower
+from clip_jax.models import zoo
 from clip_jax.models.text import TextTransformer
 
 
@@ -106,3 +107,12 @@ class CLIP(nn.Module):
 
     def __call__(self, images, tokens, train=False):
         return (*self.embed(images, tokens, train), *self.logit_params())
+
+
+def create_model(name: str, **overrides) -> CLIP:
+    """The flax CLIP Module of a preset (models/zoo.py); `overrides` set top-level
+    model keys (e.g. dtype)."""
+    config = zoo.model_config(name)
+    config.lock()  # a misspelt override raises instead of adding a key
+    config.update(overrides)
+    return CLIP(config)

@@ -1,7 +1,7 @@
 """Named CLIP architectures, as OpenCLIP names and defines them.
 
-`model_config(name)` gives the `config.model` ConfigDict of a preset and
-`create_model(name)` the flax Module. Sizes are from OpenCLIP's
+`model_config(name)` gives the `config.model` ConfigDict of a preset
+(`clip_jax.create_model(name)`, in `models.clip`, the flax Module). Sizes are from OpenCLIP's
 `open_clip/model_configs/*.json` (v3.3.0), which reproduce OpenAI's released
 models; the `-quickgelu` names use OpenAI's activation, which OpenAI's released
 weights need, the plain names PyTorch's exact GELU.
@@ -10,8 +10,6 @@ weights need, the plain names PyTorch's exact GELU.
 import math
 
 import ml_collections
-
-from clip_jax.models.clip import CLIP
 
 QUICKGELU_SUFFIX = "-quickgelu"
 
@@ -90,11 +88,3 @@ def model_config(name: str) -> ml_collections.ConfigDict:
     embed_dim, image, text = _ARCHITECTURES[base]
     activation = "quick_gelu" if name.endswith(QUICKGELU_SUFFIX) else "gelu"
     return build_model_config(image, text, embed_dim, activation)
-
-
-def create_model(name: str, **overrides) -> CLIP:
-    """The flax CLIP Module of a preset; `overrides` set top-level model keys (e.g. dtype)."""
-    config = model_config(name)
-    config.lock()  # a misspelt override raises instead of adding a key
-    config.update(overrides)
-    return CLIP(config)
