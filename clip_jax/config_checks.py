@@ -6,7 +6,7 @@ Each problem is reported as one line naming the key, its value and the fix.
 import jax.numpy as jnp
 
 from clip_jax import losses, objectives, overrides, sharding
-from clip_jax.data.spec import parse_split
+from clip_jax.data.spec import parse_train
 from clip_jax.evals import specs
 from clip_jax.models.clip import text_tower_builder
 from clip_jax.models.image_towers import image_tower
@@ -56,6 +56,7 @@ def check_config(config, num_devices):
                   "checkpoint_minutes", "optimizer.lr",
                   "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
                   "data.prefetch", "data.workers")
+    _positive(config, "data.threads")
     for key in ("optimizer.b1", "optimizer.b2"):
         value = overrides.lookup(config, key)
         _require(0 <= value < 1, f"config.{key}={value!r} must be in [0, 1)")
@@ -140,7 +141,7 @@ def check_config(config, num_devices):
 
 def _check_data(data):
     try:
-        parse_split(data.train)
+        parse_train(data.train, image_key=data.image_key, caption_key=data.caption_key)
     except ValueError as error:
         raise ConfigError(f"config.data.train={data.train!r}: {error}") from None
     low, high = data.crop_scale

@@ -168,7 +168,8 @@ class TrainingStopped(RuntimeError):
 def _next_device_batch(batches, batch_sharding):
     """(global device batch, input state after it) from the host input."""
     host_batch, input_state = next(batches)
-    del host_batch["indices"]  # record ids: for tests and debugging, not the step
+    # Record ids and sources: for tests, debugging and the mixture metrics, not the step.
+    del host_batch["indices"], host_batch["sources"]
     return _global_batch(host_batch, batch_sharding), input_state
 
 
@@ -228,17 +229,22 @@ class _Run:
         self.evaluator, self.writer, self.manager = evaluator, writer, manager
         self.best_manager = best_manager
         self.last_save_time = time.time()
+        self.source_labels = pipeline.source_labels(config.data)
 
     def save_if_best(self, state, input_state, eval_row):
         metric = self.config.keep_best
         if metric not in eval_row:
             raise ConfigError(f"config.keep_best={metric!r} is not an eval metric; "
                               f"they are {', '.join(sorted(eval_row))}")
-        checkpoint.save(self.best_manager, state, pipeline.gather_input_states(input_state),
+        checkpoint.save(self.best_manager, state, self.input_states(input_state),
                         metrics={metric: float(eval_row[metric])})
 
+    def input_states(self, input_state):
+        """Every process's input position (a collective), as checkpoints store it."""
+        return pipeline.gather_input_states(input_state, self.source_labels)
+
     def save(self, state, input_state):
-        checkpoint.save(self.manager, state, pipeline.gather_input_states(input_state))
+        checkpoint.save(self.manager, state, self.input_states(input_state))
         self.last_save_time = time.time()
 
     def loop(self, state, batches, input_state, start_step, watcher):
@@ -278,7 +284,7 @@ class _Run:
             if logged:
                 row = {f"train/{name}": value for name, value in jax.device_get(metrics).items()
                        if name != "bad_steps_in_a_row"}
-                row.update(pipeline.skipped_metrics(pipeline.gather_input_states(input_state)))
+                row.update(pipeline.input_metrics(self.input_states(input_state)))
                 if step > last_step:  # the first step of a run is compilation, not throughput
                     now = time.time()
                     row["train/samples_per_sec"] = ((step - last_step) * config.batch_size

@@ -97,13 +97,17 @@ def _base():
     # dataset built with `--file_format=array_record`, or image-text shards/CSVs
     # prepared by `python -m clip_jax.data.prepare`.
     config.data = ml_collections.ConfigDict(dict(
-        train="synthetic_shapes:train",  # TFDS 'name[:version]:split'
+        # TFDS 'name[:version]:split', or a weighted mixture
+        # 'a:train@0.2(caption_key=captions/text) + b:train@0.8' (clip_jax/data/spec.py).
+        train="synthetic_shapes:train",
         data_dir=ml_collections.FieldReference(None, field_type=str),  # None: TFDS default
         image_key="image",  # feature keys; 'a/b' reaches nested features
         caption_key="caption",  # a list of captions (e.g. coco_captions) gives a random one
         crop_scale=(0.9, 1.0),  # RandomResizedCrop area range; (1.0, 1.0): no crop
-        workers=0,  # decoding threads per process; 0: one per CPU core
-        prefetch=4,  # batches prepared ahead of the step
+        workers=0,  # input worker processes per training process; 0: one per CPU core
+        threads=1,  # decoding threads in each worker
+        in_process=False,  # True: no worker processes, decode in this process (debugging)
+        prefetch=2,  # blocks (batches) each worker keeps ready ahead of the step
     ))
 
     # Evaluators run during training (every `every` steps, 0: eval_every, -1: only at

@@ -2,14 +2,16 @@
 state, independence from thread and process counts, and counted skips."""
 
 import io
+import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from array_record.python import array_record_module
 from PIL import Image
 
 from clip_jax import tokenizer
-from clip_jax.data import augment, decode, pipeline, sampling, spec
+from clip_jax.data import augment, blocks, decode, pipeline, sampling, spec
 from tests.conftest import small_config
 
 
@@ -46,13 +48,6 @@ def _png(colour, size=24):
     return buffer.getvalue()
 
 
-class FakeRecords(list):
-    """A list with the batched random access of TFDS data sources."""
-
-    def __getitems__(self, indices):
-        return [self[i] for i in indices]
-
-
 def _serialize(record):
     """{"key": bytes} -> a serialized tf.train.Example, as TFDS stores records."""
     features = {key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
@@ -78,14 +73,28 @@ def _records(num, bad=()):
             else:
                 del record["caption"]
         records.append(_serialize(record))
-    return FakeRecords(records)
+    return records
 
 
 @pytest.fixture
-def fake_source(monkeypatch):
-    """Makes pipeline.open_split serve `records` instead of a TFDS split."""
+def fake_source(monkeypatch, tmp_path):
+    """Makes the training input read `holder["records"]` (a list of serialized
+    records: the one source; or {"name:split": records} per source) from
+    ArrayRecord files written here, instead of a prepared TFDS split. Worker
+    processes read the files, as they read a prepared split's shards."""
     holder = {}
-    monkeypatch.setattr(pipeline, "open_split", lambda *args: holder["records"])
+
+    def files(source, data_dir, seed, index):
+        served = holder["records"]
+        served = served[source.label] if isinstance(served, dict) else served
+        path = str(tmp_path / f"{source.label.replace(':', '-')}-{len(os.listdir(tmp_path))}")
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        for record in served:
+            writer.write(record)
+        writer.close()
+        return blocks.SourceFiles.of(source, (path,), len(served), seed, index)
+
+    monkeypatch.setattr(pipeline, "source_files", files)
     return holder
 
 
@@ -128,7 +137,7 @@ def test_one_epoch_reads_every_good_record_once_and_counts_every_skip(fake_sourc
             assert tuple(batch["images"][row, 0, 0]) == (index % 256, index // 256, 77)
 
 
-def test_batches_do_not_depend_on_the_number_of_threads(fake_source):
+def test_batches_do_not_depend_on_the_number_of_worker_processes(fake_source):
     fake_source["records"] = _records(40, bad={2, 9})
     one, four = _take(_config(workers=1), 6), _take(_config(workers=4), 6)
     for (a, _), (b, _) in zip(one, four):
@@ -160,7 +169,7 @@ def test_several_captions_per_image_give_a_seeded_choice_among_them(fake_source)
     features = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_png((1, 2, 3))])),
                 "captions/text": tf.train.Feature(bytes_list=tf.train.BytesList(value=captions))}
     record = tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
-    fake_source["records"] = FakeRecords([record] * 16)
+    fake_source["records"] = [record] * 16
     config = _config(**{"data.caption_key": "captions/text"})
     first, again = _take(config, 4), _take(config, 4)
     chosen = np.concatenate([batch["tokens"] for batch, _ in first])
@@ -178,25 +187,32 @@ def test_a_dataset_of_only_bad_samples_stops_with_a_clear_error(fake_source):
 
 
 def test_input_state_round_trips_and_adapts_to_another_process_count():
-    state = pipeline.InputState(cursor=37, skipped={decode.EMPTY_IMAGE: 3})
-    saved = pipeline.gather_input_states(state)  # one process here
+    labels = ("a:train", "b:train")
+    state = pipeline.InputState(cursor=37, skipped={decode.EMPTY_IMAGE: 3},
+                                drawn={"a:train": 20, "b:train": 14})
+    saved = pipeline.gather_input_states(state, labels)  # one process here
     assert saved == {"process_count": 1, "cursors": [37],
                      "skipped": [{reason: (3 if reason == decode.EMPTY_IMAGE else 0)
-                                  for reason in decode.REASONS}]}
-    assert pipeline.skipped_metrics(saved) == {"data/skipped": 3,
-                                               f"data/skipped/{decode.EMPTY_IMAGE}": 3}
+                                  for reason in decode.REASONS}],
+                     "drawn": [{"a:train": 20, "b:train": 14}]}
+    assert pipeline.input_metrics(saved) == {
+        "data/skipped": 3, f"data/skipped/{decode.EMPTY_IMAGE}": 3,
+        "data/source/a:train/samples": 20, "data/source/b:train/samples": 14}
     restored, warning = pipeline.local_input_state(saved, step=4, batch_size=8)
-    assert (restored.cursor, restored.skipped[decode.EMPTY_IMAGE], warning) == (37, 3, None)
+    assert restored == pipeline.InputState(37, dict(saved["skipped"][0]), dict(state.drawn))
+    assert warning is None
     # Written by 2 processes with nothing skipped: exact at step x local batch.
     clean = {"process_count": 2, "cursors": [16, 16], "skipped": [{}, {}]}
     restored, warning = pipeline.local_input_state(clean, step=4, batch_size=8)
     assert (restored.cursor, warning) == (32, None)
     # With skips, the totals survive and the approximation is announced.
     dirty = {"process_count": 2, "cursors": [17, 18],
-             "skipped": [{decode.EMPTY_IMAGE: 1}, {decode.CORRUPT_IMAGE: 2}]}
+             "skipped": [{decode.EMPTY_IMAGE: 1}, {decode.CORRUPT_IMAGE: 2}],
+             "drawn": [{"a:train": 16}, {"a:train": 10, "b:train": 6}]}
     restored, warning = pipeline.local_input_state(dirty, step=4, batch_size=8)
     assert restored.cursor == 32 and "3 bad samples" in warning
-    assert pipeline.skipped_metrics(pipeline.gather_input_states(restored))["data/skipped"] == 3
+    metrics = pipeline.input_metrics(pipeline.gather_input_states(restored, labels))
+    assert metrics["data/skipped"] == 3 and metrics["data/source/a:train/samples"] == 26
     _, warning = pipeline.local_input_state(None, step=4, batch_size=8)
     assert "no input position" in warning
 

@@ -18,11 +18,11 @@ from typing import Optional
 
 import jax
 import numpy as np
-from tensorflow.core.example import example_pb2
 
 from clip_jax import tokenizer
 from clip_jax.data import augment, decode
-from clip_jax.data.pipeline import open_split, prepared_builder, record_field, single_value
+from clip_jax.data.pipeline import open_split, prepared_builder
+from clip_jax.data.records import parse_example, record_field, single_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def eval_batches(source, image_size, global_batch, *, context_length=None, worke
 
     def load(record):
         """(pixels, label, captions, caption mask, valid) of one record."""
-        example = example_pb2.Example.FromString(record)
+        example = parse_example(record)
         try:
             label = 0
             if source.label_key:

@@ -1,40 +1,53 @@
 """Input pipelines: prepared TFDS splits (ArrayRecord, random access) -> batches.
 
 Training (`TrainInput`): each process reads only its own rows of each global
-batch (see `sampling` for who reads what), decodes and augments them in a thread
-pool (PIL releases the GIL in its codecs), tokenizes, and keeps `prefetch`
-batches ready in a background thread while the step runs. Every sample's crop
-and caption choice come from its own seed (seed, stream position), so batches
-do not depend on thread count or timing, and the cursor in `InputState` resumes
-the stream exactly. Images travel to the devices as uint8 (4x less traffic than
+batch (see `sampling` for who reads what). Decoding, cropping and tokenizing run
+in `config.data.workers` worker processes (Grain's `mp_prefetch`, started with
+`spawn`, never forked from a process holding JAX threads), one *block* of a
+process's stream at a time (`blocks`); the training process only cuts batches
+from finished blocks and keeps the books, so its own CPU cost per sample is a
+few microseconds of bookkeeping. Every sample's source, record, crop and
+caption come from (seed, stream position), so batches depend neither on the
+number of workers nor on timing, and the cursor in `InputState` resumes the
+stream exactly. Images travel to the devices as uint8 (4x less traffic than
 float32) and are normalised inside the jitted step.
+
+Grain is used for the worker pool and its shared-memory transport, not for
+sampling or state: Grain's own sampler would make a batch depend on which
+samples are bad (a `filter` before `mp_prefetch` changes the output with the
+worker count), while this stream replaces a bad sample from the process's own
+positions and resumes from one integer per process, on any process count.
 
 Evaluation input lives in `eval_input`.
 """
 
-import concurrent.futures
+import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
-import queue
 import threading
+import time
 
+import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 from jax.experimental import multihost_utils
-from tensorflow.core.example import example_pb2
 
-from clip_jax import tokenizer
-from clip_jax.data import augment, decode, sampling
-from clip_jax.data.spec import parse_split
+from clip_jax.data import blocks, decode, spec
 from clip_jax.data import builtin_datasets  # noqa: F401  (registers the built-in datasets)
 from clip_jax.progress import is_terminal
 
 _ARRAY_RECORD = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
 # A batch that needs this many replacements means the data, not a few files, is broken.
 _MAX_SKIPS_PER_BATCH_FACTOR = 10
+# Blocks a stream can ask for: endless in practice (2**40 blocks).
+_ENDLESS = 1 << 40
+# How often a worker checks that the training process is still there.
+_PARENT_POLL_SECONDS = 0.5
 
 
 def prepared_builder(name, data_dir):
@@ -105,79 +118,124 @@ def open_split(name, split, data_dir):
                                   deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
 
 
-def record_field(example, key):
-    """The values of feature `key` ('a/b' for nested features, as TFDS flattens
-    them) of a parsed tf.train.Example: a list of bytes or ints; None if absent."""
-    if key not in example.features.feature:
-        return None
-    feature = example.features.feature[key]
-    kind = feature.WhichOneof("kind")
-    return list(getattr(feature, kind).value) if kind else []
-
-
 @dataclasses.dataclass
 class InputState:
-    """Where this process is in its input stream: positions consumed (`cursor`)
-    and samples skipped so far, by reason."""
+    """Where this process is in its input stream: positions consumed (`cursor`),
+    samples skipped so far by reason, and samples drawn into batches so far by
+    source ('name:split')."""
     cursor: int = 0
     skipped: dict = dataclasses.field(default_factory=dict)
+    drawn: dict = dataclasses.field(default_factory=dict)
 
     def copy(self):
-        return InputState(self.cursor, dict(self.skipped))
+        return InputState(self.cursor, dict(self.skipped), dict(self.drawn))
+
+
+def train_sources(data):
+    """config.data -> the tuple of spec.Source it trains on."""
+    return spec.parse_train(data.train, image_key=data.image_key, caption_key=data.caption_key)
+
+
+def source_files(source, data_dir, seed, index):
+    """spec.Source (the index-th of the mixture) -> blocks.SourceFiles: its
+    prepared ArrayRecord shards."""
+    split_records = open_split(source.name, source.split, data_dir)
+    if len(split_records) == 0:
+        raise ValueError(f"config.data.train: {source.label} is empty")
+    split_info = prepared_builder(source.name, data_dir).info.splits[source.split]
+    paths = tuple(os.fspath(path) for path in split_info.filepaths)
+    return blocks.SourceFiles.of(source, paths, len(split_records), seed, index)
 
 
 class TrainInput:
     """Endless iterator of this process's training batches.
 
     next() -> (batch, state): batch = {"images": uint8 [b, S, S, 3],
-    "tokens": int32 [b, L], "indices": int64 [b] (record of each row)} with
-    b = batch_size / process_count; state = the InputState right after this
-    batch, which restarts the stream at the next one. Close it (or use `with`)
-    to stop the reader thread.
+    "tokens": int32 [b, L], "indices": int64 [b] (record of each row in its
+    source), "sources": int32 [b] (index into the mixture)} with b = batch_size /
+    process_count; state = the InputState right after this batch, which
+    restarts the stream at the next one. Close it (or use `with`) to stop the
+    worker processes; they also stop by themselves when this process dies.
     """
 
     def __init__(self, config, state=None, *, process_index=None, process_count=None):
         data = config.data
-        self._process_index = jax.process_index() if process_index is None else process_index
-        self._process_count = jax.process_count() if process_count is None else process_count
-        self._local_batch = config.batch_size // self._process_count
-        self._seed = config.seed
-        self._image_size = config.model.image.image_size
-        self._context_length = config.model.text.context_length
-        self._crop_scale = tuple(data.crop_scale)
-        self._draft = augment.draft_size(self._image_size, self._crop_scale[0])
-        self._image_key, self._caption_key = data.image_key, data.caption_key
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        self._local_batch = config.batch_size // process_count
         self._train_spec = data.train
-        name, split = parse_split(data.train)
-        self._records = open_split(name, split, data.data_dir)
-        self._num_records = len(self._records)
-        if self._num_records == 0:
-            raise ValueError(f"config.data.train={data.train!r} is empty")
+        sources = train_sources(data)
+        self.source_labels = tuple(source.label for source in sources)
+        decoder = blocks.BlockDecoder(
+            sources=tuple(source_files(source, data.data_dir, config.seed, index)
+                          for index, source in enumerate(sources)),
+            seed=config.seed, local_batch=self._local_batch, process_index=process_index,
+            process_count=process_count, image_size=config.model.image.image_size,
+            context_length=config.model.text.context_length, crop_scale=tuple(data.crop_scale))
         self._state = (state or InputState()).copy()
-        self._pool = concurrent.futures.ThreadPoolExecutor(data.workers or os.cpu_count())
-        self._ready = queue.Queue(maxsize=max(1, data.prefetch))
-        self._stop = threading.Event()
-        self._reader = threading.Thread(target=self._read_ahead, daemon=True,
-                                        name="clip_jax-input")
-        self._reader.start()
+        workers = 0 if data.in_process else data.workers or os.cpu_count()
+        dataset = (grain.MapDataset.range(0, _ENDLESS)
+                   .map(_BlockAt(decoder, self._state.cursor, self._local_batch))
+                   .to_iter_dataset(grain.ReadOptions(num_threads=data.threads,
+                                                      prefetch_buffer_size=data.threads)))
+        if workers > 0:
+            if not flags.FLAGS.is_parsed():  # Grain reads absl flags; a notebook parses none
+                flags.FLAGS.mark_as_parsed()
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=workers,
+                                             per_worker_buffer_size=max(1, data.prefetch)),
+                worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+        self._blocks = iter(dataset)
+        self._pending = collections.deque()  # (block, first unused row)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        item = self._ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        parts, needed, skipped_here = [], self._local_batch, 0
+        while needed:
+            if not self._pending:
+                self._pending.append((next(self._blocks), 0))
+            block, start = self._pending.popleft()
+            rows = len(block["cursors"])
+            take = min(needed, rows - start)
+            if take:
+                parts.append({key: block[key][start:start + take]
+                              for key in ("images", "tokens", "indices", "sources")})
+                needed -= take
+            if start + take < rows:  # the batch ends inside this block
+                self._pending.appendleft((block, start + take))
+                end_cursor = int(block["cursors"][start + take - 1]) + 1
+            else:  # past the block's last position, bad ones included
+                end_cursor = int(block["start"]) + self._local_batch
+            skipped_here += self._count_skips(block, end_cursor)
+            self._state.cursor = end_cursor
+            if skipped_here > _MAX_SKIPS_PER_BATCH_FACTOR * self._local_batch:
+                raise ValueError(
+                    f"config.data.train={self._train_spec!r}: {skipped_here} bad samples while "
+                    f"filling one batch of {self._local_batch} (skipped so far: "
+                    f"{self._state.skipped}); is config.data.image_key/caption_key right?")
+        batch = (parts[0] if len(parts) == 1 else
+                 {key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
+        for source, count in zip(*np.unique(batch["sources"], return_counts=True)):
+            label = self.source_labels[source]
+            self._state.drawn[label] = self._state.drawn.get(label, 0) + int(count)
+        return batch, self._state.copy()
+
+    def _count_skips(self, block, end_cursor):
+        """Counts the block's bad positions in [cursor, end_cursor) by reason."""
+        cursors = block["skipped_cursors"]
+        counted = (cursors >= self._state.cursor) & (cursors < end_cursor)
+        for reason in block["skipped_reasons"][counted].tolist():
+            name = decode.REASONS[reason]
+            self._state.skipped[name] = self._state.skipped.get(name, 0) + 1
+        return int(counted.sum())
 
     def close(self):
-        self._stop.set()
-        while self._reader.is_alive():  # unblock a reader waiting to put
-            try:
-                self._ready.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        self._pool.shutdown(wait=True)
+        self._pending.clear()  # blocks in shared memory are freed with their last reference
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self):
         return self
@@ -185,94 +243,71 @@ class TrainInput:
     def __exit__(self, *exc):
         self.close()
 
-    def _read_ahead(self):
-        try:
-            while not self._stop.is_set():
-                batch = self._next_batch()
-                item = (batch, self._state.copy())
-                while not self._stop.is_set():
-                    try:
-                        self._ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as error:  # surfaced to the consumer by __next__
-            self._ready.put(error)
 
-    def _next_batch(self):
-        images, captions, indices = [], [], []
-        skipped_here = 0
-        while len(images) < self._local_batch:
-            cursors = np.arange(self._state.cursor,
-                                self._state.cursor + self._local_batch - len(images))
-            positions = sampling.global_positions(cursors, self._local_batch,
-                                                  self._process_index, self._process_count)
-            record_ids, _ = sampling.record_indices(positions, self._num_records, self._seed)
-            records = self._records.__getitems__(record_ids.tolist())
-            draws = sampling.uniforms(self._seed, positions, augment.CROP_DRAWS + 1)
-            examples = self._pool.map(self._example, records, draws)
-            self._state.cursor += len(cursors)
-            for record_id, example in zip(record_ids.tolist(), examples):
-                if isinstance(example, decode.Skipped):
-                    self._state.skipped[example.reason] = (
-                        self._state.skipped.get(example.reason, 0) + 1)
-                    skipped_here += 1
-                    continue
-                images.append(example[0])
-                captions.append(example[1])
-                indices.append(record_id)
-            if skipped_here > _MAX_SKIPS_PER_BATCH_FACTOR * self._local_batch:
-                raise ValueError(
-                    f"config.data.train={self._train_spec!r}: {skipped_here} bad samples while "
-                    f"filling one batch of {self._local_batch} (skipped so far: "
-                    f"{self._state.skipped}); is config.data.image_key/caption_key right?")
-        return {"images": np.stack(images),
-                "tokens": tokenizer.tokenize(captions, self._context_length),
-                "indices": np.asarray(indices, np.int64)}
+@dataclasses.dataclass(frozen=True)
+class _BlockAt:
+    """Block k of a stream restarted at `start` (what Grain maps over k)."""
+    decoder: blocks.BlockDecoder
+    start: int
+    local_batch: int
 
-    def _example(self, record, draws):
-        """(uint8 pixels, caption) of one serialized record, or the Skipped it raised."""
-        example = example_pb2.Example.FromString(record)
-        try:
-            caption = _choose_caption(record_field(example, self._caption_key), draws[-1])
-            image = decode.open_rgb(single_value(record_field(example, self._image_key)),
-                                    min_size=self._draft)
-            return (augment.random_resized_crop(image, self._image_size, draws[:-1],
-                                                self._crop_scale), caption)
-        except decode.Skipped as skipped:
-            return skipped
+    def __call__(self, block_index):
+        return self.decoder(self.start + int(block_index) * self.local_batch)
 
 
-def single_value(values):
-    """The one value of a scalar feature; None when absent or empty."""
-    return values[0] if values else None
+def _exit_with_parent(parent_pid, worker_index, worker_count):
+    """Worker start-up hook: exit as soon as the training process is gone (a
+    SIGKILLed or OOM-killed trainer cannot stop its workers, and orphans would
+    keep their memory on a preempted host). Grain stops workers itself on
+    close, exceptions and normal exit."""
+    del worker_index, worker_count
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="clip_jax-parent-watch").start()
 
 
-def _choose_caption(captions, draw):
-    """One caption of a feature holding one or several (e.g. coco_captions' five):
-    `draw` in [0, 1) picks it, so the choice is seeded per sample."""
-    if not captions:
-        raise decode.Skipped(decode.MISSING_CAPTION)
-    return decode.decode_caption(captions[int(draw * len(captions))])
+def source_labels(data):
+    """'name:split' of each source of config.data.train, in mixture order."""
+    return tuple(source.label for source in train_sources(data))
 
 
-def gather_input_states(local_state):
+def gather_input_states(local_state, labels):
     """Every process's InputState as one JSON-able dict (a collective: all
-    processes call it at the same step): what a checkpoint stores."""
-    row = np.array([local_state.cursor] + [local_state.skipped.get(reason, 0)
-                                           for reason in decode.REASONS], np.int64)
+    processes call it at the same step): what a checkpoint stores. `labels`:
+    source_labels(config.data)."""
+    row = np.array([local_state.cursor]
+                   + [local_state.skipped.get(reason, 0) for reason in decode.REASONS]
+                   + [local_state.drawn.get(label, 0) for label in labels], np.int64)
     rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, row.size)
+    reasons_end = 1 + len(decode.REASONS)
     return {"process_count": len(rows),
             "cursors": rows[:, 0].tolist(),
-            "skipped": [dict(zip(decode.REASONS, counts)) for counts in rows[:, 1:].tolist()]}
+            "skipped": [dict(zip(decode.REASONS, counts))
+                        for counts in rows[:, 1:reasons_end].tolist()],
+            "drawn": [dict(zip(labels, counts)) for counts in rows[:, reasons_end:].tolist()]}
 
 
-def skipped_metrics(global_states):
-    """{"data/skipped": total, "data/skipped/<reason>": count, ...} summed over processes."""
+def input_metrics(global_states):
+    """Summed over processes: {"data/skipped": total, "data/skipped/<reason>":
+    count, ..., "data/source/<name:split>/samples": samples drawn so far}."""
     totals = {reason: sum(skipped.get(reason, 0) for skipped in global_states["skipped"])
               for reason in decode.REASONS}
     metrics = {f"data/skipped/{reason}": count for reason, count in totals.items() if count}
+    drawn = _summed(global_states.get("drawn", []))
+    metrics.update({f"data/source/{label}/samples": count for label, count in drawn.items()})
     return {"data/skipped": sum(totals.values()), **metrics}
+
+
+def _summed(per_process):
+    totals = {}
+    for counts in per_process:
+        for key, count in counts.items():
+            totals[key] = totals.get(key, 0) + count
+    return totals
 
 
 def local_input_state(global_states, step, batch_size):
@@ -281,23 +316,26 @@ def local_input_state(global_states, step, batch_size):
 
     With the same process count the stream resumes exactly. Otherwise the
     positions consumed are assumed to be step x batch_size, which is exact
-    unless samples were skipped before; the skip counts then carry over on
-    process 0 so totals stay right. Returns (state, warning or None).
+    unless samples were skipped before; the skip and per-source counts then
+    carry over on process 0 so totals stay right. Returns (state, warning or None).
     """
     process_count, process_index = jax.process_count(), jax.process_index()
     if global_states and global_states["process_count"] == process_count:
+        drawn = global_states.get("drawn") or [{}] * process_count
         return InputState(global_states["cursors"][process_index],
-                          dict(global_states["skipped"][process_index])), None
+                          dict(global_states["skipped"][process_index]),
+                          dict(drawn[process_index])), None
     state = InputState(cursor=step * (batch_size // process_count))
     if not global_states:
         return state, (f"the checkpoint at step {step} has no input position; resuming the "
                        "input at step x batch_size")
-    totals = skipped_metrics(global_states)
+    skipped = _summed(global_states["skipped"])
     if process_index == 0:
-        state.skipped = {reason: count for reason, count in
-                         ((r, totals.get(f"data/skipped/{r}", 0)) for r in decode.REASONS) if count}
-    if totals["data/skipped"]:
+        state.skipped = {reason: count for reason, count in skipped.items() if count}
+        state.drawn = _summed(global_states.get("drawn", []))
+    total_skipped = sum(skipped.values())
+    if total_skipped:
         return state, (f"the checkpoint was written by {global_states['process_count']} processes "
-                       f"and {totals['data/skipped']} bad samples had been skipped, so the input "
+                       f"and {total_skipped} bad samples had been skipped, so the input "
                        f"resumes at step x batch_size: up to that many samples may repeat")
     return state, None

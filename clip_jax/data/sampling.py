@@ -92,3 +92,39 @@ def uniforms(seed, positions, count):
     with np.errstate(over="ignore"):
         bits = _mix(counters * np.uint64(0x9E3779B97F4A7C15), key, _MASK64)
     return (bits >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def mixture_sources(positions, weights, seed):
+    """(source index, position in that source's own stream) of global stream
+    positions, for a mixture with integer `weights`.
+
+    Source j takes the positions where its count count_j(g) (positions before g
+    it owns) grows: count_0(g) = (g * w_0 + u_0) // W_0 with W_0 the sum of all
+    weights, and each later source splits what the earlier ones left the same
+    way, the last taking the rest. The counts are closed-form, so any position's
+    source and source position cost O(sources) however far the run is, the
+    sources keep their own positions exactly (and so their own epochs), the
+    realised mix is within one sample of the weights over any prefix, and the
+    seeded offsets u_j decide where in each period a source's samples fall.
+    Exact integer arithmetic: weights <= 10**6 and positions <= 10**12 fit int64.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    weights = [int(weight) for weight in weights]
+    if len(weights) == 1:
+        return np.zeros_like(positions), positions
+    offsets = np.random.SeedSequence([seed, 2]).generate_state(len(weights), np.uint64)
+    source = np.full(positions.shape, len(weights) - 1, np.int64)
+    source_position = np.zeros_like(positions)
+    rest_here, rest_next = positions.copy(), positions + 1  # positions left at g and g + 1
+    unassigned = np.ones(positions.shape, bool)
+    for j, weight in enumerate(weights[:-1]):
+        total = sum(weights[j:])
+        offset = np.int64(offsets[j] % np.uint64(total))
+        count_here = (rest_here * weight + offset) // total - offset // total
+        count_next = (rest_next * weight + offset) // total - offset // total
+        takes = unassigned & (count_next > count_here)
+        source[takes], source_position[takes] = j, count_here[takes]
+        unassigned &= ~takes
+        rest_here, rest_next = rest_here - count_here, rest_next - count_next
+    source_position[unassigned] = rest_here[unassigned]
+    return source, source_position
