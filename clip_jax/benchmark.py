@@ -21,7 +21,9 @@ Input throughput (decode + augment + tokenize + batch at 224 px) of webdataset
 shards, against an OpenCLIP-style webdataset reader (see clip_jax/data/throughput.py):
 
   python -m clip_jax.benchmark data --source 'shards/*.tar' [--no-reference] [--json]
-  python -m clip_jax.benchmark data --synthetic 6000   # writes photo-like JPEG shards first
+  python -m clip_jax.benchmark data --synthetic 6000 [--source-side 256] [--workers 1,2]
+      # writes photo-like JPEG shards first; per worker count: samples/s and the
+      # training process's own CPU time per sample
 
 Retrieval ranking (both directions, Recall@10 top-k) of random unit embeddings,
 COCO-sized by default (5,000 images x 5 captions), on 8 simulated devices: bytes
@@ -123,7 +125,10 @@ def main(argv=None):
     data.add_argument("--image-size", type=int, default=224)
     data.add_argument("--batch-size", type=int, default=256)
     data.add_argument("--batches", type=int, default=20, help="batches timed per pipeline")
-    data.add_argument("--workers", type=int, default=0, help="threads/processes; 0: CPU count")
+    data.add_argument("--workers", default="0",
+                      help="worker processes, comma-separated counts to compare (1,2); 0: CPU count")
+    data.add_argument("--source-side", type=int, default=None,
+                      help="--synthetic images' longer side (256: img2dataset's default)")
     data.add_argument("--no-reference", action="store_true", help="skip the OpenCLIP-style reader")
     data.add_argument("--json", action="store_true", help="one JSON line per pipeline")
     retrieval = commands.add_parser("retrieval", help="sharded retrieval ranking: memory, time")

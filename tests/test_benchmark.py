@@ -49,14 +49,16 @@ def test_json_lines_have_the_documented_keys(capsys):
 def test_data_benchmark_reads_the_same_shards_in_both_pipelines(capsys):
     """Tiny run of `benchmark data`: both readers produce full batches of the
     shards' samples; figures are for the README, not asserted."""
-    benchmark.main(["data", "--synthetic", "40", "--image-size", "32", "--batch-size", "8",
-                    "--batches", "2", "--workers", "2", "--json"])
+    benchmark.main(["data", "--synthetic", "40", "--source-side", "64", "--image-size", "32",
+                    "--batch-size", "8", "--batches", "2", "--workers", "1,2", "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
             if line.startswith("{")]
-    assert [row["pipeline"] for row in rows] == ["prepare (once)", "clip_jax",
-                                                "open_clip-style webdataset"]
+    assert [(row["pipeline"], row["workers"]) for row in rows] == [
+        ("prepare (once)", 2), ("clip_jax", 1), ("open_clip-style webdataset", 1),
+        ("clip_jax", 2), ("open_clip-style webdataset", 2)]
     assert rows[0]["samples"] == 40
     assert all(row["samples_per_sec"] > 0 and row["cores"] >= 1 for row in rows)
+    assert all(row["consumer_cpu_us_per_sample"] > 0 for row in rows if row["pipeline"] == "clip_jax")
 
 
 def test_train_benchmark_reports_its_keys_and_the_ratio_to_open_clip(capsys):

@@ -92,6 +92,44 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_d
     assert _saved_input(interrupted, 10) == _saved_input(straight, 10)
 
 
+def _children(pid):
+    """Pids of the live processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _stat(entry) and int(_stat(entry)[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def _stat(pid):
+    """(state, parent pid) of a process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], fields[1]
+
+
+def _exited(pid):
+    stat = _stat(pid)
+    return stat is None or stat[0] in ("Z", "X")  # an unreaped orphan has exited too
+
+
+def test_input_workers_exit_when_the_trainer_is_killed(data_dir, tmp_path):
+    process = launch_trainer(tmp_path / "run", data_dir,
+                             config={**KILL_RUN, "data.workers": 2})
+    _wait_for_step(process, tmp_path / "run", 2)
+    workers = _children(process.pid)
+    assert len(workers) >= 2, workers  # the two input workers (and multiprocessing's tracker)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    deadline = time.time() + 120  # a liveness bound, not a speed figure
+    while not all(_exited(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in workers if not _exited(pid)] == []
+
+
 def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
     workdir = tmp_path / "run"
     process = launch_trainer(workdir, data_dir, config={"total_steps": 100_000})

@@ -253,3 +253,62 @@ def test_bad_data_config_is_one_line():
     config = _config(**{"data.train": "no_such_dataset_xyz:train"})
     with pytest.raises(ValueError, match="no such TFDS dataset"):
         pipeline.TrainInput(config)
+
+
+def _nested_caption_records(num):
+    """coco_captions-like records (captions under 'captions/text'), colour-coded
+    like _records but in the blue channel."""
+    records = []
+    for index in range(num):
+        features = {
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(
+                value=[_png((index % 256, index // 256, 200))])),
+            "captions/text": tf.train.Feature(bytes_list=tf.train.BytesList(
+                value=[f"nested caption {index}".encode()]))}
+        records.append(tf.train.Example(features=tf.train.Features(feature=features))
+                       .SerializeToString())
+    return records
+
+
+def test_a_weighted_mixture_draws_each_source_at_its_weight_and_resumes_exactly(fake_source):
+    fake_source["records"] = {"web:train": _records(300, bad={5, 77}),
+                              "coco:train": _nested_caption_records(40)}
+    config = _config(batch_size=64, **{
+        "data.train": "web:train@0.8 + coco:train@0.2(caption_key=captions/text)"})
+    straight = _take(config, 100)  # 6,400 samples
+    drawn = straight[-1][1].drawn
+    assert sum(drawn.values()) == 6400
+    assert abs(drawn["coco:train"] / 6400 - 0.2) <= 0.02
+    rows = {name: np.concatenate([batch["indices"][batch["sources"] == source]
+                                  for batch, _ in straight])
+            for source, name in enumerate(("web:train", "coco:train"))}
+    # Each source walks its own epochs: the small one has gone round 32 times.
+    assert len(rows["coco:train"]) == drawn["coco:train"]
+    np.testing.assert_array_equal(np.bincount(rows["coco:train"][:1280], minlength=40),
+                                  np.full(40, 32))
+    # Rows carry their own source's pixels and captions (its own caption key).
+    batch, _ = straight[0]
+    for row, (source, index) in enumerate(zip(batch["sources"], batch["indices"])):
+        blue = 200 if source == 1 else 77
+        assert tuple(batch["images"][row, 0, 0]) == (index % 256, index // 256, blue)
+    for stop in (1, 37):
+        resumed = _take(config, 10, straight[stop - 1][1])
+        for (expected, expected_state), (got, got_state) in zip(straight[stop:], resumed):
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+            assert got_state == expected_state
+
+
+def test_mixture_sources_are_exact_shares_at_any_position():
+    positions = np.arange(50_000)
+    sources, source_positions = sampling.mixture_sources(positions, [1, 2, 7], seed=3)
+    for source, weight in enumerate((0.1, 0.2, 0.7)):
+        mine = source_positions[sources == source]
+        np.testing.assert_array_equal(mine, np.arange(len(mine)))  # consecutive, none shared
+        for prefix in (10, 999, 50_000):
+            assert abs((sources[:prefix] == source).sum() - weight * prefix) <= 1
+    far = np.arange(10**12, 10**12 + 1000)
+    far_sources, far_positions = sampling.mixture_sources(far, [1, 2, 7], seed=3)
+    assert np.bincount(far_sources).tolist() == [100, 200, 700]
+    again = sampling.mixture_sources(far[500:], [1, 2, 7], seed=3)
+    np.testing.assert_array_equal(again[1], far_positions[500:])

@@ -12,14 +12,15 @@ def run_data(args):
     rows = throughput.data_benchmark(args.source, config_files.load("tiny"),
                                      synthetic=args.synthetic,
                                      image_size=args.image_size, batch_size=args.batch_size,
-                                     batches=args.batches, workers=args.workers or None,
-                                     reference=not args.no_reference)
+                                     batches=args.batches,
+                                     workers=[int(n) for n in args.workers.split(",") if n != "0"],
+                                     reference=not args.no_reference, source_side=args.source_side)
     for row in rows:
         if args.json:
             print(json.dumps(row), flush=True)
-        else:
-            print(f"{row['pipeline']:<28} {row['samples_per_sec']:>8,.0f} samples/s "
-                  f"({row['samples_per_sec_per_core']:,.0f} per core, {row['cores']} cores)",
-                  flush=True)
-    if len(rows) == 3 and not args.json:
-        print(f"clip_jax / reference: {rows[1]['samples_per_sec'] / rows[2]['samples_per_sec']:.2f}x")
+            continue
+        consumer = row.get("consumer_cpu_us_per_sample")
+        print(f"{row['pipeline']:<28} {row['workers']:>2} workers {row['samples_per_sec']:>8,.0f} "
+              f"samples/s ({row['samples_per_sec_per_core']:,.0f} per core, {row['cores']} cores)"
+              + (f", training process {consumer:.1f} us CPU per sample" if consumer else ""),
+              flush=True)

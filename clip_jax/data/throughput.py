@@ -26,9 +26,11 @@ from PIL import Image
 from clip_jax import tokenizer as tokenizer_lib
 
 
-def write_photo_shards(directory, count, *, per_shard=500, seed=0, captions=None):
+def write_photo_shards(directory, count, *, per_shard=500, seed=0, captions=None,
+                       longer_side=None):
     """Writes `count` photo-like JPEGs (smooth colour fields plus sensor-like
-    noise, 480-1024 px wide, quality 90) with captions into webdataset tar
+    noise, 480-1024 px wide, or with the longer side `longer_side` as
+    img2dataset writes them, quality 90) with captions into webdataset tar
     shards DIRECTORY/%05d.tar; returns their paths."""
     rng = np.random.default_rng(seed)
     os.makedirs(directory, exist_ok=True)
@@ -39,6 +41,9 @@ def write_photo_shards(directory, count, *, per_shard=500, seed=0, captions=None
             for index in range(shard, min(count, shard + per_shard)):
                 width = int(rng.integers(480, 1025))
                 height = int(width * rng.choice([0.5625, 0.75, 1.0, 1.333]))
+                if longer_side:
+                    scale = longer_side / max(width, height)
+                    width, height = max(1, round(width * scale)), max(1, round(height * scale))
                 field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
                 pixels = np.asarray(field.resize((width, height), Image.Resampling.BICUBIC),
                                     np.float32) + rng.normal(0, 6, (height, width, 1))
@@ -55,16 +60,21 @@ def write_photo_shards(directory, count, *, per_shard=500, seed=0, captions=None
     return paths
 
 
-def clip_jax_samples_per_sec(config, batches, warmup=2):
-    """Samples/s of TrainInput for `config` over `batches` batches after `warmup`."""
+def clip_jax_rates(config, batches, warmup=2):
+    """(samples/s, the training process's own CPU microseconds per sample) of
+    TrainInput for `config` over `batches` batches after `warmup`. The CPU time
+    is this process's, all threads (not the worker processes'): what caps one
+    host's input however many cores decode for it."""
     from clip_jax.data import pipeline  # noqa: PLC0415  (TFDS import only when timed)
     with pipeline.TrainInput(config) as stream:
         for _ in range(warmup):
             next(stream)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(batches):
             next(stream)
-        return batches * config.batch_size / (time.perf_counter() - start)
+        samples = batches * config.batch_size
+        return (samples / (time.perf_counter() - start),
+                (time.process_time() - start_cpu) / samples * 1e6)
 
 
 def reference_samples_per_sec(paths, image_size, batch_size, batches, workers, warmup=2, seed=0):
@@ -110,34 +120,35 @@ def caption_corpus(count, seed=0):
 
 
 def data_benchmark(source, config, *, synthetic=0, image_size=224, batch_size=256, batches=20,
-                   workers=None, reference=True):
-    """Rows of {"pipeline", "samples_per_sec", "samples_per_sec_per_core", ...};
-    `config` is a training config whose input is measured (its data keys are
-    pointed at the scratch dataset); scratch files (shards, prepared dataset)
-    are removed afterwards."""
-    workers = workers or os.cpu_count()
+                   workers=(), reference=True, source_side=None):
+    """Rows of {"pipeline", "workers", "samples_per_sec", "samples_per_sec_per_core",
+    "consumer_cpu_us_per_sample", ...}, one per pipeline and worker count in
+    `workers` (default: the CPU count); `config` is a training config whose
+    input is measured (its data keys are pointed at the scratch dataset);
+    scratch files (shards, prepared dataset) are removed afterwards."""
+    workers = tuple(workers) or (os.cpu_count(),)
     scratch = tempfile.mkdtemp(prefix="clip_jax_data_benchmark_")
     try:
         return _measure(source, config, scratch, synthetic, image_size, batch_size, batches,
-                        workers, reference)
+                        workers, reference, source_side)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _measure(source, config, scratch, synthetic, image_size, batch_size, batches, workers,
-             reference):
+             reference, source_side):
     from clip_jax.data import prepare  # noqa: PLC0415
     cores = os.cpu_count()
     if synthetic:
         paths = write_photo_shards(os.path.join(scratch, "shards"), synthetic,
-                                   captions=caption_corpus(synthetic))
+                                   captions=caption_corpus(synthetic), longer_side=source_side)
     else:
         paths = sorted(glob.glob(source))
     if not paths:
         raise SystemExit(f"--source {source!r}: no files match")
     start = time.perf_counter()
     report = prepare.prepare({"train": paths}, "benchmark_shards", os.path.join(scratch, "tfds"),
-                             max_side=100_000, workers=workers)
+                             max_side=100_000, workers=max(workers))
     prepare_seconds = time.perf_counter() - start
     written = report["splits"]["train"]["written"]
     with config.unlocked():
@@ -145,15 +156,20 @@ def _measure(source, config, scratch, synthetic, image_size, batch_size, batches
         config.model.image.image_size = image_size
         config.model.text.context_length = 77
         config.data.update(train="benchmark_shards:train", data_dir=os.path.join(scratch, "tfds"),
-                           workers=workers, prefetch=2)
+                           prefetch=2)
     rows = [{"pipeline": "prepare (once)", "samples_per_sec": written / prepare_seconds,
-             "samples": written}]
-    rows.append({"pipeline": "clip_jax", "samples_per_sec": clip_jax_samples_per_sec(config, batches)})
-    if reference:
-        rows.append({"pipeline": "open_clip-style webdataset",
-                     "samples_per_sec": reference_samples_per_sec(paths, image_size, batch_size,
-                                                                  batches, workers)})
+             "samples": written, "workers": max(workers)}]
+    for count in workers:
+        with config.unlocked():
+            config.data.workers = count
+        rate, consumer_cpu = clip_jax_rates(config, batches)
+        rows.append({"pipeline": "clip_jax", "workers": count, "samples_per_sec": rate,
+                     "consumer_cpu_us_per_sample": consumer_cpu})
+        if reference:
+            rows.append({"pipeline": "open_clip-style webdataset", "workers": count,
+                         "samples_per_sec": reference_samples_per_sec(
+                             paths, image_size, batch_size, batches, count)})
     for row in rows:
         row.update(samples_per_sec_per_core=row["samples_per_sec"] / cores, cores=cores,
-                   workers=workers, image_size=image_size, batch_size=batch_size)
+                   image_size=image_size, batch_size=batch_size, source_side=source_side)
     return rows
