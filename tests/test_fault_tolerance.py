@@ -123,7 +123,7 @@ def test_input_workers_exit_when_the_trainer_is_killed(data_dir, tmp_path):
     workers = _children(process.pid)
     assert len(workers) >= 2, workers  # the two input workers (and multiprocessing's tracker)
     process.send_signal(signal.SIGKILL)
-    process.communicate()
+    process.wait()  # not communicate(): orphaned workers would hold the output pipe open
     deadline = time.time() + 120  # a liveness bound, not a speed figure
     while not all(_exited(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
