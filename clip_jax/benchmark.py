@@ -127,6 +127,8 @@ def main(argv=None):
     data.add_argument("--batches", type=int, default=20, help="batches timed per pipeline")
     data.add_argument("--workers", default="0",
                       help="worker processes, comma-separated counts to compare (1,2); 0: CPU count")
+    data.add_argument("--beam-workers", default="",
+                      help="also prepare with the Beam DirectRunner at these worker counts (1,2)")
     data.add_argument("--source-side", type=int, default=None,
                       help="--synthetic images' longer side (256: img2dataset's default)")
     data.add_argument("--no-reference", action="store_true", help="skip the OpenCLIP-style reader")

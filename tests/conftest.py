@@ -40,6 +40,9 @@ def small_config(**overrides):
         config.model.embed_dim = 16
         for entry in config.evals.values():
             entry.batch_size = 64
+        # Worker processes cost a spawn per input; the tests of the input itself,
+        # of SIGKILL/resume and of multi-process runs use them (data.in_process=False).
+        config.data.in_process = True
         config_overrides.apply(config, overrides)
     return config
 

@@ -100,7 +100,7 @@ def fake_source(monkeypatch, tmp_path):
 
 def _config(batch_size=8, workers=2, **overrides):
     return small_config(**{"batch_size": batch_size, "data.workers": workers,
-                           "data.prefetch": 2, **overrides})
+                           "data.in_process": False, "data.prefetch": 2, **overrides})
 
 
 def _take(config, steps, state=None, **process):

@@ -140,6 +140,28 @@ def test_jpegs_needing_no_change_are_stored_byte_identical(prepared):
             assert stored[key]["image"] != sample.original, (key, sample.kind)
 
 
+def test_beam_direct_runner_with_two_workers_keeps_and_counts_the_same_samples(prepared,
+                                                                              tmp_path):
+    """The same rules as a Beam pipeline (2 worker processes): the same examples
+    in the same order, the same report, counted by Beam counters."""
+    pytest.importorskip("apache_beam", reason="the beam extra (installed by .ci/run)")
+    sources = prepared["sources"]
+    data_dir = str(tmp_path / "tfds")
+    report = prepare.prepare(
+        {"train": [sources["shards"].path, sources["csv"].path],
+         "validation": [sources["tsv"].path]}, NAME, data_dir, max_side=MAX_SIDE,
+        beam_options="runner=DirectRunner,direct_num_workers=2,"
+                     "direct_running_mode=multi_processing")
+    assert report["splits"] == prepared["report"]["splits"]
+    for split, expected in prepared["examples"].items():
+        stored = read_split(data_dir, split)
+        assert [example["key"] for example in stored] == [example["key"] for example in expected]
+        for got, want in zip(stored, expected):
+            assert got["image"] == want["image"] and got["caption"] == want["caption"]
+    with open(os.path.join(data_dir, NAME, "1.0.0", prepare.REPORT_FILE)) as f:
+        assert json.load(f)["splits"] == report["splits"]
+
+
 def test_builder_reads_the_unregistered_name_from_files(prepared):
     builder = tfds.builder(NAME, data_dir=prepared["data_dir"])
     for split, (good, _) in prepared["expected"].items():
@@ -218,12 +240,18 @@ def test_existing_dataset_needs_overwrite(tmp_path):
     assert len(read_split(data_dir, "train")) == len(sources["csv"].good)
 
 
-def test_split_without_usable_samples_is_an_error(tmp_path):
+@pytest.mark.parametrize("beam_options", [None, "runner=DirectRunner"])
+def test_split_without_usable_samples_is_an_error(tmp_path, beam_options):
+    if beam_options:
+        pytest.importorskip("apache_beam", reason="the beam extra (installed by .ci/run)")
     table = tmp_path / "broken.csv"
     table.write_text("filepath,title\nmissing.jpg,a caption\n")
-    with pytest.raises(prepare.PrepareError, match="no usable sample.*missing_image") as error:
-        prepare.prepare({"train": [str(table)]}, NAME, str(tmp_path / "tfds"))
+    with pytest.raises(prepare.PrepareError, match="'train': no usable sample") as error:
+        prepare.prepare({"train": [str(table)]}, NAME, str(tmp_path / "tfds"),
+                        beam_options=beam_options)
     assert_one_line(error.value)
+    if not beam_options:
+        assert "missing_image" in str(error.value)
 
 
 def test_tar_keys_must_be_adjacent(tmp_path):

@@ -27,6 +27,7 @@ def prepared_web(tmp_path_factory):
 
 def _web_config(data_dir, **overrides):
     return small_config(**{"data.train": "web_test:train", "data.data_dir": data_dir,
+                           "data.in_process": False,
                            "batch_size": 8, "data.workers": 2, **overrides})
 
 

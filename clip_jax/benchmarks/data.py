@@ -14,7 +14,8 @@ def run_data(args):
                                      image_size=args.image_size, batch_size=args.batch_size,
                                      batches=args.batches,
                                      workers=[int(n) for n in args.workers.split(",") if n != "0"],
-                                     reference=not args.no_reference, source_side=args.source_side)
+                                     reference=not args.no_reference, source_side=args.source_side,
+                                     beam_workers=[int(n) for n in args.beam_workers.split(",") if n])
     for row in rows:
         if args.json:
             print(json.dumps(row), flush=True)

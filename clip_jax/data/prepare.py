@@ -16,6 +16,7 @@ from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
 import collections
 import concurrent.futures
+import functools
 import io
 import json
 import os
@@ -28,7 +29,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from clip_jax.data import decode, sources
+from clip_jax.data import decode, prepare_beam, sources
 from clip_jax.data.sources import SourceError
 
 NOT_UTF8_RECODED = "not_utf8_captions_recoded"  # informational: kept, read as cp1252/latin-1
@@ -225,11 +226,14 @@ def features():
 
 def prepare(sources_by_split, name, data_dir, *, version="1.0.0", max_side=512,
             jpeg_quality=95, workers=None, image_column="filepath", caption_column="title",
-            overwrite=False):
+            overwrite=False, beam_options=None):
     """Writes the TFDS dataset NAME:VERSION under data_dir -> the report dict.
 
     sources_by_split: {split: [path or glob of .tar/.csv/.tsv files, ...]}; the
     files of a split are read in the order given (each glob sorted).
+    beam_options: None (threads in this process) or TFDS's
+    --beam_pipeline_options text, e.g. 'runner=DirectRunner,direct_num_workers=2,
+    direct_running_mode=multi_processing' (the same rules as a Beam pipeline).
     Raises PrepareError / sources.SourceError for runs that cannot go ahead.
     """
     _check_arguments(name, sources_by_split, max_side, jpeg_quality)
@@ -248,13 +252,18 @@ def prepare(sources_by_split, name, data_dir, *, version="1.0.0", max_side=512,
     for split, paths in paths_by_split.items():
         print(f"{split}: {len(paths)} source files ({paths[0]}{', ...' if len(paths) > 1 else ''})")
     print(f"writing {version_dir} (max_side={max_side}, jpeg_quality={jpeg_quality}, "
-          f"{workers} workers)")
-    split_examples = {
-        split: _split_examples(paths, reports[split], workers=workers,
-                               image_column=image_column, caption_column=caption_column,
-                               max_side=max_side, jpeg_quality=jpeg_quality)
-        for split, paths in paths_by_split.items()}
-    _store(name, version, data_dir, split_examples, reports)
+          + (f"Beam: {beam_options})" if beam_options else f"{workers} workers)"))
+    if beam_options:
+        _store_with_beam(name, version, data_dir, paths_by_split, reports, beam_options,
+                         image_column=image_column, caption_column=caption_column,
+                         max_side=max_side, jpeg_quality=jpeg_quality)
+    else:
+        split_examples = {
+            split: _split_examples(paths, reports[split], workers=workers,
+                                   image_column=image_column, caption_column=caption_column,
+                                   max_side=max_side, jpeg_quality=jpeg_quality)
+            for split, paths in paths_by_split.items()}
+        _store(name, version, data_dir, split_examples, reports)
     report = {"name": name, "version": str(version), "data_dir": data_dir,
               "max_side": max_side, "jpeg_quality": jpeg_quality,
               "splits": {split: split_report.as_dict() for split, split_report in reports.items()}}
@@ -278,6 +287,29 @@ def _store(name, version, data_dir, split_examples, reports):
         empty = next(split for split, report in reports.items() if report.written == 0)
         raise PrepareError(f"split {empty!r}: no usable sample, nothing written "
                            f"(skipped: {reports[empty].as_dict()['skipped']})") from None
+
+
+def _store_with_beam(name, version, data_dir, paths_by_split, reports, beam_options, *,
+                     image_column, caption_column, max_side, jpeg_quality):
+    """The splits through prepare_beam; the reports filled from its counters."""
+    try:
+        counts = prepare_beam.store(
+            name, version, data_dir, paths_by_split, features=features(),
+            read_samples=functools.partial(sources.read_samples, image_column=image_column,
+                                           caption_column=caption_column),
+            prepare_sample=functools.partial(prepare_sample, max_side=max_side,
+                                             jpeg_quality=jpeg_quality),
+            beam_options=beam_options)
+    except ValueError as error:
+        if "total number of generated examples is 0" not in str(error):
+            raise
+        empty = next((split for split in paths_by_split if f"split {split}" in str(error)), "?")
+        raise PrepareError(f"split {empty!r}: no usable sample, nothing written") from None
+    for split, report in reports.items():
+        split_counts = counts[split]
+        report.seen, report.written = split_counts["seen"], split_counts["written"]
+        report.skipped.update(split_counts["skipped"])
+        report.not_utf8_recoded = split_counts["not_utf8_recoded"]
 
 
 def _check_arguments(name, sources_by_split, max_side, jpeg_quality):
@@ -347,7 +379,11 @@ def main(argv=None):
     parser.add_argument("--jpeg_quality", type=int, default=95,
                         help="quality of re-encoded images")
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding threads (default: CPU count)")
+                        help="decoding threads (default: CPU count); without Beam")
+    parser.add_argument("--beam_pipeline_options", default=None,
+                        help="run as an Apache Beam pipeline (the beam extra), TFDS's format: "
+                             "'runner=DirectRunner,direct_num_workers=4,"
+                             "direct_running_mode=multi_processing', or runner=DataflowRunner,...")
     parser.add_argument("--image_column", default="filepath", help="CSV/TSV image path column")
     parser.add_argument("--caption_column", default="title", help="CSV/TSV caption column")
     parser.add_argument("--overwrite", action="store_true",
@@ -358,7 +394,7 @@ def main(argv=None):
                          version=args.version, max_side=args.max_side,
                          jpeg_quality=args.jpeg_quality, workers=args.workers,
                          image_column=args.image_column, caption_column=args.caption_column,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, beam_options=args.beam_pipeline_options)
     except (PrepareError, SourceError) as error:
         sys.exit(f"prepare error: {error}")
     print(format_report(report))

@@ -120,23 +120,24 @@ def caption_corpus(count, seed=0):
 
 
 def data_benchmark(source, config, *, synthetic=0, image_size=224, batch_size=256, batches=20,
-                   workers=(), reference=True, source_side=None):
+                   workers=(), reference=True, source_side=None, beam_workers=()):
     """Rows of {"pipeline", "workers", "samples_per_sec", "samples_per_sec_per_core",
     "consumer_cpu_us_per_sample", ...}, one per pipeline and worker count in
-    `workers` (default: the CPU count); `config` is a training config whose
+    `workers` (default: the CPU count), and one per Beam DirectRunner
+    preparation with each worker count in `beam_workers`; `config` is a training config whose
     input is measured (its data keys are pointed at the scratch dataset);
     scratch files (shards, prepared dataset) are removed afterwards."""
     workers = tuple(workers) or (os.cpu_count(),)
     scratch = tempfile.mkdtemp(prefix="clip_jax_data_benchmark_")
     try:
         return _measure(source, config, scratch, synthetic, image_size, batch_size, batches,
-                        workers, reference, source_side)
+                        workers, reference, source_side, beam_workers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _measure(source, config, scratch, synthetic, image_size, batch_size, batches, workers,
-             reference, source_side):
+             reference, source_side, beam_workers):
     from clip_jax.data import prepare  # noqa: PLC0415
     cores = os.cpu_count()
     if synthetic:
@@ -159,6 +160,16 @@ def _measure(source, config, scratch, synthetic, image_size, batch_size, batches
                            prefetch=2)
     rows = [{"pipeline": "prepare (once)", "samples_per_sec": written / prepare_seconds,
              "samples": written, "workers": max(workers)}]
+    for count in beam_workers:
+        start = time.perf_counter()
+        beam_report = prepare.prepare(
+            {"train": paths}, "benchmark_shards", os.path.join(scratch, f"tfds_beam_{count}"),
+            max_side=100_000, beam_options=f"runner=DirectRunner,direct_num_workers={count},"
+                                           "direct_running_mode=multi_processing")
+        rows.append({"pipeline": "prepare, Beam DirectRunner", "workers": count,
+                     "samples": beam_report["splits"]["train"]["written"],
+                     "samples_per_sec": beam_report["splits"]["train"]["written"]
+                     / (time.perf_counter() - start)})
     for count in workers:
         with config.unlocked():
             config.data.workers = count
