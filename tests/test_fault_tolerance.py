@@ -30,6 +30,7 @@ def data_dir(tmp_path_factory):
         patch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
         patch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 100)
         pipeline.prepared_builder("synthetic_shapes", directory)
+        pipeline.prepared_builder("synthetic_shapes_alt_text", directory)
     return directory
 
 
@@ -66,26 +67,31 @@ def _saved_input(workdir, step):
 
 
 KILL_RUN = {"total_steps": 10, "checkpoint_every": 2}
+# The SIGKILL run reads a weighted mixture through worker processes.
+MIXTURE = "synthetic_shapes:train@0.7 + synthetic_shapes_alt_text:train@0.3"
 
 
 def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_dir, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    _finish(launch_trainer(straight, data_dir, config=KILL_RUN))
+    config = {**KILL_RUN, "data.train": MIXTURE, "data.workers": 2}
+    _finish(launch_trainer(straight, data_dir, config=config))
     # Killed after steps 3 (between saves) and 8 (while a save may be in flight),
     # each time resumed by re-running the same command.
     for kill_after in (3, 8):
-        process = launch_trainer(interrupted, data_dir, config=KILL_RUN)
+        process = launch_trainer(interrupted, data_dir, config=config)
         _wait_for_step(process, interrupted, kill_after)
         process.send_signal(signal.SIGKILL)
-        process.communicate()
-    _finish(launch_trainer(interrupted, data_dir, config=KILL_RUN))
+        process.wait()  # orphaned workers (if any) would hold the output pipe open
+    _finish(launch_trainer(interrupted, data_dir, config=config))
 
     reference = {row["step"]: row for row in read_metrics(straight) if "train/loss" in row}
     rows = [row for row in read_metrics(interrupted) if "train/loss" in row]
     assert sorted({row["step"] for row in rows}) == list(range(1, 11))
     assert len(rows) > 10  # steps after the last save before a kill ran twice
     for row in rows:  # every run of every step: the same loss and gradient norm, bitwise
-        for key in ("train/loss", "train/grad_norm", "train/logit_scale"):
+        for key in ("train/loss", "train/grad_norm", "train/logit_scale",
+                    "data/source/synthetic_shapes:train/samples",
+                    "data/source/synthetic_shapes_alt_text:train/samples"):
             assert row[key] == reference[row["step"]][key], (row["step"], key)
     jax.tree.map(np.testing.assert_array_equal, _final_variables(interrupted),
                  _final_variables(straight))
