@@ -63,7 +63,7 @@ from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
 import sys
 
-from clip_jax import cpu_devices
+from clip_jax import cpu_devices, spawn
 from clip_jax.benchmarks import compile_time as compile_bench
 from clip_jax.benchmarks import data as data_bench
 from clip_jax.benchmarks import memory as memory_bench
@@ -193,4 +193,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    spawn.detach_main_module()  # the data benchmark's input workers need none of this
     main()

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from clip_jax import checkpoint, config_files, preemption, sharding
+from clip_jax import checkpoint, config_files, preemption, sharding, spawn
 from clip_jax.distributed import define_distributed_flags, initialize_distributed
 from clip_jax import variables as variables_lib
 from clip_jax.config_checks import ConfigError, check_config
@@ -330,6 +330,7 @@ def main(argv, config_flag, workdir_flag, distributed_flags):
 
 
 if __name__ == "__main__":
+    spawn.detach_main_module()  # input workers need none of this module's imports
     _config_flag, _workdir_flag = _define_flags()
     _distributed_flags = define_distributed_flags()
     if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):  # absl exits 1 on --help

@@ -128,6 +128,9 @@ def test_input_workers_exit_when_the_trainer_is_killed(data_dir, tmp_path):
     _wait_for_step(process, tmp_path / "run", 2)
     workers = _children(process.pid)
     assert len(workers) >= 2, workers  # the two input workers (and multiprocessing's tracker)
+    for pid in workers:  # spawned from a bare interpreter, not a copy of the trainer
+        with open(f"/proc/{pid}/maps") as f:
+            assert "tensorflow" not in f.read(), pid
     process.send_signal(signal.SIGKILL)
     process.wait()  # not communicate(): orphaned workers would hold the output pipe open
     deadline = time.time() + 120  # a liveness bound, not a speed figure
