@@ -217,6 +217,16 @@ def test_source_matching_no_files_is_named(tmp_path):
     assert_one_line(error.value)
 
 
+def test_img2dataset_metadata_beside_the_shards_is_named_not_read(tmp_path):
+    """img2dataset writes 00000.tar, 00000.parquet and 00000_stats.json side by side."""
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(SourceError, match=r"00000.parquet is not a .tar.*match the .tar files"
+                       ) as error:
+        prepare.prepare({"train": [str(tmp_path / "*")]}, NAME, str(tmp_path / "tfds"))
+    assert_one_line(error.value)
+
+
 def test_missing_csv_column_lists_the_columns_found(tmp_path):
     sources = write_web_dataset(str(tmp_path))
     expected = "captions.csv: no column 'caption'; columns found: filepath, title"

@@ -43,7 +43,11 @@ def expand(pattern):
         raise SourceError(f"--source {pattern!r} matches no files")
     for path in paths:
         if not (path.endswith(".tar") or _extension(path) in _CSV_DELIMITERS):
-            raise SourceError(f"--source {pattern!r}: {path} is not a .tar, .csv or .tsv file")
+            hint = ("; img2dataset's .parquet and _stats.json files beside the shards are "
+                    "metadata: match the .tar files only (e.g. 'dir/*.tar')"
+                    if _extension(path) in (".parquet", ".json") else "")
+            raise SourceError(f"--source {pattern!r}: {path} is not a .tar, .csv or .tsv file"
+                              + hint)
     return paths
 
 
