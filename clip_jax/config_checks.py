@@ -5,7 +5,7 @@ Each problem is reported as one line naming the key, its value and the fix.
 
 import jax.numpy as jnp
 
-from clip_jax import losses, objectives, overrides, sharding
+from clip_jax import losses, objectives, overrides, phases, sharding
 from clip_jax.data.spec import parse_train
 from clip_jax.evals import specs
 from clip_jax.models.clip import text_tower_builder
@@ -137,6 +137,36 @@ def check_config(config, num_devices):
     _require(not missing,
              f"config.sharding_rules has no rule for {', '.join(missing)}: those activations "
              "would be replicated on every device; map each (configs/clip.py lists them)")
+    _check_phases(config)  # after the model, whose values the phases default to
+
+
+def _check_phases(config):
+    """config.phases, and model.image.patch_dropout, which is a phase setting."""
+    try:
+        run_phases = phases.parse(config.phases, config.total_steps, config.model)
+    except ValueError as error:
+        raise ConfigError(f"config.phases={config.phases!r}: {error}") from None
+    image, text = config.model.image, config.model.text
+    where = (lambda phase: "" if len(run_phases) == 1  # noqa: E731
+             else f" in config.phases ({phase.describe()})")
+    for phase in run_phases:
+        _require(0 <= phase.patch_dropout < 1,
+                 f"patch_dropout={phase.patch_dropout:g}{where(phase)} must be in [0, 1) "
+                 "(config.model.image.patch_dropout)")
+        _require(phase.patch_dropout == 0 or image.kind == "vit",
+                 f"patch_dropout={phase.patch_dropout:g}{where(phase)}: patch dropout needs a "
+                 f"ViT image tower, not config.model.image.kind={image.kind!r}")
+        _require(image.kind == "vit" or phase.image_size == image.image_size,
+                 f"image_size={phase.image_size}{where(phase)}: a ResNet tower trains at "
+                 f"config.model.image.image_size={image.image_size} only")
+        if image.kind == "vit":
+            _require(phase.image_size > 0 and phase.image_size % image.patch_size == 0,
+                     f"image_size={phase.image_size}{where(phase)} is not a positive multiple "
+                     f"of config.model.image.patch_size={image.patch_size}")
+        _require(2 <= phase.context_length <= text.context_length,
+                 f"context_length={phase.context_length}{where(phase)} must be in [2, "
+                 f"config.model.text.context_length={text.context_length}] (start and end "
+                 "tokens; the positional embeddings hold that many)")
 
 
 def _check_data(data):

@@ -17,6 +17,8 @@ Choices where conventions differ:
 - Model FLOPs, not hardware FLOPs: rematerialisation and GradCache's second
   forward pass (config.microbatches > 1) are not counted.
 - A locked tower (LiT) has no backward pass: its forward counts once.
+- Patch dropout counts the kept patches only; a phase of the run counts at its
+  own sizes (`phases.with_phase(config.model, phase)`).
 - Each Transformer tower's last block runs for the pooled token only (keys and
   values for every token, the rest for one: models/transformer.py), and is
   counted so; `full_last_block=True` counts it over every token, the
@@ -37,6 +39,7 @@ OpenCLIP's published per-example GFLOPs (ViT-B-32: 8.82 image, 5.96 text).
 
 import functools
 
+from clip_jax import patch_dropout
 from clip_jax.models import output_classes
 
 # Backward = 2x forward: gradients w.r.t. activations and w.r.t. weights.
@@ -73,8 +76,10 @@ def transformer_tower(tokens, tower, full_last_block=False):
 def vit_image(image, embed_dim, full_last_block=False):
     """Forward FLOPs of the ViT tower on one image: the patch convolution as a
     [patches, p*p*3] @ [p*p*3, width] product, the blocks over the patches plus
-    the class token, and the projection of the class token."""
-    patches = (image.image_size // image.patch_size) ** 2
+    the class token, and the projection of the class token. Under patch dropout
+    (image.patch_dropout) only the kept patches are embedded and encoded."""
+    patches = patch_dropout.kept_patches((image.image_size // image.patch_size) ** 2,
+                                         image.get("patch_dropout", 0.0))
     patch_embedding = matmul(patches, image.patch_size ** 2 * 3, image.width)
     blocks = transformer_tower(patches + 1, image, full_last_block)
     return patch_embedding + blocks + matmul(1, image.width, embed_dim)

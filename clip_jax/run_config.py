@@ -25,6 +25,9 @@ def read(workdir):
     # Workdirs from before config.objective trained CLIP with its Transformer text tower.
     values.setdefault("objective", "contrastive")
     values["model"].setdefault("text_encoder", "transformer")
+    values.setdefault("phases", "")  # runs from before phases and patch dropout
+    if values["model"]["image"].get("kind") == "vit":
+        values["model"]["image"].setdefault("patch_dropout", 0.0)
     # Earlier runs named their output vocabulary; it is token ids now.
     vocab = values["model"].setdefault("output_vocab", "full")
     if isinstance(vocab, str) and vocab in output_vocab.NAMES:

@@ -26,11 +26,13 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint, config_files, preemption, sharding, spawn
+from clip_jax import phases as phases_lib
 from clip_jax.distributed import define_distributed_flags, initialize_distributed
 from clip_jax import variables as variables_lib
 from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.progress import StepProgress
 from clip_jax.data import pipeline
+from clip_jax.data.phased_input import PhasedInput
 from clip_jax.metrics import MetricWriter
 from clip_jax.train_step import setup_training
 from clip_jax.evals.suite import EvalSuite
@@ -67,13 +69,15 @@ def _print(message):
         tqdm.tqdm.write(message)
 
 
-def _describe_start(config, mesh, state, shardings, start_step):
+def _describe_start(config, mesh, state, shardings, start_step, phases):
     _print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} on "
            f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}")
     _print("parameters (path, shape, sharding):\n"
            + sharding.sharding_table(state.params, shardings.params))
     _print(f"global batch {config.batch_size}, {config.total_steps} steps"
            + (f", resuming from step {start_step}" if start_step else ""))
+    if len(phases) > 1:
+        _print("phases:\n" + "\n".join(f"  {phase.describe()}" for phase in phases))
 
 
 def _global_batch(local_batch, batch_sharding):
@@ -124,7 +128,7 @@ def train(config, workdir):
     if start_step and input_warning:
         logging.warning("input: %s", input_warning)
         _print(f"warning: {input_warning}")
-    _describe_start(config, mesh, state, shardings, start_step)
+    _describe_start(config, mesh, state, shardings, start_step, training.phases)
     if jax.process_index() == 0:
         tf.io.gfile.makedirs(workdir)
         with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
@@ -143,7 +147,7 @@ def train(config, workdir):
     run = _Run(config, training, sharding.batch_sharding(mesh), evaluator, writer, manager,
                best_manager)
     try:
-        with (pipeline.TrainInput(config, input_state) as batches,
+        with (PhasedInput(config, training.phases, input_state, start_step) as batches,
               preemption.PreemptionWatcher() as watcher):
             row, preempted_at = run.loop(state, batches, input_state, start_step, watcher)
     finally:
@@ -260,11 +264,17 @@ class _Run:
                     if start_step < config.total_steps else None)
         if upcoming is not None:
             progress.write("compiling the train step (the first step waits for it)")
+        run_phases = self.training.phases
         for step in range(start_step + 1, config.total_steps + 1):
             batch, input_state = upcoming
+            phase = phases_lib.phase_at(run_phases, step)
+            if step == phase.first_step + 1 and step > start_step + 1:
+                progress.write(f"phase {run_phases.index(phase) + 1} of {len(run_phases)}, "
+                               f"{phase.describe()}: compiling its train step")
+                last_time = None  # its compilation is not throughput
             # Any implicit host<->device copy inside the step is a bug: fail loudly.
             with jax.transfer_guard("disallow"):
-                state, metrics = self.training.step(state, batch)
+                state, metrics = self.training.step_at(step)(state, batch)
             # The next batch goes to the devices while this step runs.
             upcoming = (_next_device_batch(batches, self.batch_sharding)
                         if step < config.total_steps else None)

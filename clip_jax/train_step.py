@@ -5,7 +5,7 @@ the mesh with explicit in/out shardings and donates the old state.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clip_jax import image_ops, objectives, optim, sharding
+from clip_jax import image_ops, objectives, optim, patch_dropout, phases, sharding
 from clip_jax import variables as variables_lib
 from clip_jax.models.clip import TOWER_PARAMS
 from clip_jax.objectives.contrastive import with_logit_params
@@ -130,10 +130,11 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
     micro-batch, in order: inherent to GradCache, not equal to k=1.
     """
 
-    def embed(params, model_state, images, tokens):
+    def embed(params, model_state, microbatch):
         """(image [b,E], text [b,E]) unit embeddings of one micro-batch, new model_state."""
         embeddings, model_state = model.apply(
-            {"params": params, **model_state}, image_ops.normalize(images), tokens, train=True,
+            {"params": params, **model_state}, image_ops.normalize(microbatch["images"]),
+            microbatch["tokens"], train=True, patch_keep=microbatch.get("patch_keep"),
             method="embed", mutable=list(model_state))
         return embeddings, dict(model_state)
 
@@ -145,15 +146,15 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
         return metrics["loss"], metrics
 
     def grads(state, batch):
-        images, tokens = (_split_microbatches(batch[key], num_microbatches, mesh)
-                          for key in ("images", "tokens"))  # [k, B/k, ...]
+        microbatches = {key: _split_microbatches(value, num_microbatches, mesh)
+                        for key, value in batch.items()}  # [k, B/k, ...] each
 
         def embed_microbatch(model_state, microbatch):
-            embeddings, model_state = embed(state.params, model_state, *microbatch)
+            embeddings, model_state = embed(state.params, model_state, microbatch)
             return model_state, embeddings
 
         model_state, embeddings = jax.lax.scan(
-            embed_microbatch, dict(state.model_state), (images, tokens))
+            embed_microbatch, dict(state.model_state), microbatches)
         image_embeddings, text_embeddings = (_merge_microbatches(e, mesh) for e in embeddings)
 
         (_, metrics), (image_grads, text_grads, grads) = jax.value_and_grad(
@@ -161,18 +162,34 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
                 image_embeddings, text_embeddings, state.params)
         # `grads` so far holds the logit scale / bias terms (zero elsewhere).
 
-        def accumulate(grads, microbatch):
-            images, tokens, image_grads, text_grads = microbatch
+        def accumulate(grads, inputs):
+            microbatch, embedding_grads = inputs
             # The running statistics this forward would write are already updated.
             _, pullback = jax.vjp(
-                lambda params: embed(params, state.model_state, images, tokens)[0], state.params)
-            (microbatch_grads,) = pullback((image_grads, text_grads))
+                lambda params: embed(params, state.model_state, microbatch)[0], state.params)
+            (microbatch_grads,) = pullback(embedding_grads)
             return jax.tree.map(jnp.add, grads, microbatch_grads), None
 
         embedding_grads = tuple(_split_microbatches(g, num_microbatches, mesh)
                                 for g in (image_grads, text_grads))  # [k, B/k, E] each
-        grads, _ = jax.lax.scan(accumulate, grads, (images, tokens, *embedding_grads))
+        grads, _ = jax.lax.scan(accumulate, grads, (microbatches, embedding_grads))
         return grads, metrics, model_state
+
+    return grads
+
+
+def with_patch_dropout(compute_grads, rate, patch_size, seed):
+    """compute_grads with each image keeping round((1 - rate) * patches) of its
+    patches (batch["patch_keep"], drawn by clip_jax.patch_dropout from the seed,
+    the step and the example's position); compute_grads itself when rate is 0."""
+    if rate == 0:
+        return compute_grads
+
+    def grads(state, batch):
+        images = batch["images"]
+        patches = (images.shape[1] // patch_size) * (images.shape[2] // patch_size)
+        keep = patch_dropout.keep_indices(seed, state.step, images.shape[0], patches, rate)
+        return compute_grads(state, {**batch, "patch_keep": keep})
 
     return grads
 
@@ -245,7 +262,19 @@ class Training:
     mesh: jax.sharding.Mesh = flax.struct.field(pytree_node=False)
     abstract_state: TrainState  # shapes and dtypes only
     shardings: TrainState  # of NamedShardings
-    step: Callable = flax.struct.field(pytree_node=False)  # jitted step(state, batch)
+    # The run's phases (clip_jax.phases) and the jitted step(state, batch) of each:
+    # jit compiles each once, for its phase's image size and caption length.
+    phases: tuple = flax.struct.field(pytree_node=False)
+    phase_steps: tuple = flax.struct.field(pytree_node=False)
+
+    @property
+    def step(self):
+        """The jitted step of the first phase (of the whole run, without phases)."""
+        return self.phase_steps[0]
+
+    def step_at(self, step):
+        """The jitted step that train step `step` (1-based) runs."""
+        return self.phase_steps[self.phases.index(phases.phase_at(self.phases, step))]
 
     def init_state(self, rng):
         """A fresh TrainState, created directly in its shardings."""
@@ -254,7 +283,7 @@ class Training:
 
 def setup_training(config, devices=None, optimizer=None) -> Training:
     """config -> mesh, the objective's model (with locked towers), optimizer, state
-    shardings and the jitted step; `optimizer` replaces the config's AdamW (tests use
+    shardings and the jitted step of each phase; `optimizer` replaces the config's AdamW (tests use
     plain SGD). The config is one config_checks.check_config passed: the commands
     (train, evaluate, benchmark) check it first; analyses may bend a rule it
     enforces for real data (a small vocabulary in tests/test_flops.py)."""
@@ -267,8 +296,17 @@ def setup_training(config, devices=None, optimizer=None) -> Training:
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     abstract, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
                                           jax.random.key(config.seed))
-    step = sharding.with_activation_sharding(
-        make_train_step(gradients(objective, model, mesh, config), optimizer, schedule),
-        mesh, config.sharding_rules)
+    compute_grads = gradients(objective, model, mesh, config)
+    run_phases = phases.parse(config.phases, config.total_steps, config.model)
+
+    def phase_step(phase):
+        step = make_train_step(
+            with_patch_dropout(compute_grads, phase.patch_dropout,
+                               config.model.image.get("patch_size"), config.seed),
+            optimizer, schedule)
+        return jit_train_step(sharding.with_activation_sharding(step, mesh, config.sharding_rules),
+                              shardings, mesh)
+
     return Training(model=model, optimizer=optimizer, mesh=mesh, abstract_state=abstract,
-                    shardings=shardings, step=jit_train_step(step, shardings, mesh))
+                    shardings=shardings, phases=run_phases,
+                    phase_steps=tuple(phase_step(phase) for phase in run_phases))

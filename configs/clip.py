@@ -29,7 +29,8 @@ from configs import sweeps
 
 # The CPU-sized default: trains to >90% zero-shot top-1 on synthetic_shapes in minutes.
 _TINY_MODEL = dict(
-    image=dict(kind="vit", image_size=32, patch_size=8, width=96, layers=3, heads=3, mlp_ratio=4.0),
+    image=dict(kind="vit", image_size=32, patch_size=8, width=96, layers=3, heads=3, mlp_ratio=4.0,
+               patch_dropout=0.0),
     text=dict(context_length=16, vocab_size=49408, width=64, layers=2, heads=2, mlp_ratio=4.0),
     embed_dim=64,
     activation="gelu",
@@ -86,6 +87,10 @@ def _base():
     # caption's bag of words from the image) or "caption_lm" (a Transformer decoder
     # on the image embedding predicts the caption); clip_jax/objectives/.
     config.objective = "contrastive"
+    # Phases of the run with their own training image size, patch dropout and caption
+    # length, e.g. "90%: image_size=112, patch_dropout=0.5, context_length=32; 10%"
+    # (FLIP / CLIPA; clip_jax/phases.py); "": the model config's settings throughout.
+    config.phases = ""
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=5e-4, warmup_steps=100, weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6,

@@ -84,6 +84,9 @@ CONFIGS = {
     "unscanned_remat": lambda mesh: small(mesh, **{"model.scan_layers": False,
                                                    "model.remat": "full"}),
     "gradcache": lambda mesh: small(mesh, microbatches=2),
+    "patch_dropout": lambda mesh: small(mesh, **{"model.image.patch_dropout": 0.5}),
+    "patch_dropout_gradcache": lambda mesh: small(mesh, microbatches=2,
+                                                  **{"model.image.patch_dropout": 0.5}),
     "resnet": small_resnet,
     "bow_text": lambda mesh: small(mesh, **{"model.text_encoder": "bag_of_words"}),
     "bow_predict": lambda mesh: small(mesh, objective="bow_predict"),
@@ -209,3 +212,14 @@ def test_a_width_the_fsdp_axis_does_not_divide_is_named_in_one_line():
                                          r"\('embed', size 36\) cannot be split 8 ways over mesh "
                                          r"axes \('fsdp',\), at most 4; e.g. move a factor of 2"):
         capacity.compile_train_step(config, jax.devices()[:8])
+
+
+@pytest.mark.parametrize("name", ["patch_dropout", "patch_dropout_gradcache"])
+def test_each_device_draws_only_its_own_rows_patch_masks(name):
+    """The masks' random bits, sort and kept indices are [B_local, N]: no integer
+    array of the global batch (XLA's top_k would have computed every row's
+    mask on every device)."""
+    _, text, _ = compiled_plan(name, FSDP)
+    assert [(dtype, dims, op) for dtype, dims, op in
+            hlo_stats.arrays_with_leading_dim(text, SMALL_BATCH, min_rank=2)
+            if dtype in ("s32", "u32")] == []

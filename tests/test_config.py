@@ -61,6 +61,18 @@ def test_knobs_in_the_config_argument():
     ({"microbatches": 0}, "config.microbatches=0 must be >= 1"),
     ({"microbatches": 4}, "config.batch_size=16 is not divisible by config.microbatches x "
                           "data-parallel size = 4 x 8"),
+    ({"model.image.patch_dropout": 1.0}, "patch_dropout=1 must be in [0, 1)"),
+    ({"phases": "90%: image_size=12; 10%"}, "image_size=12 in config.phases (steps 1-1080: 12 px, "
+                                            "patch dropout 0, 8 caption tokens) is not a positive "
+                                            "multiple of config.model.image.patch_size=8"),
+    ({"phases": "90%: context_length=9; 10%"}, "context_length=9 in config.phases"),
+    ({"phases": "90%: patch_dropout=0.5"}, "the phases cover 1080 of total_steps=1200 steps"),
+    ({"phases": "most: image_size=8"}, "start with its length, 'N%' of total_steps or N steps"),
+    ({"phases": "50%: size=8; 50%"}, "'size=8' is not KEY=VALUE with KEY one of image_size, "
+                                     "patch_dropout, context_length"),
+    ({"phases": "50%: patch_dropout=0.5; 50%", "model.image": dict(
+        kind="resnet", image_size=32, stage_layers=(1, 1, 1, 1), width=16, heads=2)},
+     "patch dropout needs a ViT image tower"),
     ({"sharding_rules": (("embed", "fsdp"), ("activation_batch", ("data", "fsdp")))},
      "config.sharding_rules has no rule for activation_length, activation_embed"),
 ])

@@ -57,8 +57,9 @@ def _saved_steps(workdir):
                   if name.isdigit())
 
 
-def _final_variables(workdir):
-    return checkpoint.load_variables(str(workdir), convert.abstract_variables(small_config().model))
+def _final_variables(workdir, **model_overrides):
+    return checkpoint.load_variables(
+        str(workdir), convert.abstract_variables(small_config(**model_overrides).model))
 
 
 def _saved_input(workdir, step):
@@ -67,17 +68,23 @@ def _saved_input(workdir, step):
 
 
 KILL_RUN = {"total_steps": 10, "checkpoint_every": 2}
-# The SIGKILL run reads a weighted mixture through worker processes.
+# The SIGKILL run reads a weighted mixture through worker processes, in three
+# phases (16 patches of 4 px at full size): steps 1-4 at 8 px with patch dropout
+# 0.5 and 6-token captions, 5-7 at 16 px with dropout 0.75, 8-10 unmasked.
 MIXTURE = "synthetic_shapes:train@0.7 + synthetic_shapes_alt_text:train@0.3"
+PHASES = {"model.image.patch_size": 4,
+          "phases": "4: image_size=8, patch_dropout=0.5, context_length=6; "
+                    "3: patch_dropout=0.75; 3"}
 
 
 def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_dir, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    config = {**KILL_RUN, "data.train": MIXTURE, "data.workers": 2}
+    config = {**KILL_RUN, "data.train": MIXTURE, "data.workers": 2, **PHASES}
     _finish(launch_trainer(straight, data_dir, config=config))
-    # Killed after steps 3 (between saves) and 8 (while a save may be in flight),
+    # Killed after step 3 (resumes from step 2, inside the first, masked phase) and
+    # after step 9 (from step 8, inside the unmasked one; the save may be in flight),
     # each time resumed by re-running the same command.
-    for kill_after in (3, 8):
+    for kill_after in (3, 9):
         process = launch_trainer(interrupted, data_dir, config=config)
         _wait_for_step(process, interrupted, kill_after)
         process.send_signal(signal.SIGKILL)
@@ -93,8 +100,9 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_d
                     "data/source/synthetic_shapes:train/samples",
                     "data/source/synthetic_shapes_alt_text:train/samples"):
             assert row[key] == reference[row["step"]][key], (row["step"], key)
-    jax.tree.map(np.testing.assert_array_equal, _final_variables(interrupted),
-                 _final_variables(straight))
+    patch_4 = {"model.image.patch_size": 4}
+    jax.tree.map(np.testing.assert_array_equal, _final_variables(interrupted, **patch_4),
+                 _final_variables(straight, **patch_4))
     assert _saved_input(interrupted, 10) == _saved_input(straight, 10)
 
 

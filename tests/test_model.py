@@ -58,10 +58,10 @@ def test_outputs_are_unit_vectors_and_temperature_is_clipped(model_and_params):
     assert float(model.apply(hot, images, tokens)[2]) == pytest.approx(100.0)
 
 
-def test_wrong_image_size_is_a_clear_error(model_and_params):
+def test_images_smaller_than_a_patch_are_a_clear_error(model_and_params):
     config, model, variables = model_and_params
-    with pytest.raises(ValueError, match="image_size=16"):
-        model.apply(variables, jnp.zeros((1, 32, 32, 3)), method=model.encode_image)
+    with pytest.raises(ValueError, match="no whole 8 x 8 patch"):
+        model.apply(variables, jnp.zeros((1, 4, 32, 3)), method=model.encode_image)
 
 
 

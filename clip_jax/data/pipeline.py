@@ -156,9 +156,12 @@ class TrainInput:
     process_count; state = the InputState right after this batch, which
     restarts the stream at the next one. Close it (or use `with`) to stop the
     worker processes; they also stop by themselves when this process dies.
+    Images are cropped to `image_size` and captions tokenized to
+    `context_length` (default: config.model's; a phase's, clip_jax.phases).
     """
 
-    def __init__(self, config, state=None, *, process_index=None, process_count=None):
+    def __init__(self, config, state=None, *, process_index=None, process_count=None,
+                 image_size=None, context_length=None):
         data = config.data
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
@@ -170,8 +173,10 @@ class TrainInput:
             sources=tuple(source_files(source, data.data_dir, config.seed, index)
                           for index, source in enumerate(sources)),
             seed=config.seed, local_batch=self._local_batch, process_index=process_index,
-            process_count=process_count, image_size=config.model.image.image_size,
-            context_length=config.model.text.context_length, crop_scale=tuple(data.crop_scale))
+            process_count=process_count,
+            image_size=image_size or config.model.image.image_size,
+            context_length=context_length or config.model.text.context_length,
+            crop_scale=tuple(data.crop_scale))
         self._state = (state or InputState()).copy()
         workers = 0 if data.in_process else data.workers or os.cpu_count()
         dataset = (grain.MapDataset.range(0, _ENDLESS)

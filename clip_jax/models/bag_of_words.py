@@ -59,14 +59,15 @@ class BagOfWordsPredictor(nn.Module):
             output_classes.head_size(cfg.output_vocab, cfg.text.vocab_size),
             kernel_init=zeros(("joint", "vocab")), bias_init=zeros(("vocab",)))
 
-    def encode_image(self, images, train=False):
-        return self.visual(images, train=train)
+    def encode_image(self, images, train=False, patch_keep=None):
+        return self.visual(images, train=train, patch_keep=patch_keep)
 
-    def word_logits(self, images, train=False):
+    def word_logits(self, images, train=False, patch_keep=None):
         """Logits [B, V] of the caption's words given the images."""
-        embeddings = embed_images(self.visual, images, train, "image" in self.locked)
+        embeddings = embed_images(self.visual, images, train, "image" in self.locked,
+                                  patch_keep)
         return constrain(self.bow_head(embeddings), (BATCH, VOCAB))
 
-    def __call__(self, images, tokens=None, train=False):
+    def __call__(self, images, tokens=None, train=False, patch_keep=None):
         del tokens
-        return self.word_logits(images, train)
+        return self.word_logits(images, train, patch_keep)

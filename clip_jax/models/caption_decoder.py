@@ -93,12 +93,13 @@ class CaptionModel(nn.Module):
             mlp_ratio=text.mlp_ratio, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers,
             remat=cfg.remat)
 
-    def encode_image(self, images, train=False):
-        return self.visual(images, train=train)
+    def encode_image(self, images, train=False, patch_keep=None):
+        return self.visual(images, train=train, patch_keep=patch_keep)
 
     def decode(self, image_embeddings, tokens):
         return self.decoder(image_embeddings, tokens)
 
-    def __call__(self, images, tokens, train=False):
-        embeddings = embed_images(self.visual, images, train, "image" in self.locked)
+    def __call__(self, images, tokens, train=False, patch_keep=None):
+        embeddings = embed_images(self.visual, images, train, "image" in self.locked,
+                                  patch_keep)
         return self.decoder(embeddings, tokens)

@@ -79,9 +79,10 @@ class CLIP(nn.Module):
             "logit_bias",
             nn.with_logical_partitioning(nn.initializers.constant(cfg.logit_bias_init), ()), ())
 
-    def encode_image(self, images, train=False):
-        """`train` only matters for BatchNorm towers (batch statistics vs running)."""
-        return self.visual(images, train=train)
+    def encode_image(self, images, train=False, patch_keep=None):
+        """`train` only matters for BatchNorm towers (batch statistics vs running);
+        `patch_keep` [B, K]: the patches a ViT keeps (patch dropout), None: all."""
+        return self.visual(images, train=train, patch_keep=patch_keep)
 
     def encode_text(self, tokens):
         return self.text(tokens)
@@ -90,9 +91,10 @@ class CLIP(nn.Module):
         """exp(logit_scale), clipped at logit_scale_max (100) as in the paper."""
         return jnp.exp(jnp.minimum(self.logit_scale, jnp.log(self.config.logit_scale_max)))
 
-    def embed(self, images, tokens, train=False):
+    def embed(self, images, tokens, train=False, patch_keep=None):
         """(image [B,E], text [B,E]) unit embeddings: the per-example part of `__call__`."""
-        image_embeddings = self.encode_image(images, train and "image" not in self.locked)
+        image_embeddings = self.encode_image(images, train and "image" not in self.locked,
+                                             patch_keep)
         text_embeddings = self.encode_text(tokens)
         # Nothing flows into a locked tower, so XLA drops its backward pass entirely.
         if "image" in self.locked:
@@ -105,8 +107,8 @@ class CLIP(nn.Module):
         """(temperature_scale scalar, logit_bias scalar or None): the batch-free part."""
         return self.temperature_scale(), self.logit_bias
 
-    def __call__(self, images, tokens, train=False):
-        return (*self.embed(images, tokens, train), *self.logit_params())
+    def __call__(self, images, tokens, train=False, patch_keep=None):
+        return (*self.embed(images, tokens, train, patch_keep), *self.logit_params())
 
 
 def create_model(name: str, **overrides) -> CLIP:

@@ -37,9 +37,10 @@ def image_tower(cfg):
     return IMAGE_TOWERS[cfg.image.kind](cfg, jnp.dtype(cfg.dtype))
 
 
-def embed_images(tower, images, train, locked):
-    """tower(images) [B, E]; a locked tower (LiT) runs in inference mode (BatchNorm
-    uses its running statistics) and passes no gradient back."""
+def embed_images(tower, images, train, locked, patch_keep=None):
+    """tower(images) [B, E], of only the patches at `patch_keep` [B, K] if given
+    (patch dropout); a locked tower (LiT) runs in inference mode (BatchNorm uses
+    its running statistics) and passes no gradient back."""
     if locked:
-        return jax.lax.stop_gradient(tower(images, train=False))
-    return tower(images, train=train)
+        return jax.lax.stop_gradient(tower(images, train=False, patch_keep=patch_keep))
+    return tower(images, train=train, patch_keep=patch_keep)

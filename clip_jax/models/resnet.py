@@ -100,7 +100,9 @@ class ModifiedResNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images, train=False):
+    def __call__(self, images, train=False, patch_keep=None):
+        if patch_keep is not None:
+            raise ValueError("patch dropout needs a ViT image tower, not CLIP's ResNet")
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"images of shape {images.shape} do not match image_size={self.image_size}")
         x = constrain(images.astype(self.dtype), FEATURE_MAP)

@@ -8,7 +8,9 @@ from clip_jax.models.transformer import LayerNorm, Transformer, embed_tokens, no
 
 
 class TextTransformer(nn.Module):
-    """Token ids [B, L] (int32, zero-padded) -> projected embeddings [B, embed_dim].
+    """Token ids [B, L] (int32, zero-padded, L <= context_length: shorter
+    captions use the first L positional embeddings, as CLIPA trains) ->
+    projected embeddings [B, embed_dim].
 
     The representation is the final LayerNorm's output at the end-of-text token,
     which is the highest id in each row (CLIP's tokenizer gives it id
@@ -29,14 +31,16 @@ class TextTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens):
-        if tokens.shape[1] != self.context_length:
-            raise ValueError(f"tokens of shape {tokens.shape} do not match "
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"tokens of shape {tokens.shape} are longer than "
                              f"context_length={self.context_length}")
         token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length, self.width))
-        x = constrain((embed_tokens(token_embedding, tokens) + positions).astype(self.dtype),
+        x = constrain((embed_tokens(token_embedding, tokens) + positions[:length]).astype(
+            self.dtype),
                       TOKENS)  # [B, L, D]
         end_positions = jnp.argmax(tokens, axis=-1)  # [B]
         end_outputs = Transformer(  # [B, D]

@@ -1,20 +1,53 @@
 """CLIP's Vision Transformer image tower (Radford et al. 2021, section 2.4)."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from clip_jax.models.partitioning import POOLED, TOKENS, compute_weight, constrain
 from clip_jax.models.transformer import LayerNorm, Transformer, normal
 
 
+def patch_grid(images, patch_size):
+    """(rows, columns) of whole patches in images [B, H, W, C]: a partial patch at
+    the bottom or right edge is dropped, as CLIP's VALID convolution drops it."""
+    grid = tuple(side // patch_size for side in images.shape[1:3])
+    if min(grid) == 0:
+        raise ValueError(f"images of shape {images.shape} hold no whole "
+                         f"{patch_size} x {patch_size} patch")
+    return grid
+
+
+def resample_positions(grid_positions, grid):
+    """Positional embeddings of a patch grid [h, w, D] resized to `grid` (rows,
+    columns) -> [rows, columns, D]: bilinear with half-pixel centres, antialiased
+    (the triangle kernel widened by the shrink factor) when shrinking, as
+    big_vision's FlexiViT resizes them. The same grid is returned as it is."""
+    if tuple(grid_positions.shape[:2]) == tuple(grid):
+        return grid_positions
+    return jax.image.resize(grid_positions, (*grid, grid_positions.shape[-1]), "bilinear",
+                            antialias=True)
+
+
+def take_patches(x, patch_keep):
+    """x [B, N, ...], patch_keep int [B, K] -> [B, K, ...]: each row's kept patches.
+
+    A gather whose batch dimension is declared as such (take_along_axis), so the
+    partitioner keeps it on each device's own rows."""
+    index = patch_keep.reshape(*patch_keep.shape, *(1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
 class PatchEmbedding(nn.Module):
-    """Images [B, H, W, C] -> patch tokens [B, (H/P)*(W/P), D] in row-major grid order:
-    CLIP's bias-free stride-P convolution, as one matmul over flattened patches.
+    """Images [B, H, W, C] -> patch tokens [B, (H/P)*(W/P), D] in row-major grid order
+    (or [B, K, D]: only the patches at `patch_keep` [B, K]): CLIP's bias-free
+    stride-P convolution, as one matmul over flattened patches.
 
     The kernel keeps the convolution's [P, P, C, D] layout (what weight conversion
     and released checkpoints use). XLA's CPU convolution with a P x P stride runs
     at a third of matmul speed and its weight gradient slower still; the reshape
-    costs one copy of the images.
+    costs one copy of the images. Dropped patches are removed before the matmul,
+    so patch dropout saves its FLOPs too.
     """
 
     patch_size: int
@@ -22,17 +55,19 @@ class PatchEmbedding(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images):
-        batch, height, width, channels = images.shape
+    def __call__(self, images, patch_keep=None):
+        batch, _, _, channels = images.shape
         size = self.patch_size
         kernel_axes = (None, None, None, "embed")
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3), kernel_axes),
             (size, size, channels, self.width))
-        grid_h, grid_w = height // size, width // size
+        grid_h, grid_w = patch_grid(images, size)
         patches = images[:, :grid_h * size, :grid_w * size].astype(self.dtype).reshape(
             batch, grid_h, size, grid_w, size, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, grid_h * grid_w, size * size * channels)
+        if patch_keep is not None:
+            patches = take_patches(patches, patch_keep)
         return patches @ compute_weight(kernel, kernel_axes, self.dtype).reshape(-1, self.width)
 
 
@@ -57,20 +92,32 @@ class VisionTransformer(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, images, train=False):
+    def __call__(self, images, train=False, patch_keep=None):
+        """images [B, H, W, 3] of any size (the positional embeddings of the
+        image_size grid are resampled to the images' patch grid, H/P x W/P);
+        patch_keep int [B, K]: the patches (row-major grid indices) each image
+        keeps (patch dropout, FLIP), None: all. The class token is always kept."""
         del train  # no dropout or batch statistics
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(f"images of shape {images.shape} do not match image_size={self.image_size}")
         scale = self.width ** -0.5
-        tokens = PatchEmbedding(self.patch_size, self.width, self.dtype, name="conv1")(images)
+        tokens = PatchEmbedding(self.patch_size, self.width, self.dtype, name="conv1")(
+            images, patch_keep)  # [B, N or K, D]
         batch = tokens.shape[0]
-
         class_embedding = self.param("class_embedding", normal(scale, ("embed",)), (self.width,))
-        class_tokens = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, self.width))
-        tokens = jnp.concatenate([class_tokens, tokens], axis=1)  # [B, 1 + grid*grid, D]
+        grid = self.image_size // self.patch_size
         positions = self.param("positional_embedding", normal(scale, (None, "embed")),
-                               tokens.shape[1:])
-        tokens = tokens + positions.astype(self.dtype)
+                               (1 + grid * grid, self.width))
+        image_grid = patch_grid(images, self.patch_size)
+        patch_positions = resample_positions(
+            positions[1:].reshape(grid, grid, self.width), image_grid).reshape(-1, self.width)
+        patch_positions = patch_positions.astype(self.dtype)[None]  # [1, N, D]
+        if patch_keep is not None:
+            patch_positions = take_patches(
+                jnp.broadcast_to(patch_positions, (batch, *patch_positions.shape[1:])),
+                patch_keep)  # [B, K, D]
+        class_tokens = jnp.broadcast_to(class_embedding.astype(self.dtype)
+                                        + positions[0].astype(self.dtype),
+                                        (batch, 1, self.width))
+        tokens = jnp.concatenate([class_tokens, tokens + patch_positions], axis=1)
 
         tokens = constrain(LayerNorm(name="ln_pre")(tokens), TOKENS)
         class_outputs = Transformer(  # the class token's, [B, D]

@@ -15,8 +15,10 @@ QUICKGELU_SUFFIX = "-quickgelu"
 
 
 def _vit(width, layers, patch_size, image_size=224, head_width=64, mlp_ratio=4.0):
+    # patch_dropout: the share of patch tokens each training image drops (FLIP;
+    # OpenCLIP's name); 0: none. Evaluation never drops.
     return dict(kind="vit", image_size=image_size, patch_size=patch_size, width=width,
-                layers=layers, heads=width // head_width, mlp_ratio=mlp_ratio)
+                layers=layers, heads=width // head_width, mlp_ratio=mlp_ratio, patch_dropout=0.0)
 
 
 def _resnet(stage_layers, width, image_size):

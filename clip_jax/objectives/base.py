@@ -8,11 +8,13 @@ from typing import Callable, Optional
 class Objective:
     name: str
     # The flax Module class, built as model(config.model, locked=(tower, ...)); its
-    # __call__ takes (images [B,H,W,3], tokens [B,L], train) and it has encode_image.
+    # __call__ takes (images [B,H,W,3], tokens [B,L], train, patch_keep) and it has
+    # encode_image.
     model: type
     # batch_loss(model, mesh, config) -> loss(params, model_state, batch) ->
     # (metrics with "loss", model_state): the loss over the global batch
-    # {"images": uint8 [B,S,S,3], "tokens": int32 [B,L]}, sharded over the batch axes.
+    # {"images": uint8 [B,S,S,3], "tokens": int32 [B,L]}, sharded over the batch axes,
+    # with "patch_keep" int32 [B,K] under patch dropout (passed to the model).
     batch_loss: Callable
     # Towers config.lock_<tower> may freeze.
     lockable: tuple = ("image",)

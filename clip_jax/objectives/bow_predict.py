@@ -48,7 +48,7 @@ def batch_loss(model, mesh, config):
     def loss(params, model_state, batch):
         logits, model_state = model.apply(
             {"params": params, **model_state}, image_ops.normalize(batch["images"]),
-            train=True, mutable=list(model_state))  # [B, V]
+            train=True, patch_keep=batch.get("patch_keep"), mutable=list(model_state))  # [B, V]
         targets = bag_of_words(batch["tokens"], classes, logits.shape[-1])
         return {"loss": jnp.mean(cross_entropy(logits, targets))}, model_state
 

@@ -42,7 +42,8 @@ def batch_loss(model, mesh, config):
         tokens = batch["tokens"]
         logits, model_state = model.apply(
             {"params": params, **model_state}, image_ops.normalize(batch["images"]), tokens,
-            train=True, mutable=list(model_state))  # [B, L, V]
+            train=True, patch_keep=batch.get("patch_keep"),
+            mutable=list(model_state))  # [B, L, V]
         cross_entropy, predicted = token_cross_entropy(logits, tokens, classes)
         count = jnp.maximum(predicted.sum(), 1)
         hits = jnp.argmax(logits[:, :-1], axis=-1) == classes[tokens[:, 1:]]

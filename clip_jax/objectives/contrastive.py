@@ -30,7 +30,8 @@ def batch_loss(model, mesh, config):
     def loss(params, model_state, batch):
         (image_embeddings, text_embeddings, logit_scale, logit_bias), model_state = model.apply(
             {"params": params, **model_state}, image_ops.normalize(batch["images"]),
-            batch["tokens"], train=True, mutable=list(model_state))
+            batch["tokens"], train=True, patch_keep=batch.get("patch_keep"),
+            mutable=list(model_state))
         metrics = with_logit_params(
             loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias),
             logit_scale, logit_bias)
