@@ -59,7 +59,9 @@ def open_clip_config(name):
 
 def open_clip_model_kwargs(model_config):
     """OpenCLIP `CLIP(**kwargs)` of the same architecture as a ViT config.model
-    (any preset or the tiny one); ResNet towers are not mapped (ValueError)."""
+    (any preset or the tiny one), with its patch dropout (OpenCLIP's
+    `patch_dropout`, applied in train mode); ResNet towers are not mapped
+    (ValueError)."""
     image, text = model_config.image, model_config.text
     if image.kind != "vit":
         raise ValueError(f"the OpenCLIP reference maps ViT image towers only, not {image.kind!r}")
@@ -68,7 +70,8 @@ def open_clip_model_kwargs(model_config):
         quick_gelu=model_config.activation == "quick_gelu",
         vision_cfg=dict(image_size=image.image_size, patch_size=image.patch_size,
                         width=image.width, layers=image.layers,
-                        head_width=image.width // image.heads, mlp_ratio=image.mlp_ratio),
+                        head_width=image.width // image.heads, mlp_ratio=image.mlp_ratio,
+                        patch_dropout=image.get("patch_dropout", 0.0)),
         text_cfg=dict(context_length=text.context_length, vocab_size=text.vocab_size,
                       width=text.width, heads=text.heads, layers=text.layers,
                       mlp_ratio=text.mlp_ratio))

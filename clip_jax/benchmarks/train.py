@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from clip_jax import capacity, config_files, flops, overrides, sharding
+from clip_jax import capacity, config_files, flops, overrides, phases, sharding
 from clip_jax.config_checks import check_config
 from clip_jax.train_step import setup_training
 
@@ -41,10 +41,19 @@ def train_config(variant, batch_size, dtype="float32", sets=()):
     return config
 
 
+def measured_model(config):
+    """config.model as the benchmarked step sees its inputs: at the first phase's
+    image size, patch dropout and caption length (clip_jax.phases)."""
+    first = phases.parse(config.phases, config.total_steps, config.model)[0]
+    return phases.with_phase(config.model, first)
+
+
 def random_batch(config, mesh, seed=0):
-    """Random uint8 images [B, S, S, 3] and tokens [B, L] in the batch sharding."""
+    """Random uint8 images [B, S, S, 3] and tokens [B, L] in the batch sharding, of
+    the first phase's sizes."""
     rng = np.random.default_rng(seed)
-    size, text = config.model.image.image_size, config.model.text
+    model = measured_model(config)
+    size, text = model.image.image_size, model.text
     batch = {"images": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
              "tokens": rng.integers(1, text.vocab_size, (config.batch_size, text.context_length),
                                     dtype=np.int32)}
@@ -81,7 +90,7 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
     step_time = float(np.median(seconds))
 
     locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
-    model_flops = flops.train_step_flops(config.model, config.batch_size, locked,
+    model_flops = flops.train_step_flops(measured_model(config), config.batch_size, locked,
                                          objective=config.objective)["train_step"]
     achieved = model_flops / step_time
     kind = devices[0].device_kind
@@ -94,8 +103,12 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
         peak_memory, memory_source = stats["peak_bytes_in_use"], "memory_stats"
     else:
         peak_memory, memory_source = capacity.memory_bytes(compiled)["bytes_per_device"], "memory_analysis"
+    measured = measured_model(config)
     return {"benchmark": "train", "device_kind": kind, "devices": num_devices,
             "global_batch": config.batch_size, "dtype": config.model.dtype,
+            "image_size": measured.image.image_size,
+            "patch_dropout": measured.image.get("patch_dropout", 0.0),
+            "context_length": measured.text.context_length,
             "steps": steps, "warmup": warmup, "compile_time_s": compile_time,
             "step_time_s": step_time, "samples_per_sec": config.batch_size / step_time,
             "samples_per_sec_per_device": config.batch_size / step_time / num_devices,
@@ -109,9 +122,13 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
 
 
 def reference_benchmark(config, steps, warmup):
-    """OpenCLIP's speed on the same architecture, batch, precision and optimizer,
-    in a child process: this one's XLA thread pools stay alive and would compete
+    """OpenCLIP's speed on the same architecture, batch, precision, optimizer,
+    image size, caption length and patch dropout (the first phase's), in a
+    child process: this one's XLA thread pools stay alive and would compete
     with PyTorch's threads for the cores."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model = measured_model(config)
     command = [sys.executable, "-m", "clip_jax.references", "--train-step-times",
                config.to_json(), str(steps), str(warmup)]
     child = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -140,7 +157,8 @@ def run_train(args):
            else f"{100 * row['mfu']:.1f}% of {row['peak_flops_per_device']:.3g} FLOP/s (bf16) "
                 f"per device")
     print(f"{args.config} train step: {row['devices']} x {row['device_kind']}, global batch "
-          f"{row['global_batch']}, {row['dtype']}\n"
+          f"{row['global_batch']}, {row['dtype']}, {row['image_size']} px, patch dropout "
+          f"{row['patch_dropout']:g}, {row['context_length']} caption tokens\n"
           f"  compile            {row['compile_time_s']:10.1f} s\n"
           f"  step time          {row['step_time_s']:10.3f} s  (median of {row['steps']}, "
           f"after {row['warmup']} warm-up)\n"
