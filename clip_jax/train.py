@@ -265,12 +265,18 @@ class _Run:
         if upcoming is not None:
             progress.write("compiling the train step (the first step waits for it)")
         run_phases = self.training.phases
+        # train/seconds: wall-clock of this process's steps, compilation and
+        # evaluation left out (what the efficiency study plots accuracy against).
+        trained_seconds = 0.0
         for step in range(start_step + 1, config.total_steps + 1):
             batch, input_state = upcoming
             phase = phases_lib.phase_at(run_phases, step)
             if step == phase.first_step + 1 and step > start_step + 1:
                 progress.write(f"phase {run_phases.index(phase) + 1} of {len(run_phases)}, "
                                f"{phase.describe()}: compiling its train step")
+                if last_time is not None:
+                    jax.block_until_ready(in_flight)
+                    trained_seconds += time.time() - last_time
                 last_time = None  # its compilation is not throughput
             # Any implicit host<->device copy inside the step is a bug: fail loudly.
             with jax.transfer_guard("disallow"):
@@ -299,12 +305,16 @@ class _Run:
                     now = time.time()
                     row["train/samples_per_sec"] = ((step - last_step) * config.batch_size
                                                     / (now - last_time))
+                    trained_seconds += now - last_time
+                    row["train/seconds"] = trained_seconds
                     last_time, last_step = now, step
                 progress.log(step, float(row["train/loss"]), row.get("train/samples_per_sec"),
                              config.batch_size)
                 self.writer.write(step, row)
             evaluated = bool(self.evaluator.due(step, final=step == config.total_steps))
             if evaluated:
+                jax.block_until_ready(metrics)
+                trained_seconds += time.time() - last_time
                 eval_row, _ = self.evaluator(state.variables(), step,
                                              final=step == config.total_steps)
                 self.writer.write(step, eval_row)

@@ -221,7 +221,9 @@ def collect_efficiency(root, metric, target=None, output=None, config_flag=None)
                 f"![{metric} against images seen]({os.path.basename(paths[2])})\n")
     with open(paths[1], "w") as f:
         f.write(ablation.csv_text(run_header, run_rows))
-    efficiency.plot(series, paths[2], metric, target, f"{root}: {metric} against images seen")
+    time_series = ({efficiency.label(run): efficiency.training_seconds(run, metric)
+                    for run in runs} if efficiency.timed(runs, metric) else None)
+    efficiency.plot(series, paths[2], metric, target, f"{root}: {metric}", time_series)
     print(f"target {metric} = {target:.4g}\n{text}")
     print("wrote " + ", ".join(paths))
     return paths

@@ -109,11 +109,11 @@ class VisionTransformer(nn.Module):
         image_grid = patch_grid(images, self.patch_size)
         patch_positions = resample_positions(
             positions[1:].reshape(grid, grid, self.width), image_grid).reshape(-1, self.width)
-        patch_positions = patch_positions.astype(self.dtype)[None]  # [1, N, D]
-        if patch_keep is not None:
-            patch_positions = take_patches(
-                jnp.broadcast_to(patch_positions, (batch, *patch_positions.shape[1:])),
-                patch_keep)  # [B, K, D]
+        patch_positions = patch_positions.astype(self.dtype)  # [N, D]
+        # Rows of the (replicated) table at each image's kept patches, [B, K, D]:
+        # its gradient is one scatter-add into [N, D].
+        patch_positions = (patch_positions[None] if patch_keep is None
+                           else constrain(patch_positions[patch_keep], TOKENS))
         class_tokens = jnp.broadcast_to(class_embedding.astype(self.dtype)
                                         + positions[0].astype(self.dtype),
                                         (batch, 1, self.width))
