@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from clip_jax import flops, hlo_stats, sharding, variables
+from clip_jax import flops, hlo_stats, phases, sharding, variables
 from clip_jax.config_checks import check_config
 from clip_jax.train_step import setup_training
 
@@ -86,7 +86,8 @@ def abstract_train_step(config, devices):
     on a mesh over `devices`; shapes and shardings only, nothing allocated."""
     training = setup_training(config, devices)
     state = variables.with_shardings(training.abstract_state, training.shardings)
-    size, length = config.model.image.image_size, config.model.text.context_length
+    model = phases.first_phase_model(config)  # the shapes of the first phase's batches
+    size, length = model.image.image_size, model.text.context_length
     batch_sharding = sharding.batch_sharding(training.mesh)
     batch = {"images": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
                                             sharding=batch_sharding),
@@ -120,8 +121,8 @@ def summarize(config, compiled, training):
     found = hlo_stats.collectives(compiled.as_text(), num_devices)
     by_kind = hlo_stats.bytes_by_kind(found)
     locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
-    model_flops = flops.train_step_flops(config.model, config.batch_size, locked,
-                                         objective=config.objective)["train_step"]
+    model_flops = flops.train_step_flops(phases.first_phase_model(config), config.batch_size,
+                                         locked, objective=config.objective)["train_step"]
     state, shardings = training.abstract_state, training.shardings
     return {
         "devices": num_devices, "mesh": dict(mesh.shape), "global_batch": config.batch_size,

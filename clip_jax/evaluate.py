@@ -34,11 +34,14 @@ from clip_jax.pretrained import load_model, released_config
 from clip_jax.distributed import define_distributed_flags, initialize_distributed
 
 
-def evaluate(config, weights, entries, *, data_dir=None, batch_size=0, workers=0,
+def evaluate(config, weights, entries, *, data_dir=None, batch_size=0, workers=0, image_size=0,
              progress=True):
     """({metric: value}, {prefix: EvalResult}) of the weights at `weights` (workdir,
     converted directory or PyTorch file) on `entries` ({key: config.evals entry})."""
     model, mesh, variables, shardings = load_model(config, weights)
+    if image_size and config.model.image.kind != "vit":
+        raise ValueError(f"--image_size={image_size}: only a ViT runs at another size than "
+                         f"its {config.model.image.image_size}")
     data_parallel = sharding.data_parallel_size(mesh)
     entries = ml_collections.ConfigDict({key: entry.to_dict() for key, entry in entries.items()})
     for entry in entries.values():
@@ -49,7 +52,8 @@ def evaluate(config, weights, entries, *, data_dir=None, batch_size=0, workers=0
         if data_dir:
             entry.data_dir = data_dir
     suite = EvalSuite(entries, model, mesh, shardings,
-                      default_data_dir=config.data.get("data_dir"), workers=workers)
+                      default_data_dir=config.data.get("data_dir"), workers=workers,
+                      image_size=image_size or None)
     return suite(variables, final=True, progress=progress)
 
 
@@ -82,7 +86,8 @@ def main(argv, options, distributed):
         metrics, results = evaluate(config, workdir or weights, entries,
                                     data_dir=options["data_dir"].value,
                                     batch_size=options["batch_size"].value,
-                                    workers=options["workers"].value)
+                                    workers=options["workers"].value,
+                                    image_size=options["image_size"].value)
     except (ConfigError, ValueError, convert.ConversionError, FileNotFoundError) as error:
         sys.exit(f"evaluate error: {error}")
     if jax.process_index() != 0:
@@ -114,6 +119,9 @@ def define_flags():
                                      "(default: the run's config.data.data_dir / TFDS's)."),
         batch_size=flags.DEFINE_integer("batch_size", 0, "Global eval batch (0: each eval's own)."),
         workers=flags.DEFINE_integer("workers", 0, "Image decoding threads (0: one per core)."),
+        image_size=flags.DEFINE_integer("image_size", 0, "Evaluate at this image size (0: the "
+                                        "model's); a ViT resamples its positional embeddings, "
+                                        "e.g. ViT-L-14 weights at 336."),
         output=flags.DEFINE_string("output", None, "Write the metrics as JSON to this file."),
         report=flags.DEFINE_string("report", None, "Write report.md and PNG charts to this "
                                    "directory."),

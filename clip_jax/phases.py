@@ -101,6 +101,12 @@ def phase_at(phases, step):
     raise ValueError(f"step {step} is past the last phase (step {phases[-1].last_step})")
 
 
+def first_phase_model(config):
+    """config.model as the run's first step sees its inputs (with_phase of the first
+    phase): what benchmarks and the capacity planner measure."""
+    return with_phase(config.model, parse(config.phases, config.total_steps, config.model)[0])
+
+
 def with_phase(model_config, phase):
     """A copy of config.model with the phase's image size, patch dropout and
     caption length: the inputs a phase's step sees, for FLOP counts and input

@@ -62,7 +62,7 @@ class Pretrained:
 
     @property
     def image_size(self):
-        return self.model.config.image.image_size
+        return self.encoders.image_size
 
     def preprocess(self, images):
         """PIL images or uint8 [H, W, 3] arrays -> uint8 [N, S, S, 3]: the evaluation
@@ -100,13 +100,17 @@ class Pretrained:
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
-def load(model_or_workdir, weights=None):
+def load(model_or_workdir, weights=None, image_size=None):
     """A Pretrained from a training workdir (its latest checkpoint), or from a zoo
     architecture name and its weights (PyTorch/safetensors file or clip_jax.convert
-    directory)."""
+    directory). image_size: encode images at this size instead of the model's (a
+    ViT resamples its positional embeddings, e.g. ViT-L-14 weights at 336)."""
     if weights is None:
         config, weights = run_config.read(model_or_workdir), model_or_workdir
     else:
         config = released_config(model_or_workdir)
     model, mesh, variables, shardings = load_model(config, weights)
-    return Pretrained(model, variables, Encoders(model, mesh, shardings))
+    if image_size and model.config.image.kind != "vit":
+        raise ValueError(f"image_size={image_size}: only a ViT runs at another size than "
+                         f"its {model.config.image.image_size}")
+    return Pretrained(model, variables, Encoders(model, mesh, shardings, image_size))

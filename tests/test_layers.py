@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from clip_jax import optim, output_vocab, pretrained, run_config
@@ -131,6 +132,13 @@ def test_loading_a_workdir_builds_no_optimizer(tmp_path, monkeypatch):
     monkeypatch.setattr(optim, "make_optimizer", no_optimizer)
     clip = pretrained.load(workdir)
     assert clip.encode_texts(["a red circle"]).shape == (1, small_config().model.embed_dim)
+    # The 16 px ViT at 32 px: preprocessing at that size, positions resampled to 4 x 4.
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    larger = pretrained.load(workdir, image_size=32)
+    assert larger.preprocess([image]).shape == (1, 32, 32, 3)
+    embeddings = larger.encode_images([image])
+    assert embeddings.shape == (1, 16) and np.isfinite(embeddings).all()
+    assert not np.allclose(embeddings, clip.encode_images([image]))
 
 
 def test_earlier_runs_output_vocabulary_names_read_as_token_ids(tmp_path):

@@ -51,6 +51,8 @@ def test_training_writes_metrics_checkpoints_tensorboard_and_evals_the_cli_repea
     assert [r["step"] for r in eval_rows] == [3, 6]
     for key in ("train/loss", "train/lr", "train/logit_scale", "train/samples_per_sec"):
         assert key in train_rows[-1]
+    seconds = [r["train/seconds"] for r in train_rows]  # training time so far, evals left out
+    assert 0 < seconds[0] < seconds[1] < seconds[2]
     assert 0.0 <= eval_rows[-1]["zeroshot/synthetic_shapes/top1"] <= 1.0
     assert final["zeroshot/synthetic_shapes/top1"] == eval_rows[-1]["zeroshot/synthetic_shapes/top1"]
     for direction in ("image_to_text", "text_to_image"):

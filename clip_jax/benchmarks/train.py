@@ -41,18 +41,11 @@ def train_config(variant, batch_size, dtype="float32", sets=()):
     return config
 
 
-def measured_model(config):
-    """config.model as the benchmarked step sees its inputs: at the first phase's
-    image size, patch dropout and caption length (clip_jax.phases)."""
-    first = phases.parse(config.phases, config.total_steps, config.model)[0]
-    return phases.with_phase(config.model, first)
-
-
 def random_batch(config, mesh, seed=0):
     """Random uint8 images [B, S, S, 3] and tokens [B, L] in the batch sharding, of
     the first phase's sizes."""
     rng = np.random.default_rng(seed)
-    model = measured_model(config)
+    model = phases.first_phase_model(config)
     size, text = model.image.image_size, model.text
     batch = {"images": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
              "tokens": rng.integers(1, text.vocab_size, (config.batch_size, text.context_length),
@@ -90,7 +83,7 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
     step_time = float(np.median(seconds))
 
     locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
-    model_flops = flops.train_step_flops(measured_model(config), config.batch_size, locked,
+    model_flops = flops.train_step_flops(phases.first_phase_model(config), config.batch_size, locked,
                                          objective=config.objective)["train_step"]
     achieved = model_flops / step_time
     kind = devices[0].device_kind
@@ -103,7 +96,7 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
         peak_memory, memory_source = stats["peak_bytes_in_use"], "memory_stats"
     else:
         peak_memory, memory_source = capacity.memory_bytes(compiled)["bytes_per_device"], "memory_analysis"
-    measured = measured_model(config)
+    measured = phases.first_phase_model(config)
     return {"benchmark": "train", "device_kind": kind, "devices": num_devices,
             "global_batch": config.batch_size, "dtype": config.model.dtype,
             "image_size": measured.image.image_size,
@@ -128,7 +121,7 @@ def reference_benchmark(config, steps, warmup):
     with PyTorch's threads for the cores."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.model = measured_model(config)
+        config.model = phases.first_phase_model(config)
     command = [sys.executable, "-m", "clip_jax.references", "--train-step-times",
                config.to_json(), str(steps), str(warmup)]
     child = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -14,8 +14,10 @@ class Encoders:
     uint8 images [B, S, S, 3]) and text(variables, tokens [B, L]) -> [B, E],
     B sharded over the batch axes."""
 
-    def __init__(self, model, mesh, variable_shardings):
-        self.model, self.mesh = model, mesh
+    def __init__(self, model, mesh, variable_shardings, image_size=None):
+        """image_size: the size images are encoded at (ViTs resample their
+        positional embeddings to it); None: the model config's."""
+        self.model, self.mesh, self._image_size = model, mesh, image_size
         self.variable_shardings = variable_shardings
         self.batch_sharding = sharding.batch_sharding(mesh)
         in_shardings = (variable_shardings, self.batch_sharding)
@@ -34,7 +36,7 @@ class Encoders:
 
     @property
     def image_size(self):
-        return self.model.config.image.image_size
+        return self._image_size or self.model.config.image.image_size
 
     def texts(self, variables, texts, batch_size=1024):
         """Unit embeddings of a list of strings (the same on every process) as a

@@ -76,8 +76,8 @@ class EvalSuite:
     """
 
     def __init__(self, entries, model, mesh, variable_shardings, *, eval_every=0,
-                 default_data_dir=None, workers=0):
-        self.encoders = Encoders(model, mesh, variable_shardings)
+                 default_data_dir=None, workers=0, image_size=None):
+        self.encoders = Encoders(model, mesh, variable_shardings, image_size)
         self.evaluators = []  # (prefix, every, evaluator)
         self.skipped = {}
         objective = objectives.of_model(model)
