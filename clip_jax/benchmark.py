@@ -47,6 +47,12 @@ With `--reference open_clip` the same architecture, global batch, precision and
 AdamW settings then train in OpenCLIP (PyTorch, CPU) in the same process for the
 same number of steps, and the ratio of samples/s is printed (ViT towers only).
 
+The device check for a lent GPU or TPU host (clip_jax/benchmarks/accelerator.py):
+ViT-B/32, B/16 and L/14 in bf16 per attention implementation and backward form,
+at the largest per-device batch that fits; --tiny runs it on CPU:
+
+  python -m clip_jax.benchmark accelerator [--tiny] [--output accelerator.json]
+
 Capacity plan of a run before renting its chips (clip_jax/capacity.py): the
 train step compiled for --devices simulated devices on --mesh, per device:
 parameter, optimizer, temporary and total bytes, model FLOPs, bytes moved per
@@ -64,6 +70,7 @@ import argparse
 import sys
 
 from clip_jax import cpu_devices, spawn
+from clip_jax.benchmarks import accelerator as accelerator_bench
 from clip_jax.benchmarks import compile_time as compile_bench
 from clip_jax.benchmarks import data as data_bench
 from clip_jax.benchmarks import memory as memory_bench
@@ -172,6 +179,16 @@ def main(argv=None):
                       help="also compile at twice the batch and extrapolate the largest "
                            "per-device batch per accelerator")
     plan.add_argument("--json", action="store_true", help="one JSON line")
+    accelerator = commands.add_parser(
+        "accelerator", help="the device check: ViT-B/32, B/16, L/14 bf16 train steps per "
+                            "attention and backward form, MFU, peak memory")
+    accelerator.add_argument("--tiny", action="store_true",
+                             help="the tiny model for a few steps (CPU: that the check runs)")
+    accelerator.add_argument("--output", default="accelerator.json", help="JSON written here")
+    accelerator.add_argument("--budget-s", type=float, default=420,
+                             help="start no measurement after this many seconds")
+    accelerator.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    accelerator.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(config_overrides_as_sets(argv))
     # Before any benchmark starts JAX's backend (importing JAX does not).
@@ -188,6 +205,8 @@ def main(argv=None):
         train_bench.run_train(args)
     elif args.command == "plan":
         plan_bench.run_plan(args)
+    elif args.command == "accelerator":
+        accelerator_bench.run_accelerator(args)
     else:
         tokenizer_bench.run_tokenizer(args.texts, not args.no_reference, args.json)
 

@@ -3,6 +3,7 @@
 Each problem is reported as one line naming the key, its value and the fix.
 """
 
+import jax
 import jax.numpy as jnp
 
 from clip_jax import losses, objectives, overrides, phases, sharding
@@ -11,8 +12,9 @@ from clip_jax.evals import specs
 from clip_jax.models.clip import text_tower_builder
 from clip_jax.models.image_towers import image_tower
 from clip_jax.models import output_classes
+from clip_jax.models.lean_ops import LEAN_BACKWARD_MODES
 from clip_jax.models.partitioning import ACTIVATION_AXES
-from clip_jax.models.transformer import activation_fn, remat_policy
+from clip_jax.models.transformer import activation_fn, attention_implementation, remat_policy
 
 
 class ConfigError(ValueError):
@@ -65,10 +67,13 @@ def check_config(config, num_devices):
         mesh = sharding.mesh_shape(config.mesh, num_devices)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    data_parallel = mesh["data"] * mesh["fsdp"]
+    data_parallel = mesh["dcn_data"] * mesh["data"] * mesh["fsdp"]
+    batch_axes = ("dcn_data x " if mesh["dcn_data"] > 1 else "") + "data x fsdp"
+    batch_sizes = (f"{mesh['dcn_data']} x " if mesh["dcn_data"] > 1 else "") + (
+        f"{mesh['data']} x {mesh['fsdp']}")
     _require(config.batch_size % data_parallel == 0,
              f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
-             f"{data_parallel} (mesh data x fsdp = {mesh['data']} x {mesh['fsdp']})")
+             f"{data_parallel} (mesh {batch_axes} = {batch_sizes})")
     for key, entry in config.evals.items():
         try:
             specs.check_entry(key, entry, data_parallel)
@@ -105,10 +110,22 @@ def check_config(config, num_devices):
     _looked_up(image_tower, model)
     _looked_up(activation_fn, model.activation)
     _looked_up(remat_policy, model.remat)
+    _require(model.get("lean_backward", "auto") in LEAN_BACKWARD_MODES,
+             f"config.model.lean_backward={model.get('lean_backward')!r} is unknown; choose one "
+             f"of {', '.join(LEAN_BACKWARD_MODES)}")
     try:
         jnp.dtype(model.dtype)
     except TypeError:
         raise ConfigError(f"config.model.dtype={model.dtype!r} is not a dtype name") from None
+    _looked_up(lambda name: attention_implementation(name, model.dtype),
+               model.get("attention", "xla"))
+    _require(model.get("attention", "xla") != "cudnn" or jax.default_backend() == "gpu",
+             f"config.model.attention='cudnn' needs a GPU with cuDNN; this platform is "
+             f"{jax.default_backend()} (use 'xla', or 'auto' to take cuDNN where it applies)")
+    _require(model.get("attention", "xla") != "cudnn"
+             or jnp.dtype(model.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
+             f"config.model.attention='cudnn' computes in bfloat16 or float16 only; "
+             f"config.model.dtype={model.dtype!r}")
     if model.image.kind == "vit":
         _positive(config, "model.image.patch_size", "model.image.layers", "model.image.mlp_ratio")
         _require(model.image.image_size % model.image.patch_size == 0,
@@ -125,6 +142,12 @@ def check_config(config, num_devices):
              f"config.model.text.vocab_size={model.text.vocab_size} is smaller than the CLIP "
              "tokenizer's 49408 ids")
     rule_names = [rule[0] for rule in config.sharding_rules]
+    batch_rule = dict((rule[0], rule[1]) for rule in config.sharding_rules).get("activation_batch")
+    batch_rule = batch_rule if isinstance(batch_rule, (tuple, list)) else (batch_rule,)
+    _require(mesh["dcn_data"] == 1 or "dcn_data" in batch_rule,
+             f"config.mesh.dcn_data={mesh['dcn_data']}: config.sharding_rules' activation_batch "
+             f"-> {tuple(batch_rule)} leaves dcn_data out, so every slice would hold the whole "
+             "batch's activations; add it (the default rules do)")
     for rule in config.sharding_rules:
         axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
         for axis in axes:

@@ -27,7 +27,7 @@ def released_config(model_name):
     sharding rules."""
     return ml_collections.ConfigDict(dict(
         objective="contrastive", model=zoo.model_config(model_name),
-        mesh=dict(data=-1, fsdp=1, tensor=1), sharding_rules=sharding_rules.DEFAULT_RULES,
+        mesh=dict(dcn_data=1, data=-1, fsdp=1, tensor=1), sharding_rules=sharding_rules.DEFAULT_RULES,
         data=dict(data_dir=ml_collections.FieldReference(None, field_type=str)), evals={}))
 
 

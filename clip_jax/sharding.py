@@ -15,14 +15,16 @@ import re
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax.sharding_rules import BATCH_AXES, MESH_AXES
 
 
 def mesh_shape(mesh_config, num_devices):
-    """Resolves config.mesh (one size may be -1) into {axis: size} for num_devices."""
-    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    """Resolves config.mesh (one size may be -1) into {axis: size} for num_devices;
+    an axis the config lacks (dcn_data in runs from before it) has size 1."""
+    sizes = {axis: int(mesh_config.get(axis, 1)) for axis in MESH_AXES}
     unknown = [axis for axis, size in sizes.items() if size == -1]
     if len(unknown) > 1:
         raise ValueError(f"config.mesh: only one axis may be -1, got {sizes}")
@@ -39,14 +41,34 @@ def mesh_shape(mesh_config, num_devices):
     return sizes
 
 
+def device_grid(sizes, devices):
+    """The devices as an array of shape sizes[MESH_AXES]. Devices of several
+    slices (a `slice_index` attribute, as multi-slice TPUs have) are laid out
+    with mesh_utils.create_hybrid_device_mesh: dcn_data runs across slices,
+    the inner axes within each (over its fast interconnect); a ValueError when
+    dcn_data is not the slice count. Otherwise jax's own device order for the
+    platform (mesh_utils.create_device_mesh)."""
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if slices == 1:
+        return mesh_utils.create_device_mesh(shape, devices=devices,
+                                             allow_split_physical_axes=True)
+    if sizes["dcn_data"] != slices:
+        raise ValueError(f"config.mesh.dcn_data={sizes['dcn_data']}: the devices are on {slices} "
+                         f"slices; set config.mesh.dcn_data={slices}")
+    return mesh_utils.create_hybrid_device_mesh(
+        (1, *shape[1:]), (slices, *(1,) * (len(shape) - 1)), devices=devices,
+        allow_split_physical_axes=True)
+
+
 def make_mesh(mesh_config, devices=None):
-    """A jax Mesh over `devices` (default: all) with axes data, fsdp, tensor."""
-    devices = jax.devices() if devices is None else devices
+    """A jax Mesh over `devices` (default: all) with axes dcn_data, data, fsdp,
+    tensor (device_grid places them)."""
+    devices = jax.devices() if devices is None else list(devices)
     sizes = mesh_shape(mesh_config, len(devices))
     # Auto axes: flax's logical constraints and jit's sharding propagation need them.
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.sharding.Mesh(device_grid(sizes, devices), MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def data_parallel_size(mesh):

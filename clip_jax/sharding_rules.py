@@ -1,12 +1,15 @@
 """The mesh axes and the default logical-axis rules (`config.sharding_rules`), as
 plain data: config files read them without importing JAX; `sharding` applies them."""
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# dcn_data: data parallelism across TPU slices (or hosts) over the data-centre
+# network, outermost so that only the gradient reduction crosses it; data, fsdp
+# and tensor within a slice.
+MESH_AXES = ("dcn_data", "data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (None: replicated), config.sharding_rules' default.
 # FSDP (ZeRO-3) splits the weights' `embed` over fsdp and the activations' batch
-# over data x fsdp; Megatron-style tensor parallelism splits `mlp`/`heads` of
-# both over tensor.
+# over dcn_data x data x fsdp; Megatron-style tensor parallelism splits
+# `mlp`/`heads` of both over tensor.
 DEFAULT_RULES = (
     # Parameters.
     ("embed", "fsdp"),
@@ -17,7 +20,7 @@ DEFAULT_RULES = (
     ("joint", None),
     ("layers", None),  # the stacked-blocks axis of scan_layers=True
     # Activations (clip_jax/models/partitioning.py).
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("dcn_data", "data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
@@ -25,5 +28,6 @@ DEFAULT_RULES = (
     ("activation_kv", None),
     ("activation_vocab", "tensor"),
 )
-# The batch dimension is split over these axes (pure data parallel plus FSDP).
-BATCH_AXES = ("data", "fsdp")
+# The batch dimension is split over these axes (data parallel across and within
+# slices, plus FSDP).
+BATCH_AXES = ("dcn_data", "data", "fsdp")

@@ -15,6 +15,7 @@ import optax
 
 from clip_jax import image_ops, objectives, optim, patch_dropout, phases, sharding
 from clip_jax import variables as variables_lib
+from clip_jax.models import lean_ops
 from clip_jax.models.clip import TOWER_PARAMS
 from clip_jax.objectives.contrastive import with_logit_params
 
@@ -194,6 +195,16 @@ def with_patch_dropout(compute_grads, rate, patch_size, seed):
     return grads
 
 
+def with_lean_backward(fn, mode):
+    """fn, traced with the models' hand-written backward passes per `mode`
+    (config.model.lean_backward; models/lean_ops.py)."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with lean_ops.lean_backward(mode):
+            return fn(*args, **kwargs)
+    return traced
+
+
 def make_train_step(compute_grads, optimizer, schedule):
     """Returns step(state, batch) -> (state, metrics).
 
@@ -304,6 +315,7 @@ def setup_training(config, devices=None, optimizer=None) -> Training:
             with_patch_dropout(compute_grads, phase.patch_dropout,
                                config.model.image.get("patch_size"), config.seed),
             optimizer, schedule)
+        step = with_lean_backward(step, config.model.get("lean_backward", "auto"))
         return jit_train_step(sharding.with_activation_sharding(step, mesh, config.sharding_rules),
                               shardings, mesh)
 

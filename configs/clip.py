@@ -138,9 +138,11 @@ def _base():
     config.lock_image = False
     config.lock_text = False
 
-    # Mesh axis sizes; -1 takes the remaining devices. The batch is split over
+    # Mesh axis sizes; -1 takes the remaining devices. dcn_data: data parallelism
+    # across slices (multi-slice TPU) or hosts over the data-centre network, the
+    # slice count; the rest within a slice. The batch is split over dcn_data x
     # data x fsdp; parameters and activations are placed by `sharding_rules`.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh = ml_collections.ConfigDict(dict(dcn_data=1, data=-1, fsdp=1, tensor=1))
     # Logical axis -> mesh axis (None: replicated), for parameters and
     # activations: FSDP and tensor parallelism as clip_jax/sharding.py says.
     config.sharding_rules = sharding_rules.DEFAULT_RULES

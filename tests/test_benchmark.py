@@ -120,3 +120,17 @@ def test_reference_architecture_is_open_clips_own(name):
             == {k: v.shape for k, v in theirs.state_dict().items()})
     assert ours.visual.transformer.resblocks[0].mlp.gelu.__class__ is \
         theirs.visual.transformer.resblocks[0].mlp.gelu.__class__
+
+
+def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
+    output = tmp_path / "accelerator.json"
+    benchmark.main(["accelerator", "--tiny", "--output", str(output)])
+    document = json.loads(output.read_text())
+    assert document["platform"] == "cpu" and document["not_measured_within_budget"] == []
+    assert [(row["attention"], row["lean_backward"]) for row in document["rows"]] == [
+        ("xla", "on"), ("xla", "off")]
+    for row in document["rows"]:
+        assert row["batch_per_device"] == 32 and row["dtype"] == "bfloat16"
+        assert row["samples_per_sec"] > 0 and row["flops_per_step"] > 0
+    table = capsys.readouterr().out
+    assert "| tiny | xla | on | 32 |" in table and "| tiny | xla | off | 32 |" in table

@@ -177,7 +177,7 @@ def test_plan_command_prints_one_json_line(capsys):
     benchmark.main(["plan", "--config", "tiny", "--devices", "8", "--mesh", "fsdp=8",
                     "--batch-size", "64", "--json"])
     row = json.loads(capsys.readouterr().out)
-    assert row["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and row["batch_per_device"] == 8
+    assert row["mesh"] == {"dcn_data": 1, "data": 1, "fsdp": 8, "tensor": 1} and row["batch_per_device"] == 8
     assert {"temp_bytes", "argument_bytes", "bytes_per_device", "collective_bytes",
             "fits"} <= set(row)
     assert set(row["collective_bytes"]) == set(hlo_stats.COLLECTIVES)

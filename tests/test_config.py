@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from clip_jax import cpu_devices
+from clip_jax import cpu_devices, sharding_rules
 from clip_jax.config_checks import ConfigError, check_config
 from configs.clip import VARIANTS, get_config
 from tests.conftest import small_config
@@ -62,6 +62,11 @@ def test_knobs_in_the_config_argument():
     ({"microbatches": 4}, "config.batch_size=16 is not divisible by config.microbatches x "
                           "data-parallel size = 4 x 8"),
     ({"model.image.patch_dropout": 1.0}, "patch_dropout=1 must be in [0, 1)"),
+    ({"model.attention": "flash"}, "config.model.attention='flash' is unknown; choose one of "
+                                   "xla, cudnn, auto"),
+    ({"model.attention": "cudnn"}, "config.model.attention='cudnn' needs a GPU with cuDNN; "
+                                   "this platform is cpu"),
+    ({"model.lean_backward": "yes"}, "config.model.lean_backward='yes' is unknown"),
     ({"phases": "90%: image_size=12; 10%"}, "image_size=12 in config.phases (steps 1-1080: 12 px, "
                                             "patch dropout 0, 8 caption tokens) is not a positive "
                                             "multiple of config.model.image.patch_size=8"),
@@ -73,6 +78,13 @@ def test_knobs_in_the_config_argument():
     ({"phases": "50%: patch_dropout=0.5; 50%", "model.image": dict(
         kind="resnet", image_size=32, stage_layers=(1, 1, 1, 1), width=16, heads=2)},
      "patch dropout needs a ViT image tower"),
+    ({"mesh.dcn_data": 2, "mesh.data": 4, "batch_size": 12},
+     "not divisible by the data-parallel size 8 (mesh dcn_data x data x fsdp = 2 x 4 x 1)"),
+    ({"mesh.dcn_data": 2, "mesh.data": 4, "sharding_rules": (
+        *((name, axes) for name, axes in sharding_rules.DEFAULT_RULES
+          if name != "activation_batch"), ("activation_batch", ("data", "fsdp")))},
+     "config.mesh.dcn_data=2: config.sharding_rules' activation_batch -> ('data', 'fsdp') "
+     "leaves dcn_data out"),
     ({"sharding_rules": (("embed", "fsdp"), ("activation_batch", ("data", "fsdp")))},
      "config.sharding_rules has no rule for activation_length, activation_embed"),
 ])

@@ -131,6 +131,53 @@ def test_lean_backward_passes_apply_on_cpu_only(backend, lean, monkeypatch):
         assert ("custom_vjp_call" in str(jax.make_jaxpr(fn)(x))) == lean
 
 
+@pytest.mark.parametrize("mode, backend, lean", [("on", "gpu", True), ("off", "cpu", False),
+                                                ("auto", "tpu", False)])
+def test_lean_backward_mode_forces_the_hand_written_passes_on_any_platform(
+        mode, backend, lean, monkeypatch):
+    """config.model.lean_backward: "on"/"off" override the platform, for the
+    LayerNorm, the GELU and the kernel gradient's transposed form."""
+    from clip_jax.models import lean_ops, transformer  # noqa: PLC0415
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    x = jnp.ones((2, 3, 8))
+    kernel = jnp.ones((8, 4))
+    with lean_ops.lean_backward(mode):
+        for fn in (lambda v: lean_ops.layer_norm(v, jnp.ones(8), jnp.zeros(8), 1e-5),
+                   lambda v: lean_ops.gelu(v)):
+            assert ("custom_vjp_call" in str(jax.make_jaxpr(fn)(x))) == lean
+        backward = str(jax.make_jaxpr(jax.grad(
+            lambda k: transformer.dense_matmul(x, k).sum()))(kernel))
+    # Forced: one form, traced as such; auto: both, chosen by platform at run time.
+    assert ("platform_index" in backward) == (mode == "auto")
+    with pytest.raises(ValueError, match="lean_backward='sometimes' is unknown"):
+        with lean_ops.lean_backward("sometimes"):
+            pass
+
+
+@pytest.mark.parametrize("backend, dtype, chosen", [
+    ("cpu", "bfloat16", "xla"), ("tpu", "bfloat16", "xla"), ("gpu", "float32", "xla"),
+    ("gpu", "bfloat16", "cudnn"), ("gpu", "float16", "cudnn")])
+def test_auto_attention_takes_cudnn_only_where_it_applies(backend, dtype, chosen, monkeypatch):
+    from clip_jax.models import transformer  # noqa: PLC0415
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert transformer.attention_implementation("auto", dtype) == chosen
+    assert transformer.attention_implementation("xla", dtype) == "xla"
+
+
+def test_the_attention_setting_reaches_every_tower(monkeypatch):
+    """config.model.attention is what each tower's attention is traced with."""
+    from clip_jax.models import transformer  # noqa: PLC0415
+    seen = []
+    original = transformer.attention_implementation
+    monkeypatch.setattr(transformer, "attention_implementation",
+                        lambda name, dtype: seen.append(name) or original(name, dtype))
+    config = small_config(**{"model.attention": "auto"})
+    model = CLIP(config.model)
+    model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))
+    # Every block but each tower's pooled last one: 1 image + 1 text here.
+    assert seen == ["auto"] * 2
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matmul_gradients_are_autodiffs(dtype):
     """The hand-written VJP gives autodiff's gradients for a [B, T, K] input, in

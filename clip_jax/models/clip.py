@@ -30,7 +30,8 @@ def _transformer_text(cfg, dtype):
         context_length=text.context_length, vocab_size=text.vocab_size, width=text.width,
         layers=text.layers, heads=text.heads, embed_dim=cfg.embed_dim,
         activation=cfg.activation, mlp_ratio=text.mlp_ratio, dtype=dtype,
-        scan_layers=cfg.scan_layers, remat=cfg.remat, name="text")
+        scan_layers=cfg.scan_layers, remat=cfg.remat, attention=cfg.get("attention", "xla"),
+        name="text")
 
 
 def _bag_of_words_text(cfg, dtype):

@@ -10,18 +10,47 @@ step. Here the LayerNorm keeps its normalised input and 1/std, the GELU its
 input; the backward recomputes the rest (elementwise). Values are autodiff's
 up to float rounding (tests/test_model.py).
 
-They apply on CPU only, where they were measured (ViT-B/32 train step 7%
-faster, 16% less memory on XLA:CPU). GPU and TPU compilers fuse and
+By default they apply on CPU only, where they were measured (ViT-B/32 train
+step 7% faster, 16% less memory on XLA:CPU). GPU and TPU compilers fuse and
 rematerialise elementwise work themselves, and a custom VJP can stand in the
 way of that; until measured there, `layer_norm` and `gelu` are autodiff's
-elsewhere (the backend is read when the model is traced).
+elsewhere (the backend is read when the model is traced). `lean_backward("on")`
+/ `("off")` around a trace forces them (and the transposed kernel gradient of
+models.transformer.dense_matmul) on or off on any platform, so a device check
+can measure both (config.model.lean_backward).
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+
+# config.model.lean_backward: "auto" (CPU only), "on" or "off" on every platform.
+LEAN_BACKWARD_MODES = ("auto", "on", "off")
+_MODE = contextvars.ContextVar("clip_jax_lean_backward", default="auto")
+
+
+@contextlib.contextmanager
+def lean_backward(mode):
+    """Models traced inside use the hand-written backward passes per `mode`."""
+    if mode not in LEAN_BACKWARD_MODES:
+        raise ValueError(f"config.model.lean_backward={mode!r} is unknown; "
+                         f"choose one of {', '.join(LEAN_BACKWARD_MODES)}")
+    token = _MODE.set(mode)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def forced_backward():
+    """True / False when the active mode forces the lean backward passes on or
+    off, None for "auto" (each op decides by platform)."""
+    mode = _MODE.get()
+    return None if mode == "auto" else mode == "on"
 
 
 def _normalise(x, epsilon):
@@ -33,8 +62,9 @@ def _normalise(x, epsilon):
 
 
 def hand_written_backward():
-    """Whether the lean backward passes apply: on the CPU backend only."""
-    return jax.default_backend() == "cpu"
+    """Whether the lean backward passes apply: as forced, else on the CPU backend only."""
+    forced = forced_backward()
+    return jax.default_backend() == "cpu" if forced is None else forced
 
 
 def layer_norm(x, scale, bias, epsilon):

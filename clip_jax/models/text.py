@@ -28,6 +28,7 @@ class TextTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False  # see Transformer
     remat: str = "none"
+    attention: str = "xla"  # models.transformer.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, tokens):
@@ -46,7 +47,7 @@ class TextTransformer(nn.Module):
         end_outputs = Transformer(  # [B, D]
             self.layers, self.heads, causal=True, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
-            remat=self.remat, name="transformer")(x, end_positions)
+            remat=self.remat, attention=self.attention, name="transformer")(x, end_positions)
         pooled = LayerNorm(name="ln_final")(constrain(end_outputs, POOLED))
         projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
                                 (self.width, self.embed_dim))

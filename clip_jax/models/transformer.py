@@ -63,9 +63,13 @@ def kernel_grad_plain(x, grad):
 def _dense_matmul_bwd(residuals, grad):
     x, kernel = residuals
     # Only XLA:CPU needs the explicit transpose; GPU and TPU compilers pick their
-    # own layouts and would pay for the extra copy of x.
-    kernel_grad = jax.lax.platform_dependent(x, grad, cpu=kernel_grad_transposed,
-                                             default=kernel_grad_plain)
+    # own layouts and would pay for the extra copy of x (unless the mode forces it).
+    forced = lean_ops.forced_backward()
+    if forced is None:
+        kernel_grad = jax.lax.platform_dependent(x, grad, cpu=kernel_grad_transposed,
+                                                 default=kernel_grad_plain)
+    else:
+        kernel_grad = (kernel_grad_transposed if forced else kernel_grad_plain)(x, grad)
     return grad @ kernel.T, kernel_grad
 
 
@@ -202,15 +206,37 @@ def take_tokens(x, positions):
     return constrain(jnp.sum(jnp.where(chosen, x, 0), axis=1, keepdims=True), TOKENS)
 
 
+# config.model.attention: how jax.nn.dot_product_attention computes attention.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def attention_implementation(name, dtype):
+    """jax.nn.dot_product_attention's `implementation` for config.model.attention
+    `name`: "xla" (the generic one), "cudnn" (cuDNN's fused kernel: GPU, fp16 or
+    bf16), or "auto": cuDNN where it applies (a GPU and a half-precision dtype),
+    else XLA's. Read when the model is traced."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention={name!r} is unknown; "
+                         f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if name == "auto":
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+    return name
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention; [B, T, D] -> [B, T, D], or [B, 1, D] for the
-    queries at `query_positions` [B] only (keys and values from every token)."""
+    queries at `query_positions` [B] only (keys and values from every token).
+
+    `attention` (ATTENTION_IMPLEMENTATIONS) computes the full-sequence attention;
+    the single pooled query attends with XLA's, which takes its per-row mask."""
 
     heads: int
     causal: bool
     in_std: float
     out_std: float
     dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, query_positions=None):
@@ -225,7 +251,9 @@ class SelfAttention(nn.Module):
         key, value = project("key", x), project("value", x)  # [B, T, N, H]
         if query_positions is None:
             query = project("query", x)
-            attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
+            attended = jax.nn.dot_product_attention(
+                query, key, value, is_causal=self.causal,
+                implementation=attention_implementation(self.attention, self.dtype))
         else:
             query = project("query", take_tokens(x, query_positions))  # [B, 1, N, H]
             # A causal query sees the keys up to its own position.
@@ -249,6 +277,7 @@ class ResidualBlock(nn.Module):
     activation: str
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, query_positions=None):
@@ -261,7 +290,7 @@ class ResidualBlock(nn.Module):
 
         x = constrain(x, TOKENS)
         attended = SelfAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
-                                 name="attn")(LayerNorm(name="ln_1")(x), query_positions)
+                                 self.attention, name="attn")(LayerNorm(name="ln_1")(x), query_positions)
         x = (x if query_positions is None else take_tokens(x, query_positions)) + attended
         h = Dense(hidden, fc_std, ("embed", "mlp"), self.dtype, name="c_fc")(
             LayerNorm(name="ln_2")(x))
@@ -292,6 +321,7 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "xla"  # ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x, pool_positions=None):
@@ -303,7 +333,7 @@ class Transformer(nn.Module):
             block_class = nn.remat(ResidualBlock, policy=policy,
                                    prevent_cse=not self.scan_layers)
         block_args = (self.heads, self.layers, self.causal, self.activation, self.mlp_ratio,
-                      self.dtype)
+                      self.dtype, self.attention)
         full_blocks = self.layers if pool_positions is None else self.layers - 1
         if not self.scan_layers:
             for i in range(full_blocks):

@@ -90,6 +90,7 @@ class VisionTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False  # see Transformer
     remat: str = "none"
+    attention: str = "xla"  # models.transformer.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images, train=False, patch_keep=None):
@@ -123,7 +124,8 @@ class VisionTransformer(nn.Module):
         class_outputs = Transformer(  # the class token's, [B, D]
             self.layers, self.heads, causal=False, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
-            remat=self.remat, name="transformer")(tokens, jnp.zeros((batch,), jnp.int32))
+            remat=self.remat, attention=self.attention, name="transformer")(
+                tokens, jnp.zeros((batch,), jnp.int32))
         pooled = LayerNorm(name="ln_post")(constrain(class_outputs, POOLED))
         proj = self.param("proj", normal(scale, ("embed", "joint")), (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ proj

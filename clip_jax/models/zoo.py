@@ -75,6 +75,13 @@ def build_model_config(image, text, embed_dim, activation):
         # Rematerialise each residual block in the backward pass: "none", "full", or a
         # jax.checkpoint_policies name (models.transformer.REMAT_NAMES).
         remat="none",
+        # The hand-written LayerNorm/GELU backward passes and transposed kernel
+        # gradient (models/lean_ops.py): "auto" (on CPU, where they were measured
+        # faster), "on" or "off" on any platform.
+        lean_backward="auto",
+        # Attention kernel (models/transformer.py): "xla", "cudnn" (GPU, bf16/fp16)
+        # or "auto" (cuDNN where it applies, else XLA's).
+        attention="xla",
         logit_scale_init=math.log(1 / 0.07),
         logit_scale_max=100.0,
         # Learned logit bias (SigLIP: init -10, with logit_scale_init log 10); None: none.

@@ -1,0 +1,59 @@
+"""The dcn_data mesh axis (data parallelism across slices over the data-centre
+network): device layout and equality with one device."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import sharding
+from tests.test_train_step import run_on_one_and_eight
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInDevice:
+    """What mesh construction reads of a device of a multi-slice system."""
+    id: int
+    slice_index: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "stand-in"
+
+
+def _sizes(**sizes):
+    return {**dict.fromkeys(sharding.MESH_AXES, 1), **sizes}
+
+
+def test_each_slice_fills_the_inner_axes_and_dcn_data_runs_across_slices():
+    # Slices interleaved in the device list, as no launcher promises an order.
+    devices = [StandInDevice(i, slice_index=i % 2, process_index=i % 2) for i in range(8)]
+    grid = sharding.device_grid(_sizes(dcn_data=2, data=2, fsdp=2), devices)
+    assert grid.shape == (2, 2, 2, 1)
+    for dcn in range(2):
+        assert {device.slice_index for device in grid[dcn].ravel()} == {dcn}
+    assert sorted(device.id for device in grid.ravel()) == list(range(8))
+
+
+def test_dcn_data_other_than_the_slice_count_is_a_clear_error():
+    devices = [StandInDevice(i, slice_index=i // 2, process_index=i // 2) for i in range(8)]
+    with pytest.raises(ValueError, match="devices are on 4 slices; set config.mesh.dcn_data=4"):
+        sharding.device_grid(_sizes(dcn_data=2, data=4), devices)
+
+
+def test_one_slice_keeps_jax_device_order():
+    devices = jax.devices()
+    grid = sharding.device_grid(_sizes(dcn_data=2, data=4), devices)
+    np.testing.assert_array_equal(np.vectorize(lambda d: d.id)(grid).ravel(),
+                                  [d.id for d in devices])
+
+
+@pytest.mark.parametrize("mesh", [dict(dcn_data=2, data=4, fsdp=1, tensor=1),
+                                  dict(dcn_data=2, data=1, fsdp=4, tensor=1)],
+                         ids=["dcn_data=2,data=4", "dcn_data=2,fsdp=4"])
+def test_dcn_data_meshes_equal_one_device(mesh):
+    (params_1, history_1), (params_8, history_8) = run_on_one_and_eight(mesh, 2)
+    for metrics_1, metrics_8 in zip(history_1, history_8):
+        np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 params_8, params_1)
