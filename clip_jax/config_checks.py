@@ -126,6 +126,8 @@ def check_config(config, num_devices):
              or jnp.dtype(model.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
              f"config.model.attention='cudnn' computes in bfloat16 or float16 only; "
              f"config.model.dtype={model.dtype!r}")
+    _require(model.get("attention", "xla") != "splash" or jax.default_backend() != "gpu",
+             "config.model.attention='splash' is a TPU kernel; on a GPU use 'cudnn' or 'auto'")
     if model.image.kind == "vit":
         _positive(config, "model.image.patch_size", "model.image.layers", "model.image.mlp_ratio")
         _require(model.image.image_size % model.image.patch_size == 0,

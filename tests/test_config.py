@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from clip_jax import cpu_devices, sharding_rules
@@ -63,7 +64,7 @@ def test_knobs_in_the_config_argument():
                           "data-parallel size = 4 x 8"),
     ({"model.image.patch_dropout": 1.0}, "patch_dropout=1 must be in [0, 1)"),
     ({"model.attention": "flash"}, "config.model.attention='flash' is unknown; choose one of "
-                                   "xla, cudnn, auto"),
+                                   "xla, cudnn, splash, auto"),
     ({"model.attention": "cudnn"}, "config.model.attention='cudnn' needs a GPU with cuDNN; "
                                    "this platform is cpu"),
     ({"model.lean_backward": "yes"}, "config.model.lean_backward='yes' is unknown"),
@@ -93,6 +94,13 @@ def test_invalid_values_are_named(overrides, message):
         check_config(small_config(**overrides), num_devices=8)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_splash_attention_is_refused_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match="^config.model.attention='splash' is a TPU kernel; "
+                                          "on a GPU use 'cudnn' or 'auto'$"):
+        check_config(small_config(**{"model.attention": "splash"}), num_devices=8)
 
 
 @pytest.mark.parametrize("flag,message", [

@@ -30,7 +30,7 @@ TINY = dict(models=("tiny",), batches=(32,), steps=1, warmup=0)
 
 def attention_choices(platform):
     """The config.model.attention values worth measuring on `platform`."""
-    return ("xla", "cudnn") if platform == "gpu" else ("xla",)
+    return {"gpu": ("xla", "cudnn"), "tpu": ("xla", "splash")}.get(platform, ("xla",))
 
 
 def _fits(error):

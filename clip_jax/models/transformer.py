@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from clip_jax.models import lean_ops
 from clip_jax.models.partitioning import (EMBED, HIDDEN, PER_HEAD, TOKENS, compute_weight,
                                           constrain, unconstrained)
+from clip_jax.models.splash import splash_attention
 
 # Logical name of the leading axis of scanned (stacked) block parameters.
 LAYERS_AXIS = "layers"
@@ -206,15 +207,17 @@ def take_tokens(x, positions):
     return constrain(jnp.sum(jnp.where(chosen, x, 0), axis=1, keepdims=True), TOKENS)
 
 
-# config.model.attention: how jax.nn.dot_product_attention computes attention.
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+# config.model.attention: which kernel computes the full-sequence attention.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
 
 def attention_implementation(name, dtype):
-    """jax.nn.dot_product_attention's `implementation` for config.model.attention
-    `name`: "xla" (the generic one), "cudnn" (cuDNN's fused kernel: GPU, fp16 or
-    bf16), or "auto": cuDNN where it applies (a GPU and a half-precision dtype),
-    else XLA's. Read when the model is traced."""
+    """The kernel config.model.attention `name` selects: "xla" (XLA's generic
+    attention), "cudnn" (cuDNN's fused kernel: GPU, fp16 or bf16), "splash" (the
+    Pallas TPU kernel, models/splash.py; interpreted, slowly, off TPU), or
+    "auto": cuDNN where it applies (a GPU and a half-precision dtype), else XLA's.
+    Splash is not auto's choice on TPU until a TPU measurement shows it faster
+    there (docs/benchmarks.md, "Device check"). Read when the model is traced."""
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"config.model.attention={name!r} is unknown; "
                          f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
@@ -251,9 +254,12 @@ class SelfAttention(nn.Module):
         key, value = project("key", x), project("value", x)  # [B, T, N, H]
         if query_positions is None:
             query = project("query", x)
-            attended = jax.nn.dot_product_attention(
-                query, key, value, is_causal=self.causal,
-                implementation=attention_implementation(self.attention, self.dtype))
+            implementation = attention_implementation(self.attention, self.dtype)
+            if implementation == "splash":
+                attended = splash_attention(query, key, value, causal=self.causal)
+            else:
+                attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal,
+                                                        implementation=implementation)
         else:
             query = project("query", take_tokens(x, query_positions))  # [B, 1, N, H]
             # A causal query sees the keys up to its own position.

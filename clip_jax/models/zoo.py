@@ -79,8 +79,9 @@ def build_model_config(image, text, embed_dim, activation):
         # gradient (models/lean_ops.py): "auto" (on CPU, where they were measured
         # faster), "on" or "off" on any platform.
         lean_backward="auto",
-        # Attention kernel (models/transformer.py): "xla", "cudnn" (GPU, bf16/fp16)
-        # or "auto" (cuDNN where it applies, else XLA's).
+        # Attention kernel (models/transformer.py): "xla", "cudnn" (GPU, bf16/fp16),
+        # "splash" (Pallas TPU kernel, models/splash.py) or "auto" (cuDNN where it
+        # applies, else XLA's).
         attention="xla",
         logit_scale_init=math.log(1 / 0.07),
         logit_scale_max=100.0,

@@ -1,0 +1,98 @@
+"""Splash attention (config.model.attention="splash"): the Pallas TPU
+flash-attention kernel that ships with JAX (jax.experimental.pallas.ops.tpu.
+splash_attention), wrapped to take and give what jax.nn.dot_product_attention
+does: [B, T, N, H] queries, keys and values, scaled by H ** -0.5, optionally
+causal.
+
+The kernel is used, not rewritten; this module only adapts shapes to it:
+- it attends one example's [N, T, H] at a time (vmapped over the batch) and
+  expects the queries already scaled;
+- its blocks are multiples of 128 tokens, so the sequence is padded to one and
+  the padded keys are masked out (padded queries attend to the real keys and
+  their rows are dropped), and the head dim is zero-padded to a multiple of 128,
+  TPU's lane width, which changes no dot product;
+- Mosaic kernels are opaque to XLA's partitioner, so on a mesh the kernel runs
+  per device inside shard_map, over the batch and head axes the activation
+  rules give the queries (the sequence and head dim are kept whole).
+Off TPU the kernel runs in Pallas interpret mode: slow, for tests on CPU only.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask
+
+from clip_jax.models.partitioning import PER_HEAD
+
+LANES = 128  # the kernel's block sizes are multiples of this; so is TPU's lane width
+BLOCKS = (512, 256, 128)  # tokens per block tried, largest first
+
+
+def _round_up(size, multiple):
+    return -(-size // multiple) * multiple
+
+
+def padded_length(tokens):
+    """Sequence length the kernel computes on for `tokens` real ones."""
+    return _round_up(tokens, LANES)
+
+
+def block_size(padded):
+    """The largest block of BLOCKS that tiles a padded sequence."""
+    return next(block for block in BLOCKS if padded % block == 0)
+
+
+def attention_mask(tokens, padded, causal):
+    """[padded, padded] bool, True where a query may attend to a key: the real
+    keys only (and not later ones if causal)."""
+    query, key = np.arange(padded)[:, None], np.arange(padded)[None, :]
+    allowed = np.broadcast_to(key < tokens, (padded, padded))
+    return allowed & (key <= query) if causal else allowed
+
+
+def _kernel(tokens, heads, causal, interpret):
+    """The kernel for one sequence length; made at each trace, not cached, as it
+    holds arrays of the trace it was made in."""
+    padded = padded_length(tokens)
+    block = block_size(padded)
+    mask = splash_attention_mask.NumpyMask(attention_mask(tokens, padded, causal))
+    sizes = splash_attention_kernel.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block)
+    return splash_attention_kernel.make_splash_mha_single_device(
+        splash_attention_mask.MultiHeadMask([mask] * heads), block_sizes=sizes,
+        interpret=interpret)
+
+
+def _local_attention(query, key, value, causal, interpret):
+    """Splash attention of [B, T, N, H] arrays held on one device."""
+    tokens, heads, head_dim = query.shape[1:]
+    padded, padded_dim = padded_length(tokens), _round_up(head_dim, LANES)
+
+    def to_kernel(x):  # [B, T, N, H] -> [B, N, T_padded, H_padded]
+        x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0), (0, padded_dim - head_dim)))
+        return jnp.swapaxes(x, 1, 2)
+
+    query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
+    kernel = _kernel(tokens, heads, causal, interpret)
+    attended = jax.vmap(kernel)(to_kernel(query), to_kernel(key), to_kernel(value))
+    return jnp.swapaxes(attended, 1, 2)[:, :tokens, :, :head_dim]
+
+
+def splash_attention(query, key, value, causal=False):
+    """[B, T, N, H] queries, keys, values -> [B, T, N, H], as
+    jax.nn.dot_product_attention(query, key, value, is_causal=causal)."""
+    interpret = jax.default_backend() != "tpu"
+    local = functools.partial(_local_attention, causal=causal, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = nn.logical_to_mesh_axes(PER_HEAD)
+    if mesh.empty or spec is None or all(axis is None for axis in spec):
+        return local(query, key, value)
+    spec = jax.P(spec[0], None, spec[2], None)  # whole sequences and heads per device
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(query, key, value)
