@@ -93,6 +93,10 @@ def abstract_train_step(config, devices):
                                             sharding=batch_sharding),
              "tokens": jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32,
                                             sharding=batch_sharding)}
+    if training.teacher is not None:  # its embeddings, computed by its own program
+        for key in ("teacher_image", "teacher_text"):
+            batch[key] = jax.ShapeDtypeStruct((config.batch_size, training.teacher.embed_dim),
+                                              jnp.float32, sharding=batch_sharding)
     return training.step, state, batch, training
 
 
@@ -116,13 +120,20 @@ def summarize(config, compiled, training):
     """plan's dict, from the compiled step and its Training."""
     mesh = training.mesh
     memory = memory_bytes(compiled)
-    total = memory["bytes_per_device"]
+    # A distillation teacher's parameters stay on the devices beside the step's
+    # (its activations live in its own program, freed before the step runs).
+    teacher = training.teacher
+    teacher_bytes = 0 if teacher is None else sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(teacher.variables))
+    total = memory["bytes_per_device"] + teacher_bytes
     num_devices = mesh.devices.size
     found = hlo_stats.collectives(compiled.as_text(), num_devices)
     by_kind = hlo_stats.bytes_by_kind(found)
     locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
-    model_flops = flops.train_step_flops(phases.first_phase_model(config), config.batch_size,
-                                         locked, objective=config.objective)["train_step"]
+    model_flops = flops.train_step_flops(
+        phases.first_phase_model(config), config.batch_size, locked, objective=config.objective,
+        teacher_config=teacher and teacher.model.config)["train_step"]
     state, shardings = training.abstract_state, training.shardings
     return {
         "devices": num_devices, "mesh": dict(mesh.shape), "global_batch": config.batch_size,
@@ -132,6 +143,7 @@ def summarize(config, compiled, training):
         "optimizer_bytes": shard_bytes(state.opt_state, shardings.opt_state),
         "argument_bytes": memory["argument"],
         "temp_bytes": memory["temp"],
+        "teacher_bytes": teacher_bytes,
         "bytes_per_device": total,
         "model_flops_per_device": model_flops / num_devices,
         "collective_bytes": by_kind,

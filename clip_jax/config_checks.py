@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax import losses, objectives, overrides, phases, sharding
+from clip_jax import teacher as teacher_lib
 from clip_jax.data.spec import parse_train
 from clip_jax.evals import specs
 from clip_jax.models.clip import text_tower_builder
@@ -221,3 +222,18 @@ def _check_objective(config):
         _require(not config[f"lock_{tower}"] or tower in objective.lockable,
                  f"config.lock_{tower}=True: config.objective={objective.name!r} has no "
                  f"{tower} tower to lock")
+    _check_distill(config, objective)
+
+
+def _check_distill(config, objective):
+    """config.distill; the teacher itself is checked when it is loaded (clip_jax.teacher)."""
+    distill = config.get("distill")
+    if not distill or not distill.teacher:
+        return
+    _require(objective.name == "contrastive",
+             f"config.distill.teacher: distillation adds to the contrastive loss; "
+             f"config.objective={objective.name!r}")
+    _require(distill.weight >= 0, f"config.distill.weight={distill.weight!r} must be >= 0")
+    _require(distill.dtype in teacher_lib.DTYPES,
+             f"config.distill.dtype={distill.dtype!r} is unknown; choose one of "
+             f"{', '.join(teacher_lib.DTYPES)}")

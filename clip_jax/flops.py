@@ -17,6 +17,8 @@ Choices where conventions differ:
 - Model FLOPs, not hardware FLOPs: rematerialisation and GradCache's second
   forward pass (config.microbatches > 1) are not counted.
 - A locked tower (LiT) has no backward pass: its forward counts once.
+- A distillation teacher (config.distill) counts its forward pass once, at the
+  student's image size, with its own logits matrix.
 - Patch dropout counts the kept patches only; a phase of the run counts at its
   own sizes (`phases.with_phase(config.model, phase)`).
 - Each Transformer tower's last block runs for the pooled token only (keys and
@@ -177,13 +179,25 @@ def _objective_parts(objective, model_config, global_batch, full_last_block):
             "loss": contrastive_logits(global_batch, embed_dim)}
 
 
+def teacher_flops(teacher_config, global_batch, image_size):
+    """Forward FLOPs of a distillation teacher (clip_jax.teacher) on the global
+    batch at the student's `image_size`: both towers and its [B, B] logits."""
+    image = teacher_config.image.copy_and_resolve_references()
+    with image.unlocked():
+        image.image_size = image_size
+    return global_batch * (IMAGE_TOWERS[image.kind](image, teacher_config.embed_dim)
+                           + text(teacher_config.text, teacher_config.embed_dim)) \
+        + contrastive_logits(global_batch, teacher_config.embed_dim)
+
+
 def train_step_flops(model_config, global_batch, locked=(), full_last_block=False,
-                     objective="contrastive"):
+                     objective="contrastive", teacher_config=None):
     """{"image", then the objective's parts ("text" and "loss" for contrastive,
     "head" for bow_predict, "text" (the caption decoder) for caption_lm): forward
     FLOPs of the global batch; "forward": their sum; "train_step": forward +
     backward} for config.model. `locked` names towers ("image", "text") that get
-    no backward pass; full_last_block: see the module docstring."""
+    no backward pass; full_last_block: see the module docstring. With a
+    distillation teacher's model config, "teacher": its forward (no backward)."""
     kind = model_config.image.kind
     if kind not in IMAGE_TOWERS:
         raise NotImplementedError(f"no FLOP count for config.model.image.kind={kind!r}; "
@@ -191,6 +205,9 @@ def train_step_flops(model_config, global_batch, locked=(), full_last_block=Fals
     image_flops = IMAGE_TOWERS[kind](model_config.image, model_config.embed_dim, full_last_block)
     parts = {"image": global_batch * image_flops,
              **_objective_parts(objective, model_config, global_batch, full_last_block)}
-    train_step = sum(part_flops * (1 if part in locked else TRAIN_MULTIPLIER)
+    if teacher_config is not None:
+        parts["teacher"] = teacher_flops(teacher_config, global_batch,
+                                         model_config.image.image_size)
+    train_step = sum(part_flops * (1 if part in (*locked, "teacher") else TRAIN_MULTIPLIER)
                      for part, part_flops in parts.items())
     return {**parts, "forward": sum(parts.values()), "train_step": train_step}

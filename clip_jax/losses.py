@@ -6,6 +6,11 @@ B_global] logits, or [B_local, chunk] with chunking, never [B_global, B_global].
 The loss is the mean over all 2 * B_global rows, identical to the paper's
 pseudocode on one device.
 
+distillation (OpenCLIP's DistillClipLoss): the student's image->text and
+text->image rows against the softmax of a frozen teacher's rows over the same
+global batch; each device gathers both models' embeddings and computes its own
+rows, in column chunks like the softmax loss.
+
 sigmoid (SigLIP, Zhai et al. 2023): every (image, text) pair is an independent
 binary problem. Text shards travel around the batch axes with ppermute; each
 device only ever holds [B_local, B_local] logits, or [B_local, chunk] with
@@ -78,6 +83,66 @@ def local_softmax_loss(local_image, local_text, logit_scale, logit_bias=None, *,
         "i2t_top1": hits[0] / global_batch,
         "t2i_top1": hits[1] / global_batch,
     }
+
+
+def _distill_row_loss(queries, keys, scale, teacher_queries, teacher_keys, teacher_scale,
+                      chunk_size):
+    """[N]: cross-entropy of each row of the student's logits scale * queries @
+    keys.T [N, M] against the softmax of the teacher's teacher_scale *
+    teacher_queries @ teacher_keys.T: logsumexp(s_i) - sum_j softmax(t_i)_j s_ij.
+
+    With 0 < chunk_size < M the columns are visited in chunks under remat, the
+    teacher's softmax accumulated online (a running logsumexp and the weighted
+    sum rescaled to it), so both hold [N, chunk_size] logits at a time."""
+    def block(key_block, teacher_key_block):
+        return (scale * queries @ key_block.T,
+                jax.lax.stop_gradient(teacher_scale * teacher_queries @ teacher_key_block.T))
+
+    if chunk_size <= 0 or chunk_size >= keys.shape[0]:
+        student, teacher = block(keys, teacher_keys)
+        return (jax.nn.logsumexp(student, axis=-1)
+                - jnp.sum(jax.nn.softmax(teacher, axis=-1) * student, axis=-1))
+    if keys.shape[0] % chunk_size:
+        raise ValueError(f"config.loss.chunk_size={chunk_size} does not divide the global "
+                         f"batch {keys.shape[0]}")
+
+    @jax.checkpoint
+    def visit(carry, chunks):
+        student_lse, teacher_lse, weighted = carry
+        student, teacher = block(*chunks)
+        new_teacher_lse = jnp.logaddexp(teacher_lse, jax.nn.logsumexp(teacher, axis=-1))
+        weighted = (weighted * jnp.exp(teacher_lse - new_teacher_lse)
+                    + jnp.sum(jnp.exp(teacher - new_teacher_lse[:, None]) * student, axis=-1))
+        return (jnp.logaddexp(student_lse, jax.nn.logsumexp(student, axis=-1)),
+                new_teacher_lse, weighted), None
+
+    def chunked(x):
+        return x.reshape(-1, chunk_size, x.shape[-1])
+
+    lowest = jnp.full_like(queries[:, 0], -jnp.inf)
+    (student_lse, _, weighted), _ = jax.lax.scan(
+        visit, (lowest, lowest, jnp.zeros_like(lowest)), (chunked(keys), chunked(teacher_keys)))
+    return student_lse - weighted
+
+
+def local_distill_loss(local_image, local_text, logit_scale, local_teacher_image,
+                       local_teacher_text, *, teacher_scale, axis_names, chunk_size=0):
+    """OpenCLIP's distillation term from inside shard_map: the mean over all 2 *
+    B_global rows (image->text and text->image) of the student's cross-entropy
+    against the teacher's softmax, the teacher's logits scaled by its own
+    temperature `teacher_scale`. Holds [B_local, B_global] logits (or chunks)."""
+    def gathered(x):
+        return jax.lax.all_gather(x, axis_names, tiled=True)
+
+    global_image, global_text = gathered(local_image), gathered(local_text)
+    teacher_image, teacher_text = gathered(local_teacher_image), gathered(local_teacher_text)
+    loss_sum = 0.0
+    for queries, keys, teacher_queries, teacher_keys in (
+            (local_image, global_text, local_teacher_image, teacher_text),
+            (local_text, global_image, local_teacher_text, teacher_image)):
+        loss_sum += jnp.sum(_distill_row_loss(queries, keys, logit_scale, teacher_queries,
+                                              teacher_keys, teacher_scale, chunk_size))
+    return jax.lax.psum(loss_sum, axis_names) / (2 * global_image.shape[0])
 
 
 def _sigmoid_pair_loss(images, texts, logit_scale, logit_bias, has_positives, chunk_size):
@@ -160,3 +225,15 @@ def contrastive_loss(mesh, batch_axes, kind="softmax", chunk_size=0):
                              out_specs=P())(image, text, logit_scale, bias)
 
     return loss_fn
+
+
+def distillation_loss(mesh, batch_axes, teacher_scale, chunk_size=0):
+    """Returns distill_fn(image [B,E], text [B,E], logit_scale, teacher_image
+    [B,E_t], teacher_text [B,E_t]) -> scalar: OpenCLIP's DistillClipLoss term over
+    the global batch, the batch dimension sharded over `batch_axes` of `mesh`;
+    `teacher_scale` (a number) is the teacher's temperature."""
+    local_loss = functools.partial(local_distill_loss, teacher_scale=teacher_scale,
+                                   axis_names=tuple(batch_axes), chunk_size=chunk_size)
+    rows = P(batch_axes)
+    return jax.shard_map(local_loss, mesh=mesh, in_specs=(rows, rows, P(), rows, rows),
+                         out_specs=P())

@@ -39,10 +39,11 @@ def _evaluation_mesh(config):
         return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
 
 
-def load_model(config, weights):
+def load_model(config, weights, mesh=None):
     """(model, mesh, variables placed per the config's sharding rules, shardings):
-    the objective's model and its variables only (no optimizer state)."""
-    mesh = _evaluation_mesh(config)
+    the objective's model and its variables only (no optimizer state), on `mesh`
+    (default: the run's mesh where it fits these devices, else data parallel)."""
+    mesh = mesh or _evaluation_mesh(config)
     model = objectives.get(config.objective).model(config.model)
     shardings = variables_lib.variable_shardings(model, mesh, config.sharding_rules)
     abstract = variables_lib.with_shardings(variables_lib.abstract_variables(model), shardings)

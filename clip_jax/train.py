@@ -280,7 +280,7 @@ class _Run:
                 last_time = None  # its compilation is not throughput
             # Any implicit host<->device copy inside the step is a bug: fail loudly.
             with jax.transfer_guard("disallow"):
-                state, metrics = self.training.step_at(step)(state, batch)
+                state, metrics = self.training.step_at(step)(state, self.training.prepare(batch))
             # The next batch goes to the devices while this step runs.
             upcoming = (_next_device_batch(batches, self.batch_sharding)
                         if step < config.total_steps else None)

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import optax
 
 from clip_jax import image_ops, objectives, optim, patch_dropout, phases, sharding
+from clip_jax import teacher as teacher_lib
 from clip_jax import variables as variables_lib
 from clip_jax.models import lean_ops
 from clip_jax.models.clip import TOWER_PARAMS
-from clip_jax.objectives.contrastive import with_logit_params
+from clip_jax.objectives.contrastive import TEACHER_INPUTS, teacher_inputs, with_logit_params
 
 
 @flax.struct.dataclass
@@ -139,16 +140,18 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
             method="embed", mutable=list(model_state))
         return embeddings, dict(model_state)
 
-    def loss_and_metrics(image_embeddings, text_embeddings, params):
+    def loss_and_metrics(image_embeddings, text_embeddings, params, teacher):
         logit_scale, logit_bias = model.apply({"params": params}, method="logit_params")
         metrics = with_logit_params(
-            loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias),
+            loss_fn(image_embeddings, text_embeddings, logit_scale, logit_bias, **teacher),
             logit_scale, logit_bias)
         return metrics["loss"], metrics
 
     def grads(state, batch):
+        # The teacher's embeddings (distillation) are the loss's, over the whole batch.
+        teacher = teacher_inputs(batch)
         microbatches = {key: _split_microbatches(value, num_microbatches, mesh)
-                        for key, value in batch.items()}  # [k, B/k, ...] each
+                        for key, value in batch.items() if key not in teacher}  # [k, B/k, ...]
 
         def embed_microbatch(model_state, microbatch):
             embeddings, model_state = embed(state.params, model_state, microbatch)
@@ -160,7 +163,7 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
 
         (_, metrics), (image_grads, text_grads, grads) = jax.value_and_grad(
             loss_and_metrics, argnums=(0, 1, 2), has_aux=True)(
-                image_embeddings, text_embeddings, state.params)
+                image_embeddings, text_embeddings, state.params, teacher)
         # `grads` so far holds the logit scale / bias terms (zero elsewhere).
 
         def accumulate(grads, inputs):
@@ -245,21 +248,23 @@ def make_train_step(compute_grads, optimizer, schedule):
     return step
 
 
-def gradients(objective, model, mesh, config):
+def gradients(objective, model, mesh, config, teacher_scale=None):
     """compute_grads(state, batch) of `objective` for make_train_step: one forward and
     backward over the batch, or GradCache over config.microbatches micro-batches
-    (objectives with an embedding loss only; config_checks says so in one line)."""
+    (objectives with an embedding loss only; config_checks says so in one line).
+    teacher_scale: the teacher's temperature when distilling (contrastive only)."""
+    distilling = {} if teacher_scale is None else {"teacher_scale": teacher_scale}
     if config.microbatches == 1:
-        return _full_batch_grads(objective.batch_loss(model, mesh, config))
-    return _gradcache_grads(model, objective.embedding_loss(mesh, config), config.microbatches,
-                            mesh)
+        return _full_batch_grads(objective.batch_loss(model, mesh, config, **distilling))
+    return _gradcache_grads(model, objective.embedding_loss(mesh, config, **distilling),
+                            config.microbatches, mesh)
 
 
-def jit_train_step(step, shardings, mesh):
+def jit_train_step(step, shardings, mesh, batch_keys=("images", "tokens")):
     """The step under jit: state stays in its shardings, batch split over the batch axes."""
     batch_sharding = sharding.batch_sharding(mesh)
     return jax.jit(step,
-                   in_shardings=(shardings, {"images": batch_sharding, "tokens": batch_sharding}),
+                   in_shardings=(shardings, {key: batch_sharding for key in batch_keys}),
                    out_shardings=(shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
 
@@ -277,6 +282,14 @@ class Training:
     # jit compiles each once, for its phase's image size and caption length.
     phases: tuple = flax.struct.field(pytree_node=False)
     phase_steps: tuple = flax.struct.field(pytree_node=False)
+    # Distillation's frozen teacher (clip_jax.teacher), or None: the steps take
+    # batches with its embeddings, `prepare(batch)`.
+    teacher: Any = flax.struct.field(pytree_node=False, default=None)
+
+    def prepare(self, batch):
+        """A batch from the input as the steps take it: with the teacher's
+        embeddings when distilling."""
+        return batch if self.teacher is None else self.teacher.embed(batch)
 
     @property
     def step(self):
@@ -307,7 +320,11 @@ def setup_training(config, devices=None, optimizer=None) -> Training:
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     abstract, shardings = state_shardings(model, optimizer, mesh, config.sharding_rules,
                                           jax.random.key(config.seed))
-    compute_grads = gradients(objective, model, mesh, config)
+    teacher = (teacher_lib.load(config, mesh) if config.get("distill") and config.distill.teacher
+               else None)
+    compute_grads = gradients(objective, model, mesh, config,
+                              None if teacher is None else teacher.logit_scale)
+    batch_keys = ("images", "tokens", *(TEACHER_INPUTS if teacher else ()))
     run_phases = phases.parse(config.phases, config.total_steps, config.model)
 
     def phase_step(phase):
@@ -317,8 +334,8 @@ def setup_training(config, devices=None, optimizer=None) -> Training:
             optimizer, schedule)
         step = with_lean_backward(step, config.model.get("lean_backward", "auto"))
         return jit_train_step(sharding.with_activation_sharding(step, mesh, config.sharding_rules),
-                              shardings, mesh)
+                              shardings, mesh, batch_keys)
 
     return Training(model=model, optimizer=optimizer, mesh=mesh, abstract_state=abstract,
                     shardings=shardings, phases=run_phases,
-                    phase_steps=tuple(phase_step(phase) for phase in run_phases))
+                    phase_steps=tuple(phase_step(phase) for phase in run_phases), teacher=teacher)

@@ -130,6 +130,13 @@ def _base():
     # [B_local, chunk_size]; the sigmoid loss is always [B_local, B_local].
     config.loss = ml_collections.ConfigDict(dict(kind="softmax", chunk_size=0))
 
+    # Distillation (OpenCLIP's --distill-model): a frozen teacher, a training workdir
+    # or ARCHITECTURE:WEIGHTS (a zoo name and a clip_jax.convert directory or a
+    # PyTorch file), adds weight x OpenCLIP's distillation term to the contrastive
+    # loss; dtype: the teacher's parameters and compute ("float32" or "bfloat16").
+    # "" trains without one.
+    config.distill = ml_collections.ConfigDict(dict(teacher="", weight=1.0, dtype="float32"))
+
     # Fine-tuning: start from weights written by `python -m clip_jax.convert` or from a
     # training workdir (its latest checkpoint); None trains from scratch. A run whose
     # own --workdir holds checkpoints resumes from those instead.
