@@ -6,6 +6,15 @@ import tempfile
 
 from clip_jax import cpu_devices
 
+# Compiling dominates the suite on 2 cores, and LLVM's optimisation of XLA:CPU's
+# generated code is most of it: the tests build the code at -O0 (the trainer
+# processes they start inherit the flag). The HLO, the partitioning and so what
+# each program computes are XLA's own either way; tests/test_train_step.py and
+# tests/test_microbatches.py ran in 149 s at -O0 against 322 s at the default
+# (2-core x86_64 VM, c8dc5df). Benchmarks never run under this file.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]))
 # Before JAX starts its backend; a process that chose its own device count (the
 # multi-host workers) keeps it.
 cpu_devices.request(8)

@@ -108,7 +108,7 @@ def test_splash_attention_is_refused_on_a_gpu(monkeypatch):
     ("--config.optimizer.lrr=0.1", "lrr"),
 ])
 def test_command_line_errors_are_one_line_before_any_compile(flag, message, tmp_path):
-    env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(8),
+    env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(8, os.environ.get("XLA_FLAGS", "")),
                TF_CPP_MIN_LOG_LEVEL="3", JAX_LOG_COMPILES="1")
     result = subprocess.run(
         [sys.executable, "-m", "clip_jax.train", "--workdir", str(tmp_path), flag],

@@ -70,7 +70,7 @@ def test_training_writes_metrics_checkpoints_tensorboard_and_evals_the_cli_repea
 def _check_the_evaluate_cli_gives_the_logged_numbers(workdir, logged, tmp_path):
     """Same checkpoint, same evaluators, another process: the same numbers."""
     output, report = str(tmp_path / "eval.json"), str(tmp_path / "report")
-    env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(8),
+    env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(8, os.environ.get("XLA_FLAGS", "")),
                TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
     done = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "--workdir", workdir,
                            "--output", output, "--report", report],

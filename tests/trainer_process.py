@@ -24,7 +24,7 @@ def launch_trainer(workdir, data_dir, devices=8, extra_flags=(), config=None):
     """Starts `python -m clip_jax.train` on TINY_RUN updated with `config`
     ({dotted key: value}) on `devices` CPU devices."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=cpu_devices.xla_flags(devices),
+               XLA_FLAGS=cpu_devices.xla_flags(devices, os.environ.get("XLA_FLAGS", "")),
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     config = {**TINY_RUN, **(config or {})}
     command = [sys.executable, "-m", "clip_jax.train", "--workdir", str(workdir),
