@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from clip_jax import cpu_devices
 from configs import sweeps
 from configs.clip import get_sweep
 from launch import ablation, sweep, sweep_plan
@@ -127,7 +128,9 @@ def test_sweep_trains_every_run_then_collects_a_table(tmp_path, shrunk_data_dir,
     """The lr_batch sweep on the tiny trainer, 2 steps a run. A setting that only
     the batch-128 runs accept fails the two batch-64 runs: the sweep goes on and
     reports them; a re-run trains those two and skips the finished ones."""
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    # One device per run; the suite's other XLA flags (tests/conftest.py builds the
+    # code at -O0, which compiling dominates) stay.
+    monkeypatch.setenv("XLA_FLAGS", cpu_devices.xla_flags(1, os.environ.get("XLA_FLAGS", "")))
     monkeypatch.setenv("PYTHONPATH", REPO)
     # The runs share their eval programs (and same-batch runs more): compile them once.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
