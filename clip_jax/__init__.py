@@ -18,7 +18,7 @@ import importlib
 # Public name -> (module, attribute in it; None: the module itself).
 _LAZY = {
     "MODEL_NAMES": ("clip_jax.models.zoo", "MODEL_NAMES"),
-    "create_model": ("clip_jax.models.clip", "create_model"),
+    "create_model": ("clip_jax.models.named", "create_model"),
     "convert": ("clip_jax.convert", None),
     "load": ("clip_jax.pretrained", "load"),
     "tokenize": ("clip_jax.tokenizer", "tokenize"),

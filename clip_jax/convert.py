@@ -30,6 +30,7 @@ from clip_jax import variables as variables_lib
 from clip_jax.models import zoo
 from clip_jax.pytree import get_path, set_path
 from clip_jax.models.clip import CLIP
+from clip_jax.models.coca import CoCa
 from clip_jax.models.transformer import stack_layers, unstack_layers
 
 # Keys in OpenAI/OpenCLIP files that are not weights (OpenAI's TorchScript archives
@@ -121,25 +122,46 @@ def _attention(torch_key, path, heads):
     ]
 
 
+def _block(torch_block, flax_block, heads, cross_attention=False):
+    """A ResidualAttentionBlock (with ln_1_kv when it cross-attends)."""
+    return (_layer_norm(f"{torch_block}.ln_1", flax_block + ("ln_1",))
+            + (_layer_norm(f"{torch_block}.ln_1_kv", flax_block + ("ln_1_kv",))
+               if cross_attention else [])
+            + _attention(f"{torch_block}.attn", flax_block + ("attn",), heads)
+            + _layer_norm(f"{torch_block}.ln_2", flax_block + ("ln_2",))
+            + _linear(f"{torch_block}.mlp.c_fc", flax_block + ("c_fc",))
+            + _linear(f"{torch_block}.mlp.c_proj", flax_block + ("c_proj",)))
+
+
 def _transformer(torch_key, path, layers, heads):
-    rules = []
-    for i in range(layers):
-        block, flax_block = f"{torch_key}.resblocks.{i}", path + (f"resblocks_{i}",)
-        rules += (_layer_norm(f"{block}.ln_1", flax_block + ("ln_1",))
-                  + _attention(f"{block}.attn", flax_block + ("attn",), heads)
-                  + _layer_norm(f"{block}.ln_2", flax_block + ("ln_2",))
-                  + _linear(f"{block}.mlp.c_fc", flax_block + ("c_fc",))
-                  + _linear(f"{block}.mlp.c_proj", flax_block + ("c_proj",)))
-    return rules
+    return [rule for i in range(layers)
+            for rule in _block(f"{torch_key}.resblocks.{i}", path + (f"resblocks_{i}",), heads)]
+
+
+def _attentional_pooler(torch_key, path, heads):
+    """OpenCLIP's AttentionalPooler: its nn.MultiheadAttention has separate q/k/v
+    weights (the keys' width differs from the queries') and one packed bias."""
+    attention, flax_attention = f"{torch_key}.attn", path + ("attn",)
+    rules = _same(f"{torch_key}.query", path + ("query",))
+    for name, flax_name in (("q", "query"), ("k", "key"), ("v", "value")):
+        rules += [Rule(f"{attention}.{name}_proj_weight", (flax_attention + (flax_name, "kernel"),),
+                       lambda t: (_heads_in(t, heads),), lambda f: _heads_out(f[0]))]
+    packed = _attention(attention, flax_attention, heads)
+    rules += [rule for rule in packed if not rule.torch_key.endswith("in_proj_weight")]
+    return (rules + _layer_norm(f"{torch_key}.ln_q", path + ("ln_q",))
+            + _layer_norm(f"{torch_key}.ln_k", path + ("ln_k",)))
 
 
 def _vit_rules(image):
     v = ("params", "visual")
+    pool = (_attentional_pooler("visual.attn_pool", v + ("attn_pool",), image.pool_heads)
+            if image.get("pool_queries", 0) else [])
     return (_conv("visual.conv1.weight", v + ("conv1",))
             + _same("visual.class_embedding", v + ("class_embedding",))
             + _same("visual.positional_embedding", v + ("positional_embedding",))
             + _layer_norm("visual.ln_pre", v + ("ln_pre",))
             + _transformer("visual.transformer", v + ("transformer",), image.layers, image.heads)
+            + pool
             + _layer_norm("visual.ln_post", v + ("ln_post",))
             + _projection("visual.proj", v + ("proj",)))
 
@@ -178,13 +200,29 @@ def _resnet_rules(image):
     return rules
 
 
-def _text_rules(text):
+def _text_rules(text, prefix=""):
+    """CLIP's text tower keys, at the state dict's top level (CLIP) or under
+    `prefix` "text." (CoCa, whose text tower is a module of its own)."""
     t = ("params", "text")
-    return (_same("token_embedding.weight", t + ("token_embedding",))
-            + _same("positional_embedding", t + ("positional_embedding",))
-            + _transformer("transformer", t + ("transformer",), text.layers, text.heads)
-            + _layer_norm("ln_final", t + ("ln_final",))
-            + _projection("text_projection", t + ("text_projection",)))
+    cls = _same(f"{prefix}cls_emb", t + ("cls_emb",)) if text.get("embed_cls", False) else []
+    return (_same(f"{prefix}token_embedding.weight", t + ("token_embedding",))
+            + _same(f"{prefix}positional_embedding", t + ("positional_embedding",))
+            + cls
+            + _transformer(f"{prefix}transformer", t + ("transformer",), text.layers, text.heads)
+            + _layer_norm(f"{prefix}ln_final", t + ("ln_final",))
+            + _projection(f"{prefix}text_projection", t + ("text_projection",)))
+
+
+def _decoder_rules(decoder):
+    """CoCa's multimodal decoder, OpenCLIP's `text_decoder`."""
+    d = ("params", "decoder")
+    rules = []
+    for i in range(decoder.layers):
+        rules += _block(f"text_decoder.resblocks.{i}", d + (f"resblocks_{i}",), decoder.heads)
+        rules += _block(f"text_decoder.cross_attn.{i}", d + (f"cross_attn_{i}",), decoder.heads,
+                        cross_attention=True)
+    return (rules + _layer_norm("text_decoder.ln_final", d + ("ln_final",))
+            + _projection("text_decoder.text_projection", d + ("text_projection",)))
 
 
 def rules_for(model_config: ml_collections.ConfigDict) -> list:
@@ -194,8 +232,12 @@ def rules_for(model_config: ml_collections.ConfigDict) -> list:
         raise ConversionError(f"config.model.text_encoder={text_encoder!r}: OpenCLIP has "
                               "CLIP's Transformer text tower only")
     image_rules = {"vit": _vit_rules, "resnet": _resnet_rules}[model_config.image.kind]
-    rules = _text_rules(model_config.text)
-    rules = rules[:2] + image_rules(model_config.image) + rules[2:]
+    if "decoder" in model_config:  # CoCa
+        rules = (_text_rules(model_config.text, prefix="text.") + image_rules(model_config.image)
+                 + _decoder_rules(model_config.decoder))
+    else:
+        rules = _text_rules(model_config.text)
+        rules = rules[:2] + image_rules(model_config.image) + rules[2:]
     rules += _same("logit_scale", ("params", "logit_scale"))
     if model_config.logit_bias_init is not None:
         rules += _same("logit_bias", ("params", "logit_bias"))
@@ -232,7 +274,8 @@ def _relayout(variables, model_config, convert_stack):
 
 def abstract_variables(model_config):
     """Flax variable shapes of an architecture, without allocating them."""
-    return variables_lib.abstract_variables(CLIP(model_config))
+    model_class = CoCa if "decoder" in model_config else CLIP
+    return variables_lib.abstract_variables(model_class(model_config))
 
 
 # ---------------------------------------------------------------- reading files
@@ -386,15 +429,15 @@ def to_torch(variables: Mapping, model) -> dict:
 
 def _check_trained_as_clip(path):
     """ConversionError unless `path`, when it is a training workdir, trained the
-    contrastive objective with the Transformer text tower (OpenCLIP's model)."""
+    contrastive (or CoCa) objective with the Transformer text tower (OpenCLIP's models)."""
     from clip_jax import run_config  # noqa: PLC0415 (TensorFlow's gfile; from_torch needs none)
     try:
         config = run_config.read(path)
     except ValueError:
         return  # no config.json: a clip_jax.convert output, which is CLIP by construction
-    if config.objective != "contrastive":
+    if config.objective not in ("contrastive", "coca"):
         raise ConversionError(f"{path} was trained with config.objective={config.objective!r}; "
-                              "OpenCLIP holds contrastive models only")
+                              "OpenCLIP holds contrastive models (CLIP, CoCa) only")
     rules_for(config.model)  # raises for a bag-of-words text tower
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from clip_jax import checkpoint, convert
 from clip_jax.models import CLIP
-from clip_jax.models.clip import create_model
+from clip_jax.models.named import create_model
 from clip_jax.train import _initialise_from
 from clip_jax.train_step import setup_training
 from tests.conftest import small_config

@@ -11,7 +11,6 @@ import ml_collections
 
 from clip_jax.models.bag_of_words import BagOfWordsText
 from clip_jax.models.image_towers import image_tower
-from clip_jax.models import zoo
 from clip_jax.models.text import TextTransformer
 
 
@@ -31,6 +30,7 @@ def _transformer_text(cfg, dtype):
         layers=text.layers, heads=text.heads, embed_dim=cfg.embed_dim,
         activation=cfg.activation, mlp_ratio=text.mlp_ratio, dtype=dtype,
         scan_layers=cfg.scan_layers, remat=cfg.remat, attention=cfg.get("attention", "xla"),
+        embed_cls=text.get("embed_cls", False), cls_mask=text.get("cls_mask", "legacy"),
         name="text")
 
 
@@ -111,11 +111,3 @@ class CLIP(nn.Module):
     def __call__(self, images, tokens, train=False, patch_keep=None):
         return (*self.embed(images, tokens, train, patch_keep), *self.logit_params())
 
-
-def create_model(name: str, **overrides) -> CLIP:
-    """The flax CLIP Module of a preset (models/zoo.py); `overrides` set top-level
-    model keys (e.g. dtype)."""
-    config = zoo.model_config(name)
-    config.lock()  # a misspelt override raises instead of adding a key
-    config.update(overrides)
-    return CLIP(config)

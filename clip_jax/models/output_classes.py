@@ -47,3 +47,16 @@ def token_classes(ids, vocab_size):
     """int32 [vocab_size]: the output class of every token id (listed ids get
     0..K-1 in order, all others K, "other"; with no ids the id itself)."""
     return _token_classes(tuple(int(i) for i in ids), vocab_size)
+
+
+def class_token_ids(ids, vocab_size):
+    """int32 [head_size]: the token id each output class stands for, -1 for the
+    classes that stand for none ("other", and the padding up to head_size): the
+    inverse of token_classes, for decoding predictions back into tokens."""
+    ids = tuple(int(i) for i in ids)
+    table = np.full(head_size(ids, vocab_size), -1, np.int32)
+    if ids:
+        table[:len(ids)] = ids
+    else:
+        table[:vocab_size] = np.arange(vocab_size, dtype=np.int32)
+    return table

@@ -1,10 +1,14 @@
-"""CLIP's causal text Transformer, pooled at the end-of-text token."""
+"""CLIP's causal text Transformer, pooled at the end-of-text token (or, for
+CoCa, at a learned class token appended after the caption)."""
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from clip_jax.models.partitioning import POOLED, TOKENS, constrain
 from clip_jax.models.transformer import LayerNorm, Transformer, embed_tokens, normal
+
+# config.model.text.cls_mask: where CoCa's padding mask sits (TextTransformer).
+CLS_MASKS = ("legacy", "correct")
 
 
 class TextTransformer(nn.Module):
@@ -15,6 +19,16 @@ class TextTransformer(nn.Module):
     The representation is the final LayerNorm's output at the end-of-text token,
     which is the highest id in each row (CLIP's tokenizer gives it id
     vocab_size - 1), so argmax finds it without a separate length input.
+
+    `embed_cls` (CoCa, OpenCLIP's `embed_cls`): a learned class token is appended
+    at position context_length (the tokens are zero-padded to context_length
+    first, so the embedding does not depend on how a caller padded them), the
+    padding is masked out of every key, and the representation is the class
+    token's output. `cls_mask` places the key mask as OpenCLIP does: "legacy"
+    (its default, which its released CoCa weights were trained with) shifts it
+    one position to the right, "correct" masks exactly the padding.
+    With `return_tokens` the call returns (embeddings, token outputs [B, L, width]
+    before the final LayerNorm), what CoCa's decoder reads.
     """
 
     context_length: int
@@ -29,13 +43,17 @@ class TextTransformer(nn.Module):
     scan_layers: bool = False  # see Transformer
     remat: str = "none"
     attention: str = "xla"  # models.transformer.ATTENTION_IMPLEMENTATIONS
+    embed_cls: bool = False
+    cls_mask: str = "legacy"  # CLS_MASKS
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, return_tokens=False):
         length = tokens.shape[1]
         if length > self.context_length:
             raise ValueError(f"tokens of shape {tokens.shape} are longer than "
                              f"context_length={self.context_length}")
+        if self.embed_cls:
+            return self._class_token_pooled(tokens, return_tokens)
         token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
@@ -52,3 +70,31 @@ class TextTransformer(nn.Module):
         projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
                                 (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ projection
+
+    def _class_token_pooled(self, tokens, return_tokens):
+        if self.cls_mask not in CLS_MASKS:
+            raise ValueError(f"config.model.text.cls_mask={self.cls_mask!r} is unknown; "
+                             f"choose one of {', '.join(CLS_MASKS)}")
+        tokens = jnp.pad(tokens, ((0, 0), (0, self.context_length - tokens.shape[1])))
+        token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
+                                     (self.vocab_size, self.width))
+        positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
+                               (self.context_length + 1, self.width))
+        class_embedding = self.param("cls_emb", normal(0.01, ("embed",)), (self.width,))
+        batch = tokens.shape[0]
+        x = jnp.concatenate([embed_tokens(token_embedding, tokens),
+                             jnp.broadcast_to(class_embedding, (batch, 1, self.width))], axis=1)
+        x = constrain((x + positions).astype(self.dtype), TOKENS)  # [B, L+1, D]
+        present, always = tokens != 0, jnp.ones((batch, 1), bool)
+        key_mask = jnp.concatenate([always, present] if self.cls_mask == "legacy"
+                                   else [present, always], axis=1)  # [B, L+1]
+        outputs = Transformer(
+            self.layers, self.heads, causal=True, activation=self.activation,
+            mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
+            remat=self.remat, attention=self.attention, name="transformer")(
+                x, key_mask=key_mask)
+        pooled = LayerNorm(name="ln_final")(constrain(outputs[:, -1], POOLED))
+        projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
+                                (self.width, self.embed_dim))
+        embeddings = pooled.astype(jnp.float32) @ projection
+        return (embeddings, outputs[:, :-1]) if return_tokens else embeddings

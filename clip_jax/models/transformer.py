@@ -227,12 +227,17 @@ def attention_implementation(name, dtype):
     return name
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention; [B, T, D] -> [B, T, D], or [B, 1, D] for the
-    queries at `query_positions` [B] only (keys and values from every token).
+class Attention(nn.Module):
+    """Multi-head attention; x [B, T, D] -> [B, T, D], or [B, 1, D] for the queries
+    at `query_positions` [B] only (keys and values from every token).
+
+    Keys and values come from `context` [B, S, C] when given (cross-attention,
+    e.g. CoCa's decoder reading the image tokens), else from x (self-attention);
+    `key_mask` bool [B, S] hides the keys where it is False (padding).
 
     `attention` (ATTENTION_IMPLEMENTATIONS) computes the full-sequence attention;
-    the single pooled query attends with XLA's, which takes its per-row mask."""
+    the single pooled query, and any masked attention, use XLA's, which takes a
+    per-row mask (splash's padding is per sequence length, not per example)."""
 
     heads: int
     causal: bool
@@ -242,7 +247,7 @@ class SelfAttention(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x, query_positions=None):
+    def __call__(self, x, query_positions=None, context=None, key_mask=None):
         width = x.shape[-1]
         head_dim = width // self.heads
 
@@ -251,20 +256,24 @@ class SelfAttention(nn.Module):
                                           ("embed", "heads", "kv"), dtype=self.dtype,
                                           name=name)(inputs), PER_HEAD)
 
-        key, value = project("key", x), project("value", x)  # [B, T, N, H]
+        sources = x if context is None else context
+        key, value = project("key", sources), project("value", sources)  # [B, S, N, H]
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
         if query_positions is None:
             query = project("query", x)
             implementation = attention_implementation(self.attention, self.dtype)
-            if implementation == "splash":
+            if implementation == "splash" and mask is None:
                 attended = splash_attention(query, key, value, causal=self.causal)
             else:
-                attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal,
-                                                        implementation=implementation)
+                attended = jax.nn.dot_product_attention(
+                    query, key, value, mask=mask, is_causal=self.causal,
+                    implementation=None if implementation == "splash" else implementation)
         else:
             query = project("query", take_tokens(x, query_positions))  # [B, 1, N, H]
             # A causal query sees the keys up to its own position.
-            mask = (jnp.arange(x.shape[1]) <= query_positions[:, None, None, None]
-                    if self.causal else None)  # [B, 1, 1, T]
+            if self.causal:
+                seen = jnp.arange(sources.shape[1]) <= query_positions[:, None, None, None]
+                mask = seen if mask is None else mask & seen  # [B, 1, 1, S]
             attended = jax.nn.dot_product_attention(query, key, value, mask=mask)
         # With heads split over `tensor` this is Megatron's row-parallel matmul: the
         # partial sums meet in one all-reduce, at the residual stream's constraint.
@@ -275,7 +284,11 @@ class SelfAttention(nn.Module):
 
 class ResidualBlock(nn.Module):
     """x + attn(ln_1(x)), then + mlp(ln_2(x)), as in CLIP's ResidualAttentionBlock;
-    [B, T, D] -> [B, T, D], or [B, 1, D]: the outputs at `query_positions` [B] only."""
+    [B, T, D] -> [B, T, D], or [B, 1, D]: the outputs at `query_positions` [B] only.
+
+    `cross_attention`: the block attends to `context` [B, S, D] (normalised by its
+    own `ln_1_kv`), as OpenCLIP's cross-attention blocks in CoCa's decoder do;
+    `key_mask` bool [B, S]: the keys (of x, or of the context) attended to."""
 
     heads: int
     layers: int  # depth of the whole stack, for the residual-branch init scale
@@ -284,9 +297,10 @@ class ResidualBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    cross_attention: bool = False
 
     @nn.compact
-    def __call__(self, x, query_positions=None):
+    def __call__(self, x, query_positions=None, key_mask=None, context=None):
         width = x.shape[-1]
         hidden = int(width * self.mlp_ratio)
         # CLIP's init: residual-branch outputs shrink with depth so the stream stays O(1).
@@ -295,14 +309,28 @@ class ResidualBlock(nn.Module):
         fc_std = (2 * width) ** -0.5
 
         x = constrain(x, TOKENS)
-        attended = SelfAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
-                                 self.attention, name="attn")(LayerNorm(name="ln_1")(x), query_positions)
+        if self.cross_attention:
+            context = constrain(LayerNorm(name="ln_1_kv")(context), TOKENS)
+        attended = Attention(self.heads, self.causal, attn_std, proj_std, self.dtype,
+                             self.attention, name="attn")(
+            LayerNorm(name="ln_1")(x), query_positions, context, key_mask)
         x = (x if query_positions is None else take_tokens(x, query_positions)) + attended
         h = Dense(hidden, fc_std, ("embed", "mlp"), self.dtype, name="c_fc")(
             LayerNorm(name="ln_2")(x))
         h = activation_fn(self.activation)(constrain(h, HIDDEN))
         h = Dense(width, proj_std, ("mlp", "embed"), self.dtype, name="c_proj")(h)
         return constrain(x + h, TOKENS)
+
+
+def remat_block(remat, scanned):
+    """ResidualBlock, wrapped in nn.remat with config.model.remat's policy
+    (REMAT_NAMES) unless that is "none"; `scanned`: the blocks run under lax.scan."""
+    policy = remat_policy(remat)
+    if policy is None:
+        return ResidualBlock
+    # Under scan the loop boundary already stops XLA from merging the
+    # recomputation with the forward pass, so CSE prevention is not needed.
+    return nn.remat(ResidualBlock, policy=policy, prevent_cse=not scanned)
 
 
 class Transformer(nn.Module):
@@ -330,23 +358,19 @@ class Transformer(nn.Module):
     attention: str = "xla"  # ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
-    def __call__(self, x, pool_positions=None):
-        block_class = ResidualBlock
-        policy = remat_policy(self.remat)
-        if policy is not None:
-            # Under scan the loop boundary already stops XLA from merging the
-            # recomputation with the forward pass, so CSE prevention is not needed.
-            block_class = nn.remat(ResidualBlock, policy=policy,
-                                   prevent_cse=not self.scan_layers)
+    def __call__(self, x, pool_positions=None, key_mask=None):
+        """key_mask bool [B, T]: the tokens attended to (None: all)."""
+        block_class = remat_block(self.remat, self.scan_layers)
         block_args = (self.heads, self.layers, self.causal, self.activation, self.mlp_ratio,
                       self.dtype, self.attention)
         full_blocks = self.layers if pool_positions is None else self.layers - 1
         if not self.scan_layers:
             for i in range(full_blocks):
-                x = block_class(*block_args, name=f"resblocks_{i}")(x)
+                x = block_class(*block_args, name=f"resblocks_{i}")(x, None, key_mask)
             if pool_positions is None:
                 return x
-            return block_class(*block_args, name=f"resblocks_{full_blocks}")(x, pool_positions)[:, 0]
+            return block_class(*block_args, name=f"resblocks_{full_blocks}")(
+                x, pool_positions, key_mask)[:, 0]
 
         # The blocks' parameters, stacked, are one parameter of this module (the
         # layout nn.scan would give), so that the pooled last block can apply the
@@ -362,12 +386,13 @@ class Transformer(nn.Module):
 
         stacked = self.param(SCANNED_BLOCKS, init_stacked)
         looped = stacked if pool_positions is None else jax.tree.map(lambda p: p[:-1], stacked)
-        x, _ = jax.lax.scan(lambda carry, params: (block.apply({"params": params}, carry), None),
-                            x, looped)
+        x, _ = jax.lax.scan(
+            lambda carry, params: (block.apply({"params": params}, carry, None, key_mask), None),
+            x, looped)
         if pool_positions is None:
             return x
         last = jax.tree.map(lambda p: p[-1], stacked)
-        return block.apply({"params": last}, x, pool_positions)[:, 0]
+        return block.apply({"params": last}, x, pool_positions, key_mask)[:, 0]
 
 
 def stack_layers(transformer_params):

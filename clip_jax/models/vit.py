@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.partitioning import POOLED, TOKENS, compute_weight, constrain
-from clip_jax.models.transformer import LayerNorm, Transformer, normal
+from clip_jax.models.transformer import Attention, LayerNorm, Transformer, normal
 
 
 def patch_grid(images, patch_size):
@@ -71,12 +71,40 @@ class PatchEmbedding(nn.Module):
         return patches @ compute_weight(kernel, kernel_axes, self.dtype).reshape(-1, self.width)
 
 
+class AttentionalPooler(nn.Module):
+    """Tokens [B, T, C] -> [B, queries, width]: learned queries (LayerNormed)
+    attend to the LayerNormed tokens, OpenCLIP's AttentionalPooler (CoCa's image
+    pooling; Yu et al. 2022, "attentional poolers")."""
+
+    queries: int
+    width: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        # OpenCLIP's queries start at unit scale; their LayerNorm sets the scale anyway.
+        query = self.param("query", normal(1.0, (None, "embed")), (self.queries, self.width))
+        query = LayerNorm(name="ln_q")(query.astype(self.dtype))
+        tokens = LayerNorm(name="ln_k")(tokens)
+        queries = constrain(jnp.broadcast_to(query, (tokens.shape[0], *query.shape)), TOKENS)
+        return Attention(self.heads, causal=False, in_std=tokens.shape[-1] ** -0.5,
+                         out_std=self.width ** -0.5, dtype=self.dtype, name="attn")(
+            queries, context=tokens)
+
+
 class VisionTransformer(nn.Module):
     """Images [B, H, W, 3] (CLIP-normalised) -> projected embeddings [B, embed_dim].
 
     Patch conv without bias, class token, learned positions, an extra LayerNorm
     before the Transformer (CLIP's one change to ViT), LayerNorm on the class
     token, and a bias-free linear projection into the joint space.
+
+    With `pool_queries` > 0 (CoCa, OpenCLIP's `attentional_pool`) an
+    AttentionalPooler of that many queries reads every output token instead,
+    and the call returns (embeddings [B, embed_dim], image tokens [B,
+    pool_queries - 1, embed_dim]): the first query, LayerNormed and projected,
+    is the embedding, the others, LayerNormed, are what a decoder reads.
     """
 
     image_size: int
@@ -91,6 +119,8 @@ class VisionTransformer(nn.Module):
     scan_layers: bool = False  # see Transformer
     remat: str = "none"
     attention: str = "xla"  # models.transformer.ATTENTION_IMPLEMENTATIONS
+    pool_queries: int = 0
+    pool_heads: int = 8
 
     @nn.compact
     def __call__(self, images, train=False, patch_keep=None):
@@ -121,6 +151,8 @@ class VisionTransformer(nn.Module):
         tokens = jnp.concatenate([class_tokens, tokens + patch_positions], axis=1)
 
         tokens = constrain(LayerNorm(name="ln_pre")(tokens), TOKENS)
+        if self.pool_queries:
+            return self._attention_pooled(tokens)
         class_outputs = Transformer(  # the class token's, [B, D]
             self.layers, self.heads, causal=False, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
@@ -129,3 +161,16 @@ class VisionTransformer(nn.Module):
         pooled = LayerNorm(name="ln_post")(constrain(class_outputs, POOLED))
         proj = self.param("proj", normal(scale, ("embed", "joint")), (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ proj
+
+    def _attention_pooled(self, tokens):
+        """(embeddings [B, E], image tokens [B, Q-1, E]) of the ln_pre'd tokens."""
+        outputs = Transformer(
+            self.layers, self.heads, causal=False, activation=self.activation,
+            mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
+            remat=self.remat, attention=self.attention, name="transformer")(tokens)
+        pooled = AttentionalPooler(self.pool_queries, self.embed_dim, self.pool_heads,
+                                   self.dtype, name="attn_pool")(outputs)
+        pooled = LayerNorm(name="ln_post")(pooled)  # [B, Q, E]
+        proj = self.param("proj", normal(self.width ** -0.5, ("embed", "joint")),
+                          (self.embed_dim, self.embed_dim))
+        return pooled[:, 0].astype(jnp.float32) @ proj, pooled[:, 1:]

@@ -49,12 +49,35 @@ _ARCHITECTURES = {
     "RN50x64": (1024, _resnet((3, 15, 36, 10), 128, 448), _text(1024, 16)),
 }
 
-MODEL_NAMES = tuple(name + suffix for name in _ARCHITECTURES for suffix in ("", QUICKGELU_SUFFIX))
+
+def _coca(embed_dim, image, text, decoder_heads, decoder_layers=12, pool_heads=8):
+    """CoCa's towers (OpenCLIP's coca_*.json): the image tower pools with 256
+    learned queries, the text tower (76 caption tokens) with an appended class
+    token; the decoder is as wide as the text tower."""
+    image = dict(image, pool_queries=256, pool_heads=pool_heads)
+    text = dict(text, context_length=76, embed_cls=True, cls_mask="legacy")
+    decoder = dict(layers=decoder_layers, heads=decoder_heads, mlp_ratio=4.0)
+    return embed_dim, image, text, decoder
 
 
-def build_model_config(image, text, embed_dim, activation):
-    """config.model from tower dicts; the shared fields get their defaults here."""
+# name -> (embed_dim, image tower, text tower, decoder): CoCa (config.objective="coca").
+_COCA_ARCHITECTURES = {
+    "coca_ViT-B-32": _coca(512, _vit(768, 12, 32), _text(512, 8), decoder_heads=8),
+    "coca_ViT-L-14": _coca(768, _vit(1024, 24, 14), _text(768, 12), decoder_heads=12),
+}
+
+COCA_NAMES = tuple(_COCA_ARCHITECTURES)
+MODEL_NAMES = tuple(name + suffix for name in _ARCHITECTURES
+                    for suffix in ("", QUICKGELU_SUFFIX)) + COCA_NAMES
+
+
+def build_model_config(image, text, embed_dim, activation, decoder=None):
+    """config.model from tower dicts; the shared fields get their defaults here.
+    `decoder` (CoCa's multimodal decoder: layers, heads, mlp_ratio) adds
+    config.model.decoder."""
+    extra = {} if decoder is None else {"decoder": dict(decoder)}
     return ml_collections.ConfigDict(dict(
+        **extra,
         image=dict(image),  # keys depend on image.kind (vit | resnet)
         text=dict(text),
         embed_dim=embed_dim,
@@ -91,7 +114,10 @@ def build_model_config(image, text, embed_dim, activation):
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:
-    """config.model of a preset, e.g. 'ViT-B-32' or 'RN50-quickgelu'."""
+    """config.model of a preset, e.g. 'ViT-B-32', 'RN50-quickgelu' or 'coca_ViT-B-32'."""
+    if name in _COCA_ARCHITECTURES:
+        embed_dim, image, text, decoder = _COCA_ARCHITECTURES[name]
+        return build_model_config(image, text, embed_dim, "gelu", decoder)
     base = name.removesuffix(QUICKGELU_SUFFIX)
     if base not in _ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
