@@ -223,6 +223,31 @@ def _check_objective(config):
                  f"config.lock_{tower}=True: config.objective={objective.name!r} has no "
                  f"{tower} tower to lock")
     _check_distill(config, objective)
+    _check_coca(config, objective)
+
+
+def _check_coca(config, objective):
+    """A CoCa model exactly when config.objective is "coca"."""
+    model = config.model
+    has_decoder = "decoder" in model
+    if objective.name != "coca":
+        _require(not has_decoder, f"config.model has a CoCa decoder; train it with "
+                                  f"config.objective='coca', not {objective.name!r}")
+        return
+    _require(has_decoder and model.image.kind == "vit" and model.image.get("pool_queries", 0) > 1
+             and model.text.get("embed_cls", False),
+             "config.objective='coca' needs a CoCa model config (a ViT pooled by "
+             "model.image.pool_queries > 1, model.text.embed_cls, model.decoder): "
+             "configs/clip.py:coca_tiny or a coca_* zoo name")
+    _require(model.text.width == model.embed_dim,
+             f"config.model.text.width={model.text.width} must equal config.model.embed_dim="
+             f"{model.embed_dim}: CoCa's decoder, as wide as the text tower, reads image "
+             "tokens of the embedding width")
+    _require(model.text.width % model.decoder.heads == 0,
+             f"config.model.decoder.heads={model.decoder.heads} must divide the text width "
+             f"{model.text.width}")
+    for name in ("clip_loss_weight", "caption_loss_weight"):
+        _require(config.coca[name] >= 0, f"config.coca.{name}={config.coca[name]!r} must be >= 0")
 
 
 def _check_distill(config, objective):

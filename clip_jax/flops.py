@@ -151,6 +151,38 @@ def caption_decoder(model_config):
             + matmul(tokens, text_config.width, classes))
 
 
+def coca_image(image, embed_dim):
+    """Forward FLOPs of CoCa's ViT on one image: every block over every token
+    (the pooler reads them all), the attentional pooler (its queries projected
+    per image, keys and values from the tokens) and the first query's projection."""
+    tokens = patch_dropout.kept_patches((image.image_size // image.patch_size) ** 2,
+                                        image.get("patch_dropout", 0.0)) + 1
+    queries = image.pool_queries
+    tower = vit_image(image, embed_dim, full_last_block=True) - matmul(1, image.width, embed_dim)
+    pooler = (matmul(queries, embed_dim, embed_dim) + 2 * matmul(tokens, image.width, embed_dim)
+              + 2 * matmul(queries, embed_dim, tokens) + matmul(queries, embed_dim, embed_dim))
+    return tower + pooler + matmul(1, embed_dim, embed_dim)
+
+
+def coca_text_and_decoder(model_config):
+    """(text tower, decoder) forward FLOPs of CoCa on one caption: the text tower
+    over context_length tokens plus its class token, every block in full; the
+    decoder over context_length - 1 positions, each layer a causal block and a
+    cross-attention block on the pool_queries - 1 image tokens, then the head."""
+    text_config, decoder = model_config.text, model_config.decoder
+    width, tokens = text_config.width, text_config.context_length
+    text_flops = (transformer_tower(tokens + 1, text_config, full_last_block=True)
+                  + matmul(1, width, model_config.embed_dim))
+    positions, image_tokens = tokens - 1, model_config.image.pool_queries - 1
+    hidden = int(width * decoder.mlp_ratio)
+    cross = (2 * matmul(image_tokens, width, width) + 2 * matmul(positions, width, width)
+             + 2 * matmul(positions, width, image_tokens)
+             + matmul(positions, width, hidden) + matmul(positions, hidden, width))
+    classes = output_classes.head_size(model_config.output_vocab, text_config.vocab_size)
+    layer = transformer_block(positions, width, decoder.heads, decoder.mlp_ratio) + cross
+    return text_flops, decoder.layers * layer + matmul(positions, width, classes)
+
+
 # config.model.image.kind -> FLOPs of the image tower on one image.
 IMAGE_TOWERS = {"vit": vit_image, "resnet": resnet_image}
 
@@ -169,6 +201,10 @@ def _objective_parts(objective, model_config, global_batch, full_last_block):
         return {"head": global_batch * matmul(1, embed_dim, classes)}
     if objective == "caption_lm":
         return {"text": global_batch * caption_decoder(model_config)}
+    if objective == "coca":
+        text_flops, decoder_flops = coca_text_and_decoder(model_config)
+        return {"text": global_batch * text_flops, "decoder": global_batch * decoder_flops,
+                "loss": contrastive_logits(global_batch, embed_dim)}
     if objective != "contrastive":
         raise NotImplementedError(f"no FLOP count for config.objective={objective!r}")
     if model_config.text_encoder == "bag_of_words":
@@ -193,7 +229,8 @@ def teacher_flops(teacher_config, global_batch, image_size):
 def train_step_flops(model_config, global_batch, locked=(), full_last_block=False,
                      objective="contrastive", teacher_config=None):
     """{"image", then the objective's parts ("text" and "loss" for contrastive,
-    "head" for bow_predict, "text" (the caption decoder) for caption_lm): forward
+    "head" for bow_predict, "text" (the caption decoder) for caption_lm, "text",
+    "decoder" and "loss" for coca): forward
     FLOPs of the global batch; "forward": their sum; "train_step": forward +
     backward} for config.model. `locked` names towers ("image", "text") that get
     no backward pass; full_last_block: see the module docstring. With a
@@ -202,7 +239,9 @@ def train_step_flops(model_config, global_batch, locked=(), full_last_block=Fals
     if kind not in IMAGE_TOWERS:
         raise NotImplementedError(f"no FLOP count for config.model.image.kind={kind!r}; "
                                   f"known: {', '.join(IMAGE_TOWERS)}")
-    image_flops = IMAGE_TOWERS[kind](model_config.image, model_config.embed_dim, full_last_block)
+    image_flops = (coca_image(model_config.image, model_config.embed_dim) if objective == "coca"
+                   else IMAGE_TOWERS[kind](model_config.image, model_config.embed_dim,
+                                           full_last_block))
     parts = {"image": global_batch * image_flops,
              **_objective_parts(objective, model_config, global_batch, full_last_block)}
     if teacher_config is not None:

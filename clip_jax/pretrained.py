@@ -3,6 +3,7 @@
   clip = clip_jax.load("/tmp/clip_tiny")                     # a training workdir
   clip = clip_jax.load("ViT-B-32-quickgelu", "ViT-B-32.pt")  # released weights
   probabilities = clip.classify(images, ["cat", "dog"])      # PIL images or uint8 arrays
+  captions = clip.caption(images)                            # CoCa models
 """
 
 import dataclasses
@@ -13,7 +14,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from clip_jax import checkpoint, convert, objectives, run_config, sharding, sharding_rules
+from clip_jax import (captioning, checkpoint, convert, objectives, run_config, sharding,
+                      sharding_rules)
 from clip_jax import variables as variables_lib
 from clip_jax.data import augment
 from clip_jax.evals.encoders import Encoders
@@ -23,10 +25,11 @@ from clip_jax.models import zoo
 
 def released_config(model_name):
     """The config that loading released weights of a zoo architecture needs:
-    the CLIP objective, the architecture, a data-parallel mesh and the default
-    sharding rules."""
+    its objective (CLIP's, or CoCa's for the coca_* names), the architecture, a
+    data-parallel mesh and the default sharding rules."""
+    model = zoo.model_config(model_name)
     return ml_collections.ConfigDict(dict(
-        objective="contrastive", model=zoo.model_config(model_name),
+        objective="coca" if "decoder" in model else "contrastive", model=model,
         mesh=dict(dcn_data=1, data=-1, fsdp=1, tensor=1), sharding_rules=sharding_rules.DEFAULT_RULES,
         data=dict(data_dir=ml_collections.FieldReference(None, field_type=str)), evals={}))
 
@@ -99,6 +102,16 @@ class Pretrained:
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits)
         return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+    def caption(self, images, max_len=20):
+        """Greedy captions (strings) of PIL images or uint8 arrays (CoCa models:
+        clip_jax.captioning)."""
+        objective = objectives.of_model(self.model)
+        if objective.name != "coca":
+            raise ValueError(f"caption needs a CoCa model; this one was trained with "
+                             f"config.objective={objective.name!r}")
+        return captioning.captions(self.model, self.variables, self.preprocess(images), max_len)
 
 
 def load(model_or_workdir, weights=None, image_size=None):

@@ -118,7 +118,7 @@ def _merge_microbatches(x, mesh):
     return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
 
 
-def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
+def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None):
     """grads(state, batch) -> (grads, metrics, model_state) with GradCache (Gao et al.
     2021): activations of one micro-batch at a time, the loss over the global batch.
 
@@ -127,7 +127,9 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
        the logit scale / bias.
     3. Re-run each micro-batch under jax.vjp, pulling back its slice of the
        embedding gradient, and sum the parameter gradients.
-    The gradients equal the full-batch ones. BatchNorm (ResNet) normalises with
+    An objective's `example_loss` (CoCa's captioning: a sum over examples) is
+    computed in step 3's forward pass, its gradient pulled back with the
+    embeddings'. The gradients equal the full-batch ones. BatchNorm (ResNet) normalises with
     per-micro-batch statistics and updates its running averages once per
     micro-batch, in order: inherent to GradCache, not equal to k=1.
     """
@@ -166,17 +168,46 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh):
                 image_embeddings, text_embeddings, state.params, teacher)
         # `grads` so far holds the logit scale / bias terms (zero elsewhere).
 
-        def accumulate(grads, inputs):
-            microbatch, embedding_grads = inputs
-            # The running statistics this forward would write are already updated.
-            _, pullback = jax.vjp(
-                lambda params: embed(params, state.model_state, microbatch)[0], state.params)
-            (microbatch_grads,) = pullback(embedding_grads)
-            return jax.tree.map(jnp.add, grads, microbatch_grads), None
-
         embedding_grads = tuple(_split_microbatches(g, num_microbatches, mesh)
                                 for g in (image_grads, text_grads))  # [k, B/k, E] each
-        grads, _ = jax.lax.scan(accumulate, grads, (microbatches, embedding_grads))
+        if example_loss is None:
+            def accumulate(grads, inputs):
+                microbatch, embedding_grads = inputs
+                # The running statistics this forward would write are already updated.
+                _, pullback = jax.vjp(
+                    lambda params: embed(params, state.model_state, microbatch)[0], state.params)
+                (microbatch_grads,) = pullback(embedding_grads)
+                return jax.tree.map(jnp.add, grads, microbatch_grads), None
+
+            grads, _ = jax.lax.scan(accumulate, grads, (microbatches, embedding_grads))
+            return grads, metrics, model_state
+
+        count = example_loss.count(batch)
+
+        def accumulate_with_example_loss(carry, inputs):
+            grads, sums = carry
+            microbatch, embedding_grads = inputs
+
+            def forward(params):
+                embeddings, microbatch_sums, _ = example_loss.forward(
+                    params, state.model_state, microbatch)
+                term = example_loss.weight * microbatch_sums[example_loss.key] / count
+                return (embeddings, term), microbatch_sums
+
+            _, pullback, microbatch_sums = jax.vjp(forward, state.params, has_aux=True)
+            (microbatch_grads,) = pullback((embedding_grads, jnp.ones((), jnp.float32)))
+            return (jax.tree.map(jnp.add, grads, microbatch_grads),
+                    jax.tree.map(jnp.add, sums, microbatch_sums)), None
+
+        zero_sums = jax.tree.map(
+            lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
+            jax.eval_shape(lambda: example_loss.forward(
+                state.params, state.model_state,
+                jax.tree.map(lambda x: x[0], microbatches))[1]))
+        (grads, sums), _ = jax.lax.scan(accumulate_with_example_loss, (grads, zero_sums),
+                                        (microbatches, embedding_grads))
+        means, term = example_loss.metrics(sums, count)
+        metrics.update(means, loss=metrics["loss"] + term)
         return grads, metrics, model_state
 
     return grads
@@ -256,8 +287,9 @@ def gradients(objective, model, mesh, config, teacher_scale=None):
     distilling = {} if teacher_scale is None else {"teacher_scale": teacher_scale}
     if config.microbatches == 1:
         return _full_batch_grads(objective.batch_loss(model, mesh, config, **distilling))
+    example_loss = objective.example_loss and objective.example_loss(model, config)
     return _gradcache_grads(model, objective.embedding_loss(mesh, config, **distilling),
-                            config.microbatches, mesh)
+                            config.microbatches, mesh, example_loss)
 
 
 def jit_train_step(step, shardings, mesh, batch_keys=("images", "tokens")):

@@ -35,6 +35,15 @@ _TINY_MODEL = dict(
     embed_dim=64,
     activation="gelu",
 )
+# CoCa at the tiny size: the tiny towers, the image pooled by 17 queries (its 16
+# patches' worth of tokens, plus the embedding's), the text by a class token, and a
+# 2-layer decoder as wide as the text tower.
+_TINY_COCA_MODEL = dict(
+    _TINY_MODEL,
+    image=dict(_TINY_MODEL["image"], pool_queries=17, pool_heads=2),
+    text=dict(_TINY_MODEL["text"], embed_cls=True, cls_mask="legacy"),
+    decoder=dict(layers=2, heads=2, mlp_ratio=4.0),
+)
 _TINY_RUN = dict(batch_size=128, total_steps=1200, log_every=50, eval_every=300,
                  checkpoint_every=600, optimizer=dict(lr=2e-3, warmup_steps=100))
 
@@ -44,21 +53,25 @@ _PAPER_RUN = dict(batch_size=32768, total_steps=390_625, eval_every=2000, checkp
                   optimizer=dict(lr=5e-4, warmup_steps=2000))
 _PAPER_LR = {"ViT-L-14": 4e-4, "ViT-L-14-336": 4e-4}
 
-# `tiny`, then every model of the zoo by its OpenCLIP name (e.g. ViT-B-32, RN50-quickgelu).
-VARIANTS = ("tiny",) + zoo.MODEL_NAMES
+# `tiny` and `coca_tiny`, then every model of the zoo by its OpenCLIP name (e.g.
+# ViT-B-32, RN50-quickgelu, coca_ViT-B-32); the CoCa ones train config.objective="coca".
+VARIANTS = ("tiny", "coca_tiny") + zoo.MODEL_NAMES
 
 
 def _variant(name):
     """(config.model, run-level settings) of a variant."""
     if name == "tiny":
         return zoo.build_model_config(**_TINY_MODEL), _TINY_RUN
+    if name == "coca_tiny":
+        return zoo.build_model_config(**_TINY_COCA_MODEL), dict(_TINY_RUN, objective="coca")
     lr = _PAPER_LR.get(name.removesuffix(zoo.QUICKGELU_SUFFIX), 5e-4)
     model = zoo.model_config(name)
     # Scanned blocks: compile time independent of depth (ViT-B/32 step: 10 s vs 40 s
     # on CPU), and on XLA:CPU a 1.4x faster step, as unrolled 12-block towers get
     # their residual-gradient sums re-fused into every block's backward.
     model.scan_layers = True
-    return model, dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000))
+    objective = {"objective": "coca"} if name in zoo.COCA_NAMES else {}
+    return model, dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000), **objective)
 
 
 def _base():
@@ -84,8 +97,10 @@ def _base():
     config.max_bad_steps = 10
     # What the image tower learns from the captions (CLIP paper §2.3, Figure 2):
     # "contrastive" (CLIP; text tower config.model.text_encoder), "bow_predict" (the
-    # caption's bag of words from the image) or "caption_lm" (a Transformer decoder
-    # on the image embedding predicts the caption); clip_jax/objectives/.
+    # caption's bag of words from the image), "caption_lm" (a Transformer decoder
+    # on the image embedding predicts the caption) or "coca" (contrastive plus a
+    # captioning decoder on the image tokens; a CoCa model: coca_tiny, coca_ViT-*);
+    # clip_jax/objectives/.
     config.objective = "contrastive"
     # Phases of the run with their own training image size, patch dropout and caption
     # length, e.g. "90%: image_size=112, patch_dropout=0.5, context_length=32; 10%"
@@ -136,6 +151,9 @@ def _base():
     # loss; dtype: the teacher's parameters and compute ("float32" or "bfloat16").
     # "" trains without one.
     config.distill = ml_collections.ConfigDict(dict(teacher="", weight=1.0, dtype="float32"))
+    # CoCa's loss weights (config.objective="coca"; OpenCLIP's --coca-*-loss-weight
+    # defaults): clip x contrastive + caption x the captioning cross-entropy.
+    config.coca = ml_collections.ConfigDict(dict(clip_loss_weight=1.0, caption_loss_weight=2.0))
 
     # Fine-tuning: start from weights written by `python -m clip_jax.convert` or from a
     # training workdir (its latest checkpoint); None trains from scratch. A run whose

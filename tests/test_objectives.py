@@ -22,6 +22,7 @@ from clip_jax.evals.suite import EvalSuite
 from clip_jax.train_step import setup_training
 from launch import sweep
 from tests.conftest import small_config
+from tests.test_coca import small_coca_config
 from tests.test_losses import numpy_clip_loss
 
 # The three new configurations; contrastive with the Transformer is test_train_step's.
@@ -31,11 +32,14 @@ OBJECTIVES = {
     "caption_lm": {"objective": "caption_lm",
                    "model.output_vocab": output_vocab.synthetic_shapes()},
     "contrastive_bow": {"model.text_encoder": "bag_of_words"},
+    # CoCa (tests/test_coca.py's small config), its decoder over the compact vocabulary.
+    "coca": {"model.output_vocab": output_vocab.synthetic_shapes()},
 }
 # A different 8-device mesh for each: data, 3-D (tensor shards the heads' vocab), FSDP.
 MESHES = {"bow_predict": dict(data=8, fsdp=1, tensor=1),
           "caption_lm": dict(data=2, fsdp=2, tensor=2),
-          "contrastive_bow": dict(data=1, fsdp=8, tensor=1)}
+          "contrastive_bow": dict(data=1, fsdp=8, tensor=1),
+          "coca": dict(data=2, fsdp=2, tensor=2)}
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230),
            "white": (240, 240, 240)}
 TASK = ZeroShotTask(class_names=tuple(COLOURS), templates=("a {} square.",))
@@ -67,7 +71,8 @@ def constructed_batch(config, varied=True, seed=0):
 def config_for(name, mesh=None):
     """The test config of an objective, one block per tower (compiles faster)."""
     mesh = mesh or dict(data=1, fsdp=1, tensor=1)
-    return small_config(**OBJECTIVES[name], **{f"mesh.{k}": v for k, v in mesh.items()},
+    build = small_coca_config if name == "coca" else small_config
+    return build(**OBJECTIVES[name], **{f"mesh.{k}": v for k, v in mesh.items()},
                         **{"optimizer.warmup_steps": 0, "model.image.layers": 1,
                            "model.text.layers": 1})
 
@@ -166,6 +171,18 @@ def test_first_step_loss_matches_numpy(name):
         logits = np.asarray(jax.jit(lambda p, e, t: model.apply(
             {"params": p}, e, t, method=model.decode))(params, images, batch["tokens"]))
         expected = numpy_caption_loss(logits, batch["tokens"], classes)
+    elif name == "coca":
+        model = training.model
+        images, texts = (np.asarray(jax.jit(lambda p, x, m=method: model.apply(
+            {"params": p}, x, method=m))(params, x)) for method, x in (
+                (model.encode_image, image_ops.normalize(batch["images"])),
+                (model.encode_text, batch["tokens"])))
+        logits = np.asarray(jax.jit(lambda p, x, t: model.apply(
+            {"params": p}, x, t, method=model.caption_logits))(
+                params, image_ops.normalize(batch["images"]), batch["tokens"]))
+        scale = np.exp(float(params["logit_scale"]))
+        expected = (numpy_clip_loss(normalise(images), normalise(texts), scale)
+                    + 2.0 * numpy_caption_loss(logits, batch["tokens"], classes))
     else:
         scale = np.exp(float(params["logit_scale"]))
         expected = numpy_clip_loss(normalise(images), numpy_bow_text(params, batch["tokens"]),

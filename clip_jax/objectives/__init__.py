@@ -7,16 +7,19 @@ compared, on the same image towers, data and optimiser:
 - `bow_predict` (bow_predict.py): the image predicts the caption's bag of words.
 - `caption_lm` (caption_lm.py): a decoder on the image predicts the caption.
 
+and `coca` (coca.py): CoCa, the contrastive loss plus a captioning decoder.
+
 Each module gives an `Objective` (base.py): its model, its loss over the
 global batch, and how it scores zero-shot prompts.
 """
 
-from clip_jax.objectives import bow_predict, caption_lm, contrastive
+from clip_jax.objectives import bow_predict, caption_lm, coca, contrastive
 from clip_jax.objectives.base import Objective  # noqa: F401 (the public type)
 
 # config.objective -> Objective.
 OBJECTIVES = {objective.name: objective for objective in
-              (contrastive.OBJECTIVE, bow_predict.OBJECTIVE, caption_lm.OBJECTIVE)}
+              (contrastive.OBJECTIVE, bow_predict.OBJECTIVE, caption_lm.OBJECTIVE,
+               coca.OBJECTIVE)}
 
 
 def get(name):
@@ -30,6 +33,6 @@ def get(name):
 def of_model(model):
     """The Objective whose model `model` (a flax Module instance) is."""
     for objective in OBJECTIVES.values():
-        if isinstance(model, objective.model):
+        if type(model) is objective.model:  # noqa: E721 (a CoCa is also a CLIP)
             return objective
     raise ValueError(f"{type(model).__name__} is no objective's model")

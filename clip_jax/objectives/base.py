@@ -29,3 +29,27 @@ class Objective:
     # logit_bias): the loss over unit embeddings, which GradCache (config.microbatches
     # > 1) splits the step around. None: no GradCache.
     embedding_loss: Optional[Callable] = None
+    # example_loss(model, config) -> ExampleLoss: a term added to the embedding loss
+    # that sums over examples (CoCa's captioning); GradCache computes it with each
+    # micro-batch's second forward pass. None: the embedding loss is the whole loss.
+    example_loss: Optional[Callable] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleLoss:
+    """weight x (sum over the global batch's examples) / count(batch), with the
+    embeddings the embedding loss takes from the same forward pass."""
+
+    # forward(params, model_state, batch) -> ((image [b,E], text [b,E]) unit
+    # embeddings, sums {name: scalar} over the batch's rows, model_state); sums[key]
+    # is the loss's numerator, every sum is logged divided by the count.
+    forward: Callable
+    # count(batch) -> scalar: the divisor, from the whole global batch (no gradient).
+    count: Callable
+    key: str
+    weight: float
+
+    def metrics(self, sums, count):
+        """{name: sum / count} and this term's share of the loss, `weight x mean`."""
+        means = {name: total / count for name, total in sums.items()}
+        return means, self.weight * means[self.key]
