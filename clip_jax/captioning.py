@@ -1,14 +1,15 @@
 """Greedy captions from a CoCa model (clip_jax.models.coca): the image tower runs
-once, then one jitted loop predicts the caption a token at a time.
+once, then one jitted loop predicts the caption a token at a time with a
+fixed-length key/value cache.
 
-The loop keeps a fixed-length buffer of max_len tokens (one compiled program
-for every step and every caption) and re-runs the causal text tower and the
-decoder over it at each step, taking the logits at the step's position; later
-positions hold padding, which causal attention keeps from the earlier ones.
-There is no key/value cache: each step costs a full forward pass of the text
-side, which for captions of tens of tokens on a model whose text tower runs
-its context length anyway (CoCa's class token sits at its end) costs max_len
-times the cached decoder's FLOPs, and no memory beyond one forward pass.
+The cache (flax's "cache" collection, models.transformer.decoding) holds, for
+every block of the text tower and of the decoder, the keys and values of the
+max_len positions, and for every cross-attention block the image tokens' keys
+and values; each step computes one position. Decoding runs the text side
+unscanned (a scanned model's text tower is unstacked for it). OpenCLIP's
+generate re-runs the whole prefix each step instead; both give the same tokens
+(tests/test_coca.py), except where a generated token is id 0 ('!'), which
+OpenCLIP's legacy padding mask then hides from the next position.
 """
 
 import jax
@@ -17,12 +18,28 @@ import numpy as np
 
 from clip_jax import image_ops, tokenizer
 from clip_jax.models import output_classes
+from clip_jax.models.transformer import unstack_layers
+
+
+def _unscanned(model, params):
+    """(model, params) whose text tower runs its blocks one by one, without remat."""
+    config = model.config
+    if not config.scan_layers and config.remat == "none":
+        return model, params
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.scan_layers, config.remat = False, "none"
+    text = dict(params["text"])
+    if model.config.scan_layers:
+        text["transformer"] = unstack_layers(text["transformer"])
+    return model.clone(config=config), {**params, "text": text}
 
 
 def greedy_tokens(model, variables, images, max_len):
     """Token rows int32 [B, max_len] of uint8 images [B, S, S, 3]: the start token,
     then at each position the most likely token that is a vocabulary entry,
-    until the end token (zero padding after it). Traceable: jit it."""
+    until the end token (zero padding after it); a caption cut at max_len ends
+    with the end token, as the tokenizer ends rows. Traceable: jit it."""
     config = model.config
     if not 2 <= max_len <= config.text.context_length:
         raise ValueError(f"max_len={max_len} must be in [2, context_length="
@@ -34,20 +51,25 @@ def greedy_tokens(model, variables, images, max_len):
     token_of_class = jnp.asarray(output_classes.class_token_ids(config.output_vocab,
                                                                 config.text.vocab_size))
     image_tokens = model.apply(variables, image_ops.normalize(images), method=model.image_tokens)
+    decoder, params = _unscanned(model, variables["params"])
     batch = images.shape[0]
     buffer = jnp.zeros((batch, max_len), jnp.int32).at[:, 0].set(words.sot_token)
+    _, cache = decoder.apply({"params": params}, image_tokens, buffer, method=decoder.decode,
+                             mutable=["cache"])
 
     def step(position, carry):
-        buffer, done = carry
-        logits = model.apply(variables, image_tokens, buffer, method=model.decode)
-        row = jnp.where(token_of_class >= 0, logits[:, position - 1], -jnp.inf)  # [B, C]
+        buffer, done, cache = carry
+        previous = jax.lax.dynamic_slice_in_dim(buffer, position - 1, 1, axis=1)  # [B, 1]
+        logits, cache = decoder.apply({"params": params, **cache}, image_tokens, previous,
+                                      method=decoder.decode, mutable=["cache"])
+        row = jnp.where(token_of_class >= 0, logits[:, 0], -jnp.inf)  # [B, classes]
         token = jnp.where(done, 0, token_of_class[jnp.argmax(row, axis=-1)])
-        return buffer.at[:, position].set(token), done | (token == words.eot_token)
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None], position, axis=1)
+        return buffer, done | (token == words.eot_token), cache
 
-    buffer, done = jax.lax.fori_loop(1, max_len, step, (buffer, jnp.zeros((batch,), bool)))
-    # A caption cut at max_len still ends with the end token, as the tokenizer ends them.
-    last = jnp.where(done, buffer[:, -1], words.eot_token)
-    return buffer.at[:, -1].set(last)
+    buffer, done, _ = jax.lax.fori_loop(1, max_len, step,
+                                        (buffer, jnp.zeros((batch,), bool), cache))
+    return buffer.at[:, -1].set(jnp.where(done, buffer[:, -1], words.eot_token))
 
 
 def captions(model, variables, images, max_len=20):

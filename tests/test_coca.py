@@ -211,11 +211,14 @@ def test_coca_objective_needs_a_coca_model():
 # ---------------------------------------------------------------- captioning
 
 
-def test_greedy_captions_equal_decoding_each_prefix_without_padding():
-    """The jitted fixed-buffer loop against a plain loop that decodes each growing
-    prefix at its own length; full vocabulary and a compact one."""
-    for output_vocab in ((), (*range(200, 260), tokenizer.default_tokenizer().eot_token)):
-        config = small_coca_config(**{"model.output_vocab": output_vocab})
+def test_cached_greedy_captions_equal_decoding_each_prefix_in_full():
+    """The jitted loop with its key/value cache against a plain loop that decodes
+    each growing prefix in full at its own length; the full vocabulary and a
+    compact one, unscanned and scanned blocks (decoding unstacks them)."""
+    compact = (*range(200, 260), tokenizer.default_tokenizer().eot_token)
+    for output_vocab, scanned in (((), False), (compact, True)):
+        config = small_coca_config(**{"model.output_vocab": output_vocab,
+                                      "model.scan_layers": scanned})
         model = CoCa(config.model)
         images = random_batch(config)["images"][:3]
         variables = jax.jit(model.init)(jax.random.key(1), image_ops.normalize(images),

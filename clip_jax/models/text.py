@@ -2,10 +2,11 @@
 CoCa, at a learned class token appended after the caption)."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from clip_jax.models.partitioning import POOLED, TOKENS, constrain
-from clip_jax.models.transformer import LayerNorm, Transformer, embed_tokens, normal
+from clip_jax.models.transformer import LayerNorm, Transformer, decoding, embed_tokens, normal
 
 # config.model.text.cls_mask: where CoCa's padding mask sits (TextTransformer).
 CLS_MASKS = ("legacy", "correct")
@@ -71,15 +72,36 @@ class TextTransformer(nn.Module):
                                 (self.width, self.embed_dim))
         return pooled.astype(jnp.float32) @ projection
 
+    def _decode(self, tokens, token_embedding, positions):
+        """(None, token outputs [B, t, width]) of the next tokens [B, t] under
+        incremental decoding (models.transformer.decoding): their positions follow
+        the ones decoded before; the first call, on a whole [B, S] buffer, makes
+        the caches. No class token or padding mask: a decoder reads the caption's
+        token outputs, which are causal and see no padding."""
+        ready = self.has_variable("cache", "position")
+        position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+        start = position.value if ready else 0
+        rows = jax.lax.dynamic_slice_in_dim(positions, start, tokens.shape[1])
+        if ready:
+            position.value = start + tokens.shape[1]
+        x = (embed_tokens(token_embedding, tokens) + rows).astype(self.dtype)
+        outputs = Transformer(
+            self.layers, self.heads, causal=True, activation=self.activation,
+            mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
+            remat=self.remat, attention=self.attention, name="transformer")(x)
+        return None, outputs
+
     def _class_token_pooled(self, tokens, return_tokens):
         if self.cls_mask not in CLS_MASKS:
             raise ValueError(f"config.model.text.cls_mask={self.cls_mask!r} is unknown; "
                              f"choose one of {', '.join(CLS_MASKS)}")
-        tokens = jnp.pad(tokens, ((0, 0), (0, self.context_length - tokens.shape[1])))
         token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length + 1, self.width))
+        if decoding(self):
+            return self._decode(tokens, token_embedding, positions)
+        tokens = jnp.pad(tokens, ((0, 0), (0, self.context_length - tokens.shape[1])))
         class_embedding = self.param("cls_emb", normal(0.01, ("embed",)), (self.width,))
         batch = tokens.shape[0]
         x = jnp.concatenate([embed_tokens(token_embedding, tokens),

@@ -256,6 +256,8 @@ class Attention(nn.Module):
                                           ("embed", "heads", "kv"), dtype=self.dtype,
                                           name=name)(inputs), PER_HEAD)
 
+        if decoding(self):
+            return self._decode(project, x, context)
         sources = x if context is None else context
         key, value = project("key", sources), project("value", sources)  # [B, S, N, H]
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
@@ -277,9 +279,52 @@ class Attention(nn.Module):
             attended = jax.nn.dot_product_attention(query, key, value, mask=mask)
         # With heads split over `tensor` this is Megatron's row-parallel matmul: the
         # partial sums meet in one all-reduce, at the residual stream's constraint.
+        return self._out(attended, width)
+
+
+    def _decode(self, project, x, context):
+        """Incremental decoding with a key/value cache (see `decoding`): the first
+        call, on a whole [B, S, D] sequence, only makes a zero cache of S
+        positions; each later call takes the next tokens [B, t, D] and attends over
+        every cached position so far. Cross-attention caches the context's keys
+        and values on the first call. Key masks do not apply (the caller decodes
+        no padding)."""
+        if context is not None:
+            ready = self.has_variable("cache", "context_key")
+            key = self.variable("cache", "context_key", lambda: project("key", context))
+            value = self.variable("cache", "context_value", lambda: project("value", context))
+            if not ready:
+                return jnp.zeros_like(x)
+            attended = jax.nn.dot_product_attention(project("query", x), key.value, value.value)
+            return self._out(attended, x.shape[-1])
+        ready = self.has_variable("cache", "cached_key")
+        new_key, new_value = project("key", x), project("value", x)  # [B, t, N, H]
+        key = self.variable("cache", "cached_key", jnp.zeros_like, new_key)
+        value = self.variable("cache", "cached_value", jnp.zeros_like, new_value)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not ready:
+            return jnp.zeros_like(x)
+        start = index.value
+        key.value = jax.lax.dynamic_update_slice(key.value, new_key, (0, start, 0, 0))
+        value.value = jax.lax.dynamic_update_slice(value.value, new_value, (0, start, 0, 0))
+        index.value = start + x.shape[1]
+        # Query j (at position start + j) sees the cached positions up to its own.
+        positions = jnp.arange(key.value.shape[1])
+        seen = positions[None, :] <= start + jnp.arange(x.shape[1])[:, None]  # [t, S]
+        attended = jax.nn.dot_product_attention(project("query", x), key.value, value.value,
+                                                mask=seen[None, None])
+        return self._out(attended, x.shape[-1])
+
+    def _out(self, attended, width):
         return constrain(DenseGeneral((width,), self.out_std, ("heads", "kv", "embed"), axes=2,
                                       dtype=self.dtype, name="out")(
             constrain(attended, PER_HEAD)), TOKENS)
+
+
+def decoding(module):
+    """Whether `module` runs incremental decoding: its apply was given the
+    "cache" collection as mutable (clip_jax.captioning does), outside init."""
+    return module.is_mutable_collection("cache") and not module.is_initializing()
 
 
 class ResidualBlock(nn.Module):
@@ -360,6 +405,9 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x, pool_positions=None, key_mask=None):
         """key_mask bool [B, T]: the tokens attended to (None: all)."""
+        if self.scan_layers and decoding(self):
+            raise ValueError("incremental decoding runs unscanned blocks (scan_layers=False; "
+                             "models.transformer.unstack_layers converts the parameters)")
         block_class = remat_block(self.remat, self.scan_layers)
         block_args = (self.heads, self.layers, self.causal, self.activation, self.mlp_ratio,
                       self.dtype, self.attention)
