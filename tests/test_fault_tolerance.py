@@ -77,19 +77,38 @@ PHASES = {"model.image.patch_size": 4,
                     "3: patch_dropout=0.75; 3"}
 
 
+def _wait_for_save(process, workdir, step, timeout=600):
+    """Until the checkpoint of `step` is committed (orbax renames it into place)."""
+    deadline = time.time() + timeout
+    while step not in (_saved_steps(workdir) if os.path.isdir(workdir / "checkpoints") else []):
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.time() < deadline, f"no save of step {step} within {timeout}s"
+        time.sleep(0.02)
+
+
 def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_dir, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     config = {**KILL_RUN, "data.train": MIXTURE, "data.workers": 2, **PHASES}
-    _finish(launch_trainer(straight, data_dir, config=config))
-    # Killed after step 3 (resumes from step 2, inside the first, masked phase) and
-    # after step 9 (from step 8, inside the unmasked one; the save may be in flight),
-    # each time resumed by re-running the same command.
-    for kill_after in (3, 9):
+    # The reference saves only its last step: saving must not change the run.
+    _finish(launch_trainer(straight, data_dir, config={**config, "checkpoint_every": 0}))
+    # Killed after step 3 once step 2 is saved (resumes from step 2, inside the first,
+    # masked phase) and after step 9 once step 8 is saved (from step 8, inside the
+    # unmasked one; the save of a later step may be in flight), each time resumed by
+    # re-running the same command.
+    first_steps = []  # the first step each launch after a kill logged
+    for kill_after, saved in ((3, 2), (9, 8)):
+        logged_before = len(_logged_steps(interrupted))
         process = launch_trainer(interrupted, data_dir, config=config)
         _wait_for_step(process, interrupted, kill_after)
+        _wait_for_save(process, interrupted, saved)
         process.send_signal(signal.SIGKILL)
         process.wait()  # orphaned workers (if any) would hold the output pipe open
+        if logged_before:
+            first_steps.append(_logged_steps(interrupted)[logged_before])
+    logged_before = len(_logged_steps(interrupted))
     _finish(launch_trainer(interrupted, data_dir, config=config))
+    first_steps.append(_logged_steps(interrupted)[logged_before])
+    assert first_steps == [3, 9]  # resumed from step 2 (masked phase), from 8 (unmasked)
 
     reference = {row["step"]: row for row in read_metrics(straight) if "train/loss" in row}
     rows = [row for row in read_metrics(interrupted) if "train/loss" in row]
