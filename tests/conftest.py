@@ -61,6 +61,21 @@ def tiny_config() -> ml_collections.ConfigDict:
     return small_config()
 
 
+@pytest.fixture(scope="session")
+def shrunk_data_dir(tmp_path_factory):
+    """A TFDS data_dir with the built-in synthetic_shapes and synthetic_shapes_alt_text
+    shrunk to 256 train and 100 test images: prepared once per session (per xdist
+    worker) for the tests that train on it in-process or through the CLI."""
+    from clip_jax.data import builtin_datasets, pipeline  # noqa: PLC0415
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
+        patch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 100)
+        pipeline.prepared_builder("synthetic_shapes", directory)
+        pipeline.prepared_builder("synthetic_shapes_alt_text", directory)
+    return directory
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_COMPILATION_CACHE is not None:
         shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)

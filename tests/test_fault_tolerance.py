@@ -13,7 +13,6 @@ import pytest
 from clip_jax import checkpoint, convert
 from clip_jax import variables as variables_lib
 from clip_jax import train as train_lib
-from clip_jax.data import builtin_datasets, pipeline
 from clip_jax.train_step import setup_training
 from tests.conftest import small_config
 from tests.test_train_step import random_batch
@@ -22,16 +21,11 @@ from tests.trainer_process import distributed_flags, free_port, launch_trainer, 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A shrunk built-in dataset, prepared once for the in-process and CLI runs."""
-    directory = str(tmp_path_factory.mktemp("tfds"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
-        patch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 100)
-        pipeline.prepared_builder("synthetic_shapes", directory)
-        pipeline.prepared_builder("synthetic_shapes_alt_text", directory)
-    return directory
+@pytest.fixture
+def data_dir(shrunk_data_dir):
+    """The session's shrunk built-in datasets (tests/conftest.py), for the
+    in-process and CLI runs."""
+    return shrunk_data_dir
 
 
 def _logged_steps(workdir):

@@ -19,16 +19,11 @@ def train_losses(processes, workdir):
     return {row["step"]: [row[key] for key in COMPARED] for row in rows if "train/loss" in row}, logs[0]
 
 
-def test_trainer_on_two_processes_matches_one_process(tmp_path, monkeypatch):
+def test_trainer_on_two_processes_matches_one_process(tmp_path, shrunk_data_dir):
     """The real CLI: 2 processes x 4 CPU devices (gloo) log the same per-step
     losses, gradient norms and temperatures as 1 process x 8 devices: same global
     batches, same gradients, same updates."""
-    from clip_jax.data import builtin_datasets, pipeline
-    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
-    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 100)
-    data_dir = tmp_path / "tfds"
-    pipeline.prepared_builder("synthetic_shapes", str(data_dir))  # once, for all runs
-
+    data_dir = shrunk_data_dir
     single, multi = tmp_path / "one_process", tmp_path / "two_processes"
     losses_1, _ = train_losses([launch_trainer(single, data_dir, 8)], single)
     port = free_port()

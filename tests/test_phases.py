@@ -2,10 +2,8 @@
 the input each phase reads."""
 
 import numpy as np
-import pytest
 
 from clip_jax import phases
-from clip_jax.data import builtin_datasets, pipeline
 from clip_jax.data.phased_input import PhasedInput
 from tests.conftest import small_config
 
@@ -24,26 +22,16 @@ def test_phases_split_the_run_and_unset_keys_take_the_models_values():
     assert model.image.image_size == 32  # with_phase copies
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("tfds"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 64)
-        patch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 16)
-        pipeline.prepared_builder("synthetic_shapes", directory)
-    return directory
-
-
 def _batches(config, run_phases, start_step, state, count):
     with PhasedInput(config, run_phases, state, start_step) as batches:
         return [next(batches) for _ in range(count)]
 
 
-def test_each_phase_reads_its_sizes_and_a_resumed_phase_reads_the_same(data_dir):
+def test_each_phase_reads_its_sizes_and_a_resumed_phase_reads_the_same(shrunk_data_dir):
     """Steps 1-3 at 8 px and 6-token captions, 4-6 at the model's 16 px and 8:
     the stream goes on where it was at the switch, and a run restarted inside
     either phase (from the saved InputState) reads the same batches."""
-    config = small_config(**{"data.data_dir": data_dir, "batch_size": 8, "total_steps": 6})
+    config = small_config(**{"data.data_dir": shrunk_data_dir, "batch_size": 8, "total_steps": 6})
     run_phases = phases.parse("3: image_size=8, context_length=6; 3", 6, config.model)
     straight = _batches(config, run_phases, 0, None, 6)
     shapes = [(batch["images"].shape[1], batch["tokens"].shape[1]) for batch, _ in straight]

@@ -111,17 +111,6 @@ def test_collect_without_sweep_records_uses_the_differing_config_values(tmp_path
     assert rows == [[0.01, 2, 0.75, 1.0, 0.85, 1], [0.1, 2, 0.5, 1.0, 0.6, 1]]
 
 
-@pytest.fixture
-def shrunk_data_dir(tmp_path, monkeypatch):
-    """synthetic_shapes prepared once, small, for every run of the sweep."""
-    from clip_jax.data import builtin_datasets, pipeline  # noqa: PLC0415
-    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "train_examples", 256)
-    monkeypatch.setattr(builtin_datasets.SyntheticShapes, "test_examples", 64)
-    data_dir = tmp_path / "tfds"
-    pipeline.prepared_builder("synthetic_shapes", str(data_dir))
-    return data_dir
-
-
 @pytest.mark.slow
 def test_sweep_trains_every_run_then_collects_a_table(tmp_path, shrunk_data_dir, monkeypatch,
                                                       capsys):
