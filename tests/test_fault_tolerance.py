@@ -143,9 +143,14 @@ def _exited(pid):
     return stat is None or stat[0] in ("Z", "X")  # an unreaped orphan has exited too
 
 
+SIGTERM_RUN = {"total_steps": 100_000}  # runs until a signal ends it
+
+
 def test_input_workers_exit_when_the_trainer_is_killed(data_dir, tmp_path):
+    # SIGTERM_RUN's train step (its total_steps set the schedule), which the
+    # session's compilation cache then holds for the SIGTERM test, or this one.
     process = launch_trainer(tmp_path / "run", data_dir,
-                             config={**KILL_RUN, "data.workers": 2})
+                             config={**SIGTERM_RUN, "data.workers": 2})
     _wait_for_step(process, tmp_path / "run", 2)
     workers = _children(process.pid)
     assert len(workers) >= 2, workers  # the two input workers (and multiprocessing's tracker)
@@ -162,7 +167,7 @@ def test_input_workers_exit_when_the_trainer_is_killed(data_dir, tmp_path):
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
     workdir = tmp_path / "run"
-    process = launch_trainer(workdir, data_dir, config={"total_steps": 100_000})
+    process = launch_trainer(workdir, data_dir, config=SIGTERM_RUN)
     _wait_for_step(process, workdir, 3)
     process.send_signal(signal.SIGTERM)
     log = process.communicate(timeout=120)[0]
@@ -178,7 +183,7 @@ def test_sigterm_on_one_of_two_processes_saves_the_same_step_on_both(data_dir, t
     both hosts save the same step (2 processes x 4 CPU devices, gloo)."""
     workdir, port = tmp_path / "run", free_port()
     processes = [launch_trainer(workdir, data_dir, 4, distributed_flags(port, i),
-                                config={"total_steps": 100_000}) for i in range(2)]
+                                config=SIGTERM_RUN) for i in range(2)]
     _wait_for_step(processes[0], workdir, 3)
     processes[1].send_signal(signal.SIGTERM)
     logs = [process.communicate(timeout=180)[0] for process in processes]
