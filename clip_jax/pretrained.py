@@ -104,14 +104,15 @@ class Pretrained:
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
-    def caption(self, images, max_len=20):
-        """Greedy captions (strings) of PIL images or uint8 arrays (CoCa models:
-        clip_jax.captioning)."""
+    def caption(self, images, max_len=20, beams=1):
+        """Captions (strings) of PIL images or uint8 arrays (CoCa models:
+        clip_jax.captioning): greedy, or the best of `beams` beams."""
         objective = objectives.of_model(self.model)
         if objective.name != "coca":
             raise ValueError(f"caption needs a CoCa model; this one was trained with "
                              f"config.objective={objective.name!r}")
-        return captioning.captions(self.model, self.variables, self.preprocess(images), max_len)
+        return captioning.captions(self.model, self.variables, self.preprocess(images), max_len,
+                                   beams)
 
 
 def load(model_or_workdir, weights=None, image_size=None):

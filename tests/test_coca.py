@@ -2,6 +2,8 @@
 init, weight interchange both ways, the loss against NumPy, mesh and GradCache
 equality, and captioning."""
 
+import itertools
+
 import jax
 import numpy as np
 import optax
@@ -242,6 +244,47 @@ def test_cached_greedy_captions_equal_decoding_each_prefix_in_full():
                 np.testing.assert_array_equal(row[:5], reference[:5])
                 assert row[5] == eot
         assert np.all(np.isin(rows[:, 1:], [*token_of_class[token_of_class >= 0], 0]))
+
+
+def test_beam_search_with_beams_enough_for_every_path_finds_the_best_caption():
+    """Three tokens (two words and the end token) and max_len 4: 15 complete
+    paths, so 16 beams keep every one, and the search must return the path whose
+    log probability per generated token, computed here by full forward passes,
+    is highest. One beam is greedy."""
+    eot = tokenizer.default_tokenizer().eot_token
+    config = small_coca_config(**{"model.output_vocab": (200, 201, eot)})
+    model = CoCa(config.model)
+    images = random_batch(config)["images"][:2]
+    variables = jax.jit(model.init)(jax.random.key(2), image_ops.normalize(images),
+                                    random_batch(config)["tokens"][:2])
+    rows, scores = jax.jit(lambda v, x: captioning.beam_tokens(model, v, x, 4, 16))(
+        variables, images)
+    greedy = jax.jit(lambda v, x: captioning.greedy_tokens(model, v, x, 4))(variables, images)
+    one_beam, _ = jax.jit(lambda v, x: captioning.beam_tokens(model, v, x, 4, 1))(
+        variables, images)
+    np.testing.assert_array_equal(one_beam, greedy)
+    classes = output_classes.token_classes(config.model.output_vocab, config.model.text.vocab_size)
+    sot = tokenizer.default_tokenizer().sot_token
+    paths = sorted({p[:p.index(eot) + 1] if eot in p else p  # a caption ends at its end token
+                    for p in itertools.product((200, 201, eot), repeat=3)})
+    assert len(paths) == 15
+    for image, row, score in zip(images, np.asarray(rows), np.asarray(scores)):
+        best = None
+        for path in paths:
+            tokens = np.array([[sot, *path]], np.int32)
+            log_p = jax.nn.log_softmax(np.where(
+                output_classes.class_token_ids(config.model.output_vocab,
+                                               config.model.text.vocab_size) >= 0,
+                np.asarray(model.apply(variables, image_ops.normalize(image[None]), tokens,
+                                       method=model.caption_logits))[0, :-1], -np.inf))
+            per_token = float(sum(log_p[i, classes[t]] for i, t in enumerate(path))) / len(path)
+            if best is None or per_token > best[0]:
+                best = (per_token, path)
+        np.testing.assert_allclose(score, best[0], rtol=1e-5)
+        expected = [sot, *best[1]] + [0] * (3 - len(best[1]))
+        if eot not in best[1]:
+            expected[-1] = eot
+        np.testing.assert_array_equal(row, expected)
 
 
 def test_caption_refuses_a_model_without_a_decoder():
