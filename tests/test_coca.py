@@ -15,6 +15,7 @@ from clip_jax import overrides as config_overrides
 from clip_jax.models import CLIP, output_classes, zoo
 from clip_jax.models.coca import CoCa
 from clip_jax.models.named import create_model
+from clip_jax.pytree import get_path
 from clip_jax import variables as variables_lib
 from clip_jax.config_checks import ConfigError, check_config
 from clip_jax.train_step import setup_training
@@ -140,16 +141,10 @@ def test_coca_presets_have_open_clip_shapes_and_counts(name):
             == sum(p.numel() for p in reference.parameters()))
     expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
     shapes = {rule.torch_key: tuple(jax.eval_shape(
-        rule.to_torch, tuple(_leaf(params, path) for path in rule.paths)).shape)
+        rule.to_torch, tuple(get_path({"params": params}, path) for path in rule.paths)).shape)
         for rule in convert.rules_for(model.config)}
     assert shapes == expected
 
-
-def _leaf(params, path):
-    node = {"params": params}
-    for key in path:
-        node = node[key]
-    return node
 
 
 # ---------------------------------------------------------------- training
