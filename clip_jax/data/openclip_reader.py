@@ -10,6 +10,7 @@ reader (`sources.read_samples`), which does what webdataset's tar expander does.
 """
 
 import io
+import itertools
 
 import numpy as np
 import torch
@@ -21,7 +22,9 @@ from clip_jax.image_ops import CLIP_MEAN, CLIP_STD
 
 
 class WebDatasetStream(torch.utils.data.IterableDataset):
-    """(normalised float32 [3, S, S] tensor, int64 [77] tokens) per sample."""
+    """(normalised float32 [3, S, S] tensor, int64 [77] tokens) per sample, epoch
+    after epoch over each worker's shards (as a training run streams them), so a
+    benchmark may time more batches than one pass holds."""
 
     def __init__(self, paths, image_size, seed=0):
         super().__init__()
@@ -34,7 +37,10 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         tokenize = open_clip_tokenizer.SimpleTokenizer()
         mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         std = torch.tensor(CLIP_STD).view(3, 1, 1)
-        samples = (sample for path in self.paths[worker_id::workers]
+        paths = self.paths[worker_id::workers]
+        if not paths:  # more workers than shards: this one has none
+            return
+        samples = (sample for _ in itertools.count() for path in paths
                    for sample in sources.read_samples(path, image_column="", caption_column=""))
         for index, sample in enumerate(s for s in samples if not isinstance(s, decode.Skipped)):
             image = Image.open(io.BytesIO(sample.image)).convert("RGB")
