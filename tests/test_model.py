@@ -136,7 +136,7 @@ def test_lean_backward_passes_apply_on_cpu_only(backend, lean, monkeypatch):
 def test_lean_backward_mode_forces_the_hand_written_passes_on_any_platform(
         mode, backend, lean, monkeypatch):
     """config.model.lean_backward: "on"/"off" override the platform, for the
-    LayerNorm, the GELU and the kernel gradient's transposed form."""
+    LayerNorm, the GELU and the kernel gradient's flattened form."""
     from clip_jax.models import lean_ops, transformer  # noqa: PLC0415
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     x = jnp.ones((2, 3, 8))
@@ -181,7 +181,7 @@ def test_the_attention_setting_reaches_every_tower(monkeypatch):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matmul_gradients_are_autodiffs(dtype):
     """The hand-written VJP gives autodiff's gradients for a [B, T, K] input, in
-    float32 and bfloat16; both kernel-gradient forms (CPU's transposed one, the
+    float32 and bfloat16; both kernel-gradient forms (CPU's flattened one, the
     other platforms' plain one) equal autodiff's."""
     from clip_jax.models import transformer  # noqa: PLC0415
 
@@ -199,7 +199,7 @@ def test_dense_matmul_gradients_are_autodiffs(dtype):
         assert ours.dtype == expected.dtype and ours.shape == expected.shape
         np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(expected, np.float32),
                                    rtol=tolerance, atol=tolerance)
-    for form in (transformer.kernel_grad_transposed, transformer.kernel_grad_plain):
+    for form in (transformer.kernel_grad_flattened, transformer.kernel_grad_plain):
         np.testing.assert_allclose(np.asarray(form(x, weights), np.float32),
                                    np.asarray(reference[1], np.float32),
                                    rtol=tolerance, atol=tolerance)

@@ -98,7 +98,7 @@ def build_model_config(image, text, embed_dim, activation, decoder=None):
         # Rematerialise each residual block in the backward pass: "none", "full", or a
         # jax.checkpoint_policies name (models.transformer.REMAT_NAMES).
         remat="none",
-        # The hand-written LayerNorm/GELU backward passes and transposed kernel
+        # The hand-written LayerNorm/GELU backward passes and flattened kernel
         # gradient (models/lean_ops.py): "auto" (on CPU, where they were measured
         # faster), "on" or "off" on any platform.
         lean_backward="auto",
