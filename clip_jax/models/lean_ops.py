@@ -15,7 +15,7 @@ step 7% faster, 16% less memory on XLA:CPU). GPU and TPU compilers fuse and
 rematerialise elementwise work themselves, and a custom VJP can stand in the
 way of that; until measured there, `layer_norm` and `gelu` are autodiff's
 elsewhere (the backend is read when the model is traced). `lean_backward("on")`
-/ `("off")` around a trace forces them (and the transposed kernel gradient of
+/ `("off")` around a trace forces them (and the flattened kernel gradient of
 models.transformer.dense_matmul) on or off on any platform, so a device check
 can measure both (config.model.lean_backward).
 """
@@ -109,11 +109,23 @@ def _layer_norm_bwd(epsilon, residuals, grad):
 lean_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def _normal_cdf(x):
+    """Phi(x) as (1 + erf(x / sqrt 2)) / 2, as PyTorch's GELU computes it.
+
+    jax.nn.gelu writes it with erfc, which XLA:CPU expands into four fusions over
+    the MLP's hidden activations: 5.3 ms against erf's 1.1 ms forward, 6.2 against
+    2.5 ms backward, on [16, 99, 3072] float32 (2-core VM). The two differ by at
+    most 1e-6 absolute over [-12, 12]: erf's form loses only the relative
+    precision of Phi's far left tail, where GELU and its derivative are ~0."""
+    return 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
+
+
 @jax.custom_vjp
 def lean_gelu(x):
-    """The exact (erf) GELU, as jax.nn.gelu(approximate=False), with the
-    hand-written backward pass (on any backend)."""
-    return jax.nn.gelu(x, approximate=False)
+    """The exact (erf) GELU, x * Phi(x), with the hand-written backward pass (on
+    any backend); jax.nn.gelu(approximate=False)'s values within 1e-6."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * _normal_cdf(x32)).astype(x.dtype)
 
 
 def _gelu_fwd(x):
@@ -122,9 +134,8 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, grad):
     x32 = x.astype(jnp.float32)
-    cdf = 0.5 * jax.lax.erfc(-x32 / math.sqrt(2.0))
     pdf = jnp.exp(-0.5 * jnp.square(x32)) / math.sqrt(2.0 * math.pi)
-    return ((grad.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+    return ((grad.astype(jnp.float32) * (_normal_cdf(x32) + x32 * pdf)).astype(x.dtype),)
 
 
 lean_gelu.defvjp(_gelu_fwd, _gelu_bwd)
