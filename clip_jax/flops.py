@@ -215,14 +215,18 @@ def _objective_parts(objective, model_config, global_batch, full_last_block):
             "loss": contrastive_logits(global_batch, embed_dim)}
 
 
-def teacher_flops(teacher_config, global_batch, image_size):
+def teacher_flops(teacher_config, global_batch, image_size, context_length):
     """Forward FLOPs of a distillation teacher (clip_jax.teacher) on the global
-    batch at the student's `image_size`: both towers and its [B, B] logits."""
+    batch as the student sees it (its `image_size` and caption `context_length`),
+    without patch dropout: both towers and its [B, B] logits."""
     image = teacher_config.image.copy_and_resolve_references()
-    with image.unlocked():
+    text_config = teacher_config.text.copy_and_resolve_references()
+    with image.unlocked(), text_config.unlocked():
         image.image_size = image_size
+        image.patch_dropout = 0.0
+        text_config.context_length = context_length
     return global_batch * (IMAGE_TOWERS[image.kind](image, teacher_config.embed_dim)
-                           + text(teacher_config.text, teacher_config.embed_dim)) \
+                           + text(text_config, teacher_config.embed_dim)) \
         + contrastive_logits(global_batch, teacher_config.embed_dim)
 
 
@@ -246,7 +250,8 @@ def train_step_flops(model_config, global_batch, locked=(), full_last_block=Fals
              **_objective_parts(objective, model_config, global_batch, full_last_block)}
     if teacher_config is not None:
         parts["teacher"] = teacher_flops(teacher_config, global_batch,
-                                         model_config.image.image_size)
+                                         model_config.image.image_size,
+                                         model_config.text.context_length)
     train_step = sum(part_flops * (1 if part in (*locked, "teacher") else TRAIN_MULTIPLIER)
                      for part, part_flops in parts.items())
     return {**parts, "forward": sum(parts.values()), "train_step": train_step}

@@ -140,7 +140,8 @@ def test_the_teachers_flops_and_bytes_are_in_the_plan_and_match_xla(teacher_dir)
     training = setup_training(config, jax.devices()[:8])
     student = flops.train_step_flops(config.model, config.batch_size)["train_step"]
     expected_teacher = flops.teacher_flops(training.teacher.model.config, config.batch_size,
-                                           config.model.image.image_size)
+                                           config.model.image.image_size,
+                                           config.model.text.context_length)
     assert plan["model_flops_per_device"] * 8 == pytest.approx(student + expected_teacher)
     batch = jax.device_put(random_batch(config), sharding.batch_sharding(training.mesh))
     xla = capacity.compiled_flops(training.teacher._embed.lower(
