@@ -75,8 +75,10 @@ def temp_bytes(microbatches, batch_size):
 
 
 def test_microbatches_reduce_activation_memory():
-    """At a batch of 256 on one device activations dominate the scratch memory:
-    four micro-batches need much less of it, gradient accumulator included."""
-    full, micro = temp_bytes(1, 256), temp_bytes(4, 256)
-    print(f"temp bytes: k=1 {full:,}, k=4 {micro:,} ({micro / full:.2f}x)")
-    assert micro < 0.6 * full
+    """Activation memory follows the micro-batch, not the batch: four micro-batches
+    of 64 need about the scratch memory of one batch of 64 (gradient accumulator
+    included), where one batch of 256 needs much more."""
+    full, micro, one_micro = temp_bytes(1, 256), temp_bytes(4, 256), temp_bytes(1, 64)
+    print(f"temp bytes: k=1 {full:,}, k=4 {micro:,}, one micro-batch {one_micro:,}")
+    assert full > 1.3 * one_micro  # activations matter at this size
+    assert micro < 1.05 * one_micro
