@@ -15,7 +15,8 @@ from clip_jax.models.image_towers import image_tower
 from clip_jax.models import output_classes
 from clip_jax.models.lean_ops import LEAN_BACKWARD_MODES
 from clip_jax.models.partitioning import ACTIVATION_AXES
-from clip_jax.models.transformer import activation_fn, attention_implementation, remat_policy
+from clip_jax.models.transformer import (activation_fn, attention_implementation, remat_policy,
+                                         unrolled_layer_loop)
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,7 @@ def check_config(config, num_devices):
     _looked_up(image_tower, model)
     _looked_up(activation_fn, model.activation)
     _looked_up(remat_policy, model.remat)
+    _looked_up(unrolled_layer_loop, model.get("layer_loop", "auto"))
     _require(model.get("lean_backward", "auto") in LEAN_BACKWARD_MODES,
              f"config.model.lean_backward={model.get('lean_backward')!r} is unknown; choose one "
              f"of {', '.join(LEAN_BACKWARD_MODES)}")

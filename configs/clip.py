@@ -66,9 +66,9 @@ def _variant(name):
         return zoo.build_model_config(**_TINY_COCA_MODEL), dict(_TINY_RUN, objective="coca")
     lr = _PAPER_LR.get(name.removesuffix(zoo.QUICKGELU_SUFFIX), 5e-4)
     model = zoo.model_config(name)
-    # Scanned blocks: compile time independent of depth (ViT-B/32 step: 10 s vs 40 s
-    # on CPU), and on XLA:CPU a 1.4x faster step, as unrolled 12-block towers get
-    # their residual-gradient sums re-fused into every block's backward.
+    # Stacked blocks: one checkpoint layout on every platform, run in a lax.scan
+    # (compile time flat in depth) except on CPU, where model.layer_loop="auto"
+    # unrolls them for a faster step (models/transformer.py).
     model.scan_layers = True
     objective = {"objective": "coca"} if name in zoo.COCA_NAMES else {}
     return model, dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000), **objective)

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from clip_jax import image_ops, losses, optim, sharding
 from clip_jax.models import CLIP
-from clip_jax.models.transformer import stack_layers, unstack_layers
+from clip_jax.models.transformer import stack_layers, unrolled_layer_loop, unstack_layers
 from clip_jax.train_step import TrainState, setup_training
 from clip_jax.variables import dummy_inputs
 from tests.conftest import small_config
@@ -38,9 +38,10 @@ def test_default_layout_is_one_subtree_per_block():
     assert sorted(k for k in params["visual"]["transformer"]) == ["resblocks_0", "resblocks_1"]
 
 
-def test_scanned_towers_equal_unscanned_given_stacked_params():
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_scanned_towers_equal_unscanned_given_stacked_params(layer_loop):
     config = small_config()
-    scanned_config = small_config(**{"model.scan_layers": True})
+    scanned_config = small_config(**{"model.scan_layers": True, "model.layer_loop": layer_loop})
     model, params = init_params(config)
     scanned_model, scanned_init = init_params(scanned_config)
     stacked = map_towers(stack_layers, params)
@@ -69,19 +70,43 @@ def embedding_loss_grads(config, params):
     return jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize("remat,scan_layers", [("full", False), ("dots_saveable", True)])
-def test_remat_gives_the_same_gradients(remat, scan_layers):
-    base = small_config(**{"model.scan_layers": scan_layers})
-    _, params = init_params(base)
-    expected = embedding_loss_grads(base, params)
-    got = embedding_loss_grads(small_config(**{"model.scan_layers": scan_layers,
-                                               "model.remat": remat}), params)
-    # Recomputation may reorder float32 sums: tolerance relative to each tensor's
-    # scale, with a floor for gradients that are zero in exact arithmetic (attention
-    # key biases: softmax is invariant to them) and so come out as ~1e-6 noise.
+def assert_grads_close(got, expected):
+    """Recomputation or another loop may reorder float32 sums: tolerance relative
+    to each tensor's scale, with a floor for gradients that are zero in exact
+    arithmetic (attention key biases: softmax is invariant to them) and so come
+    out as ~1e-6 noise."""
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
                      a, b, rtol=1e-5, atol=max(1e-5 * np.abs(b).max(), 1e-5)),
                  got, expected)
+
+
+@pytest.mark.parametrize("remat,scan_layers,layer_loop", [
+    ("full", False, "auto"), ("dots_saveable", True, "scan"), ("full", True, "unrolled")])
+def test_remat_gives_the_same_gradients(remat, scan_layers, layer_loop):
+    settings = {"model.scan_layers": scan_layers, "model.layer_loop": layer_loop}
+    base = small_config(**settings)
+    _, params = init_params(base)
+    expected = embedding_loss_grads(base, params)
+    got = embedding_loss_grads(small_config(**settings, **{"model.remat": remat}), params)
+    assert_grads_close(got, expected)
+
+
+def test_unrolled_loop_gives_the_scans_gradients():
+    """Both loops over the same stacked params, both towers pooling their last
+    block (three blocks, so the loop runs over two slices): the same gradients."""
+    settings = {"model.scan_layers": True, "model.image.layers": 3, "model.text.layers": 3}
+    scanned = small_config(**settings, **{"model.layer_loop": "scan"})
+    _, params = init_params(scanned)
+    unrolled = small_config(**settings, **{"model.layer_loop": "unrolled"})
+    assert_grads_close(embedding_loss_grads(unrolled, params),
+                       embedding_loss_grads(scanned, params))
+
+
+@pytest.mark.parametrize("backend, unrolled", [("cpu", True), ("gpu", False), ("tpu", False)])
+def test_auto_layer_loop_unrolls_on_cpu_only(backend, unrolled, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert unrolled_layer_loop("auto") == unrolled
+    assert unrolled_layer_loop("scan") is False and unrolled_layer_loop("unrolled") is True
 
 
 def test_bf16_compute_keeps_float32_params_and_a_close_finite_loss():
@@ -134,7 +159,8 @@ def one_step(config, devices, params):
     return jax.device_get(metrics), jax.device_get(state.params), shardings.params
 
 
-def test_scanned_train_step_on_a_3d_mesh_equals_unscanned():
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_scanned_train_step_on_a_3d_mesh_equals_unscanned(layer_loop):
     """data=2, fsdp=2, tensor=2: stacked params are sharded by their logical names
     (leading `layers` axis replicated) and one AdamW step matches the unscanned
     model's step on one device from the same weights."""
@@ -143,7 +169,8 @@ def test_scanned_train_step_on_a_3d_mesh_equals_unscanned():
     plain_metrics, plain_params, _ = one_step(config, jax.devices()[:1], params)
 
     scanned_config = small_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
-                                     "optimizer.warmup_steps": 0, "model.scan_layers": True})
+                                     "optimizer.warmup_steps": 0, "model.scan_layers": True,
+                                     "model.layer_loop": layer_loop})
     scanned_metrics, scanned_params, shardings = one_step(
         scanned_config, jax.devices(), map_towers(stack_layers, params))
     query = shardings["visual"]["transformer"]["resblocks"]["attn"]["query"]

@@ -43,6 +43,7 @@ class CaptionDecoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    layer_loop: str = "auto"  # see Transformer
     attention: str = "xla"  # models.transformer.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
@@ -64,7 +65,8 @@ class CaptionDecoder(nn.Module):
                       TOKENS)  # [B, 1+T, D]
         x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
                         mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
-                        remat=self.remat, attention=self.attention, name="transformer")(x)
+                        remat=self.remat, layer_loop=self.layer_loop,
+                        attention=self.attention, name="transformer")(x)
         # Output i + 1 has read the prefix and tokens[:, :i + 1]: it predicts token i + 1.
         x = LayerNorm(name="ln_final")(x[:, 1:]).astype(jnp.float32)  # [B, T, D]
         logits = nn.Dense(self.output_size, name="head",
@@ -92,7 +94,8 @@ class CaptionModel(nn.Module):
             output_size=output_classes.head_size(cfg.output_vocab, text.vocab_size),
             width=text.width, layers=text.layers, heads=text.heads, activation=cfg.activation,
             mlp_ratio=text.mlp_ratio, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers,
-            remat=cfg.remat, attention=cfg.get("attention", "xla"))
+            remat=cfg.remat, layer_loop=cfg.get("layer_loop", "auto"),
+            attention=cfg.get("attention", "xla"))
 
     def encode_image(self, images, train=False, patch_keep=None):
         return self.visual(images, train=train, patch_keep=patch_keep)

@@ -29,7 +29,8 @@ def _transformer_text(cfg, dtype):
         context_length=text.context_length, vocab_size=text.vocab_size, width=text.width,
         layers=text.layers, heads=text.heads, embed_dim=cfg.embed_dim,
         activation=cfg.activation, mlp_ratio=text.mlp_ratio, dtype=dtype,
-        scan_layers=cfg.scan_layers, remat=cfg.remat, attention=cfg.get("attention", "xla"),
+        scan_layers=cfg.scan_layers, remat=cfg.remat, layer_loop=cfg.get("layer_loop", "auto"),
+        attention=cfg.get("attention", "xla"),
         embed_cls=text.get("embed_cls", False), cls_mask=text.get("cls_mask", "legacy"),
         name="text")
 

@@ -14,7 +14,8 @@ def _vit(cfg, dtype):
         image_size=image.image_size, patch_size=image.patch_size, width=image.width,
         layers=image.layers, heads=image.heads, embed_dim=cfg.embed_dim,
         activation=cfg.activation, mlp_ratio=image.mlp_ratio, dtype=dtype,
-        scan_layers=cfg.scan_layers, remat=cfg.remat, attention=cfg.get("attention", "xla"),
+        scan_layers=cfg.scan_layers, remat=cfg.remat, layer_loop=cfg.get("layer_loop", "auto"),
+        attention=cfg.get("attention", "xla"),
         pool_queries=image.get("pool_queries", 0), pool_heads=image.get("pool_heads", 8),
         name="visual")
 

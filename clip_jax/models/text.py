@@ -43,6 +43,7 @@ class TextTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False  # see Transformer
     remat: str = "none"
+    layer_loop: str = "auto"  # see Transformer
     attention: str = "xla"  # models.transformer.ATTENTION_IMPLEMENTATIONS
     embed_cls: bool = False
     cls_mask: str = "legacy"  # CLS_MASKS
@@ -66,7 +67,8 @@ class TextTransformer(nn.Module):
         end_outputs = Transformer(  # [B, D]
             self.layers, self.heads, causal=True, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
-            remat=self.remat, attention=self.attention, name="transformer")(x, end_positions)
+            remat=self.remat, layer_loop=self.layer_loop, attention=self.attention,
+            name="transformer")(x, end_positions)
         pooled = LayerNorm(name="ln_final")(constrain(end_outputs, POOLED))
         projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
                                 (self.width, self.embed_dim))
@@ -88,7 +90,8 @@ class TextTransformer(nn.Module):
         outputs = Transformer(
             self.layers, self.heads, causal=True, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
-            remat=self.remat, attention=self.attention, name="transformer")(x)
+            remat=self.remat, layer_loop=self.layer_loop, attention=self.attention,
+            name="transformer")(x)
         return None, outputs
 
     def _class_token_pooled(self, tokens, return_tokens):
@@ -113,7 +116,8 @@ class TextTransformer(nn.Module):
         outputs = Transformer(
             self.layers, self.heads, causal=True, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
-            remat=self.remat, attention=self.attention, name="transformer")(
+            remat=self.remat, layer_loop=self.layer_loop, attention=self.attention,
+            name="transformer")(
                 x, key_mask=key_mask)
         pooled = LayerNorm(name="ln_final")(constrain(outputs[:, -1], POOLED))
         projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),

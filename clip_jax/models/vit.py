@@ -118,6 +118,7 @@ class VisionTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False  # see Transformer
     remat: str = "none"
+    layer_loop: str = "auto"  # see Transformer
     attention: str = "xla"  # models.transformer.ATTENTION_IMPLEMENTATIONS
     pool_queries: int = 0
     pool_heads: int = 8
@@ -156,7 +157,8 @@ class VisionTransformer(nn.Module):
         class_outputs = Transformer(  # the class token's, [B, D]
             self.layers, self.heads, causal=False, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
-            remat=self.remat, attention=self.attention, name="transformer")(
+            remat=self.remat, layer_loop=self.layer_loop, attention=self.attention,
+            name="transformer")(
                 tokens, jnp.zeros((batch,), jnp.int32))
         pooled = LayerNorm(name="ln_post")(constrain(class_outputs, POOLED))
         proj = self.param("proj", normal(scale, ("embed", "joint")), (self.width, self.embed_dim))
@@ -167,7 +169,8 @@ class VisionTransformer(nn.Module):
         outputs = Transformer(
             self.layers, self.heads, causal=False, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
-            remat=self.remat, attention=self.attention, name="transformer")(tokens)
+            remat=self.remat, layer_loop=self.layer_loop, attention=self.attention,
+            name="transformer")(tokens)
         pooled = AttentionalPooler(self.pool_queries, self.embed_dim, self.pool_heads,
                                    self.dtype, name="attn_pool")(outputs)
         pooled = LayerNorm(name="ln_post")(pooled)  # [B, Q, E]
