@@ -223,3 +223,15 @@ def test_each_device_draws_only_its_own_rows_patch_masks(name):
     assert [(dtype, dims, op) for dtype, dims, op in
             hlo_stats.arrays_with_leading_dim(text, SMALL_BATCH, min_rank=2)
             if dtype in ("s32", "u32")] == []
+
+
+def test_the_plan_scans_stacked_blocks_as_accelerators_do():
+    """layer_loop="auto" unrolls on CPU; the planner compiles the scan a TPU or GPU
+    runs, unless the config asks for the unrolled loop itself."""
+    def while_loops(layer_loop):
+        config = small_config(**{"mesh.data": 1, "model.scan_layers": True,
+                                 "model.layer_loop": layer_loop})
+        step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:1])
+        return step.lower(state, batch).as_text().count("stablehlo.while")
+
+    assert while_loops("auto") == while_loops("scan") > while_loops("unrolled")

@@ -13,7 +13,6 @@ def train_step_compile_times(variant, scan_layers, batch_size=8):
     config = config_files.load(variant)
     with config.unlocked():
         config.model.scan_layers = scan_layers
-        config.model.layer_loop = "scan"  # what flattens compile time, on any platform
         config.mesh.update(data=1, fsdp=1, tensor=1)
         config.batch_size = batch_size
     step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:1])
