@@ -100,34 +100,74 @@ def test_lean_layer_norm_and_gelu_equal_autodiff(dtype):
     bias = jax.random.normal(jax.random.key(2), (16,))
     weights = jax.random.normal(jax.random.key(3), (3, 5, 16), dtype)
     tolerance = 2e-5 if dtype == jnp.float32 else 3e-2
+    _assert_equal_values_and_gradients(lambda *a: lean_ops.lean_layer_norm(*a, 1e-5),
+                                       _reference_layer_norm, (x, scale, bias), weights, tolerance)
+    _assert_equal_values_and_gradients(lean_ops.lean_gelu,
+                                       lambda v: jax.nn.gelu(v, approximate=False), (x,),
+                                       weights, tolerance)
 
-    def check(ours, reference, *args):
-        def weighted(fn):
-            return lambda *a: (fn(*a) * weights).astype(jnp.float32).sum()
-        np.testing.assert_allclose(np.asarray(ours(*args), np.float32),
-                                   np.asarray(reference(*args), np.float32),
-                                   rtol=tolerance, atol=tolerance)
-        argnums = tuple(range(len(args)))
-        for mine, expected in zip(jax.grad(weighted(ours), argnums)(*args),
-                                  jax.grad(weighted(reference), argnums)(*args)):
-            assert mine.dtype == expected.dtype and mine.shape == expected.shape
-            np.testing.assert_allclose(np.asarray(mine, np.float32),
-                                       np.asarray(expected, np.float32),
-                                       rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
-    check(lambda *a: lean_ops.lean_layer_norm(*a, 1e-5), _reference_layer_norm, x, scale, bias)
-    check(lean_ops.lean_gelu, lambda v: jax.nn.gelu(v, approximate=False), x)
+def _assert_equal_values_and_gradients(ours, reference, args, weights, tolerance):
+    """ours(*args) equals reference(*args), and so do the gradients of their
+    `weights`-weighted sums w.r.t. every arg, in dtype and shape too."""
+    def weighted(fn):
+        return lambda *a: (fn(*a) * weights).astype(jnp.float32).sum()
+    np.testing.assert_allclose(np.asarray(ours(*args), np.float32),
+                               np.asarray(reference(*args), np.float32),
+                               rtol=tolerance, atol=tolerance)
+    argnums = tuple(range(len(args)))
+    for mine, expected in zip(jax.grad(weighted(ours), argnums)(*args),
+                              jax.grad(weighted(reference), argnums)(*args)):
+        assert mine.dtype == expected.dtype and mine.shape == expected.shape
+        np.testing.assert_allclose(np.asarray(mine, np.float32),
+                                   np.asarray(expected, np.float32),
+                                   rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("queries, keys, causal, key_mask", [
+    (50, 50, False, False),  # a ViT-B/32 image tower
+    (13, 13, True, False),   # a text tower
+    (13, 13, True, True),    # with padding; example 0's first query sees no key
+    (1, 9, False, True),     # a pooled query
+    (6, 11, False, True),    # cross-attention (CoCa's decoder)
+])
+def test_lean_attention_equals_xla_attention(queries, keys, causal, key_mask, dtype):
+    """models/lean_attention.py's backward pass gives the values and gradients
+    (query, key, value) of jax.nn.dot_product_attention's XLA computation, with
+    causal and key masks, and where a query's every key is masked."""
+    from clip_jax.models import lean_attention, lean_ops  # noqa: PLC0415
+
+    rngs = jax.random.split(jax.random.key(0), 5)
+    query = jax.random.normal(rngs[0], (2, queries, 3, 16), dtype)
+    key, value = (jax.random.normal(r, (2, keys, 3, 16), dtype) for r in rngs[1:3])
+    weights = jax.random.normal(rngs[3], (2, queries, 3, 16), dtype)
+    mask = None
+    if key_mask:
+        mask = (jax.random.uniform(rngs[4], (2, 1, 1, keys)) > 0.3).at[0, ..., 0].set(False)
+
+    def reference(*args):
+        return jax.nn.dot_product_attention(*args, mask=mask, is_causal=causal)
+
+    def ours(*args):
+        with lean_ops.lean_backward("on"):
+            return lean_attention.attention(*args, mask=mask, is_causal=causal)
+
+    tolerance = 2e-5 if dtype == jnp.float32 else 3e-2
+    _assert_equal_values_and_gradients(ours, reference, (query, key, value), weights, tolerance)
 
 
 @pytest.mark.parametrize("backend, lean", [("cpu", True), ("gpu", False), ("tpu", False)])
 def test_lean_backward_passes_apply_on_cpu_only(backend, lean, monkeypatch):
-    """Measured on XLA:CPU only: other backends trace autodiff's LayerNorm and GELU."""
-    from clip_jax.models import lean_ops  # noqa: PLC0415
+    """Measured on XLA:CPU only: other backends trace autodiff's LayerNorm, GELU
+    and attention."""
+    from clip_jax.models import lean_attention, lean_ops  # noqa: PLC0415
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    x = jnp.ones((2, 8))
+    x = jnp.ones((2, 4, 2, 8))
     # Fresh functions: jax caches traces by function.
     for fn in (lambda v: lean_ops.layer_norm(v, jnp.ones(8), jnp.zeros(8), 1e-5),
-               lambda v: lean_ops.gelu(v)):
+               lambda v: lean_ops.gelu(v),
+               lambda v: lean_attention.attention(v, v, v, is_causal=True)):
         assert ("custom_vjp_call" in str(jax.make_jaxpr(fn)(x))) == lean
 
 
@@ -136,14 +176,16 @@ def test_lean_backward_passes_apply_on_cpu_only(backend, lean, monkeypatch):
 def test_lean_backward_mode_forces_the_hand_written_passes_on_any_platform(
         mode, backend, lean, monkeypatch):
     """config.model.lean_backward: "on"/"off" override the platform, for the
-    LayerNorm, the GELU and the kernel gradient's flattened form."""
-    from clip_jax.models import lean_ops, transformer  # noqa: PLC0415
+    LayerNorm, the GELU, the attention and the kernel gradient's flattened form."""
+    from clip_jax.models import lean_attention, lean_ops, transformer  # noqa: PLC0415
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     x = jnp.ones((2, 3, 8))
     kernel = jnp.ones((8, 4))
     with lean_ops.lean_backward(mode):
         for fn in (lambda v: lean_ops.layer_norm(v, jnp.ones(8), jnp.zeros(8), 1e-5),
-                   lambda v: lean_ops.gelu(v)):
+                   lambda v: lean_ops.gelu(v),
+                   lambda v: lean_attention.attention(v[..., None, :], v[..., None, :],
+                                                      v[..., None, :])):
             assert ("custom_vjp_call" in str(jax.make_jaxpr(fn)(x))) == lean
         backward = str(jax.make_jaxpr(jax.grad(
             lambda k: transformer.dense_matmul(x, k).sum()))(kernel))

@@ -9,9 +9,9 @@ BatchNorm running statistics live in the `batch_stats` collection.
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from clip_jax.models.lean_attention import attention
 from clip_jax.models.partitioning import FEATURE_MAP, PER_HEAD, POOLED, TOKENS, constrain
 from clip_jax.models.transformer import DenseGeneral, normal, zeros
 
@@ -83,7 +83,7 @@ class AttentionPool(nn.Module):
                                           name=name)(inputs), PER_HEAD)
 
         query = project(x[:, :1], "q_proj")  # [B, 1, N, H]
-        attended = jax.nn.dot_product_attention(query, project(x, "k_proj"), project(x, "v_proj"))
+        attended = attention(query, project(x, "k_proj"), project(x, "v_proj"))
         out = DenseGeneral((self.output_dim,), std, ("heads", "kv", "joint"), axes=2,
                            dtype=self.dtype, name="c_proj")(constrain(attended, PER_HEAD))
         return constrain(out[:, 0], POOLED)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models import lean_ops
+from clip_jax.models.lean_attention import attention
 from clip_jax.models.partitioning import (EMBED, HIDDEN, PER_HEAD, TOKENS, compute_weight,
                                           constrain, unconstrained)
 from clip_jax.models.splash import splash_attention
@@ -248,8 +249,9 @@ class Attention(nn.Module):
     `key_mask` bool [B, S] hides the keys where it is False (padding).
 
     `attention` (ATTENTION_IMPLEMENTATIONS) computes the full-sequence attention;
-    the single pooled query, and any masked attention, use XLA's, which takes a
-    per-row mask (splash's padding is per sequence length, not per example)."""
+    the single pooled query, and any masked attention, use XLA's computation
+    (models/lean_attention.py), which takes a per-row mask (splash's padding is
+    per sequence length, not per example)."""
 
     heads: int
     causal: bool
@@ -278,17 +280,18 @@ class Attention(nn.Module):
             implementation = attention_implementation(self.attention, self.dtype)
             if implementation == "splash" and mask is None:
                 attended = splash_attention(query, key, value, causal=self.causal)
-            else:
+            elif implementation == "cudnn":
                 attended = jax.nn.dot_product_attention(
-                    query, key, value, mask=mask, is_causal=self.causal,
-                    implementation=None if implementation == "splash" else implementation)
+                    query, key, value, mask=mask, is_causal=self.causal, implementation="cudnn")
+            else:
+                attended = attention(query, key, value, mask=mask, is_causal=self.causal)
         else:
             query = project("query", take_tokens(x, query_positions))  # [B, 1, N, H]
             # A causal query sees the keys up to its own position.
             if self.causal:
                 seen = jnp.arange(sources.shape[1]) <= query_positions[:, None, None, None]
                 mask = seen if mask is None else mask & seen  # [B, 1, 1, S]
-            attended = jax.nn.dot_product_attention(query, key, value, mask=mask)
+            attended = attention(query, key, value, mask=mask)
         # With heads split over `tensor` this is Megatron's row-parallel matmul: the
         # partial sums meet in one all-reduce, at the residual stream's constraint.
         return self._out(attended, width)
@@ -307,7 +310,7 @@ class Attention(nn.Module):
             value = self.variable("cache", "context_value", lambda: project("value", context))
             if not ready:
                 return jnp.zeros_like(x)
-            attended = jax.nn.dot_product_attention(project("query", x), key.value, value.value)
+            attended = attention(project("query", x), key.value, value.value)
             return self._out(attended, x.shape[-1])
         ready = self.has_variable("cache", "cached_key")
         new_key, new_value = project("key", x), project("value", x)  # [B, t, N, H]
@@ -323,8 +326,7 @@ class Attention(nn.Module):
         # Query j (at position start + j) sees the cached positions up to its own.
         positions = jnp.arange(key.value.shape[1])
         seen = positions[None, :] <= start + jnp.arange(x.shape[1])[:, None]  # [t, S]
-        attended = jax.nn.dot_product_attention(project("query", x), key.value, value.value,
-                                                mask=seen[None, None])
+        attended = attention(project("query", x), key.value, value.value, mask=seen[None, None])
         return self._out(attended, x.shape[-1])
 
     def _out(self, attended, width):
