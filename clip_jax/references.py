@@ -81,7 +81,8 @@ def open_clip_train_step_times(config, steps, warmup, seed=0):
     """Seconds of each timed OpenCLIP training step (after `warmup` untimed ones) of
     config's ViT architecture, global batch, compute dtype and AdamW settings, on
     PyTorch's CPU threads: forward, OpenCLIP's symmetric contrastive loss (as its
-    ClipLoss on one process), backward, AdamW step. bfloat16 runs under autocast,
+    ClipLoss on one process), backward, global-norm clipping when the config clips
+    (as OpenCLIP's `--grad-clip-norm`), AdamW step. bfloat16 runs under autocast,
     as OpenCLIP's `--precision amp_bf16`."""
     import torch  # noqa: PLC0415  (optional dependency)
 
@@ -108,6 +109,8 @@ def open_clip_train_step_times(config, steps, warmup, seed=0):
                     + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if opt.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
         optimizer.step()
         return float(loss.detach())  # waits for the step, as block_until_ready does
 
