@@ -15,6 +15,10 @@ config files pay only for what they touch.
 
 import importlib
 
+from clip_jax import huge_pages
+
+huge_pages.restart_with_huge_pages()  # `python -m clip_jax.train` etc. only
+
 # Public name -> (module, attribute in it; None: the module itself).
 _LAZY = {
     "MODEL_NAMES": ("clip_jax.models.zoo", "MODEL_NAMES"),

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from clip_jax import capacity, config_files, flops, overrides, phases, sharding
+from clip_jax import capacity, config_files, flops, huge_pages, overrides, phases, sharding
 from clip_jax.config_checks import check_config
 from clip_jax.train_step import setup_training
 
@@ -113,7 +113,7 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
             "peak_flops_per_device": peak,
             "mfu": None if peak is None else achieved / (peak * num_devices),
             "peak_memory_bytes": int(peak_memory), "peak_memory_source": memory_source,
-            "loss": float(metrics["loss"])}
+            "loss": float(metrics["loss"]), "huge_pages": huge_pages.requested()}
 
 
 def reference_benchmark(config, steps, warmup):
@@ -166,9 +166,11 @@ def run_train(args):
           f"  MFU                {mfu}\n"
           f"  peak memory        {row['peak_memory_bytes'] / 2**30:10.2f} GiB  "
           f"(per device, {row['peak_memory_source']})\n"
-          f"  final loss         {row['loss']:10.4f}", flush=True)
+          f"  final loss         {row['loss']:10.4f}\n"
+          f"  host pages         {'transparent huge pages' if row['huge_pages'] else '4 KiB'} "
+          f"(clip_jax/huge_pages.py)", flush=True)
     if args.reference:
         print(f"  OpenCLIP step time {row['reference_step_time_s']:10.3f} s  (same steps, "
-              f"batch, precision, AdamW; PyTorch, another process)\n"
+              f"batch, precision, AdamW, clipping; PyTorch, a child process with the same environment)\n"
               f"  OpenCLIP samples/s {row['reference_samples_per_sec']:10.1f}\n"
               f"  clip_jax / OpenCLIP {row['speedup']:9.2f}x samples/s", flush=True)
