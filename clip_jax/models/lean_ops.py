@@ -17,8 +17,7 @@ way of that; until measured there, `layer_norm` and `gelu` are autodiff's
 elsewhere (the backend is read when the model is traced). `lean_backward("on")`
 / `("off")` around a trace forces them (and the flattened kernel gradient of
 models.transformer.dense_matmul, and models/lean_attention.py) on or off on any
-platform, so a device check
-can measure both (config.model.lean_backward).
+platform, so a device check can measure both (config.model.lean_backward).
 """
 
 import contextlib
