@@ -1,6 +1,7 @@
 """AdamW with linear warmup and cosine decay, as CLIP and OpenCLIP train."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from clip_jax.models.transformer import SCANNED_BLOCKS
@@ -28,6 +29,26 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+def clip_by_global_norm(max_norm):
+    """optax.clip_by_global_norm's clipping, as one scalar multiply per gradient.
+
+    optax picks, element by element, between each gradient and its clipped copy (a
+    select that its own TODO calls the slower form). XLA:CPU then writes the clipped
+    gradients out and reads them back for each Adam moment. A scalar scale fuses
+    into the AdamW update instead: an AdamW step over ViT-B/16's 148M parameters on
+    the 2-core CPU takes 0.22 s rather than 0.55 s. Gradients under the limit pass
+    through bitwise (the scale is exactly 1); clipped ones round once differently
+    (g * (max/norm) against (g / norm) * max). The state is optax's EmptyState, so
+    checkpoints restore either way.
+    """
+    def update(updates, state, params=None):
+        del params
+        scale = max_norm / jnp.maximum(optax.tree.norm(updates), max_norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(opt_config, total_steps, frozen=()):
     """optax AdamW (+ optional global-norm clipping) driven by the schedule.
 
@@ -38,7 +59,7 @@ def make_optimizer(opt_config, total_steps, frozen=()):
         learning_rate_schedule(opt_config, total_steps), b1=opt_config.b1, b2=opt_config.b2,
         eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask)
     if opt_config.grad_clip_norm:
-        optimizer = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), optimizer)
+        optimizer = optax.chain(clip_by_global_norm(opt_config.grad_clip_norm), optimizer)
     if frozen:
         labels = lambda params: {name: jax.tree.map(  # noqa: E731
             lambda _, frozen_tree=name in frozen: "frozen" if frozen_tree else "trained", subtree)
