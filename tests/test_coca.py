@@ -2,6 +2,7 @@
 init, weight interchange both ways, the loss against NumPy, mesh and GradCache
 equality, and captioning."""
 
+import functools
 import itertools
 
 import jax
@@ -235,9 +236,10 @@ def test_cached_greedy_captions_equal_decoding_each_prefix_in_full():
             variables, images))
         token_of_class = output_classes.class_token_ids(output_vocab, config.model.text.vocab_size)
         expected = np.full((3, 1), tokenizer.default_tokenizer().sot_token, np.int32)
+        caption_logits = jax.jit(functools.partial(model.apply, method=model.caption_logits))
         for _ in range(5):
-            logits = np.array(model.apply(variables, image_ops.normalize(images), expected,
-                                          method=model.caption_logits))[:, -1]
+            logits = np.array(caption_logits(variables, image_ops.normalize(images),
+                                             expected))[:, -1]
             logits[:, token_of_class < 0] = -np.inf
             expected = np.concatenate([expected, token_of_class[logits.argmax(-1)][:, None]], 1)
         eot = tokenizer.default_tokenizer().eot_token
@@ -274,6 +276,7 @@ def test_beam_search_with_beams_enough_for_every_path_finds_the_best_caption():
     paths = sorted({p[:p.index(eot) + 1] if eot in p else p  # a caption ends at its end token
                     for p in itertools.product((200, 201, eot), repeat=3)})
     assert len(paths) == 15
+    caption_logits = jax.jit(functools.partial(model.apply, method=model.caption_logits))
     for image, row, score in zip(images, np.asarray(rows), np.asarray(scores)):
         best = None
         for path in paths:
@@ -281,8 +284,8 @@ def test_beam_search_with_beams_enough_for_every_path_finds_the_best_caption():
             log_p = jax.nn.log_softmax(np.where(
                 output_classes.class_token_ids(config.model.output_vocab,
                                                config.model.text.vocab_size) >= 0,
-                np.asarray(model.apply(variables, image_ops.normalize(image[None]), tokens,
-                                       method=model.caption_logits))[0, :-1], -np.inf))
+                np.asarray(caption_logits(variables, image_ops.normalize(image[None]),
+                                          tokens))[0, :-1], -np.inf))
             per_token = float(sum(log_p[i, classes[t]] for i, t in enumerate(path))) / len(path)
             if best is None or per_token > best[0]:
                 best = (per_token, path)
