@@ -111,44 +111,62 @@ def test_collect_without_sweep_records_uses_the_differing_config_values(tmp_path
     assert rows == [[0.01, 2, 0.75, 1.0, 0.85, 1], [0.1, 2, 0.5, 1.0, 0.6, 1]]
 
 
+# A user's own config file: the tiny config with a two-run sweep of its own.
+PAIR_CONFIG = """
+from configs import clip
+
+get_config = clip.get_config
+
+
+def get_sweep(name):
+    return {"pair": [{"optimizer.lr": 1e-3, "batch_size": 64},
+                     {"optimizer.lr": 4e-3, "batch_size": 128}]}[name]
+"""
+PAIR = [{"optimizer.lr": 1e-3, "batch_size": 64}, {"optimizer.lr": 4e-3, "batch_size": 128}]
+PAIR_NAMES = ["optimizer.lr=0.001_batch_size=64", "optimizer.lr=0.004_batch_size=128"]
+
+
 @pytest.mark.slow
 def test_sweep_trains_every_run_then_collects_a_table(tmp_path, shrunk_data_dir, monkeypatch,
                                                       capsys):
-    """The lr_batch sweep on the tiny trainer, 2 steps a run. A setting that only
-    the batch-128 runs accept fails the two batch-64 runs: the sweep goes on and
-    reports them; a re-run trains those two and skips the finished ones."""
+    """A two-run sweep from a user's config file on the tiny trainer, 2 steps a
+    run. A setting that only the batch-128 run accepts fails the batch-64 one: the
+    sweep goes on and reports it; a re-run trains it and skips the finished one."""
     # One device per run; the suite's other XLA flags (tests/conftest.py builds the
     # code at -O0, which compiling dominates) stay.
     monkeypatch.setenv("XLA_FLAGS", cpu_devices.xla_flags(1, os.environ.get("XLA_FLAGS", "")))
     monkeypatch.setenv("PYTHONPATH", REPO)
-    # The runs share their eval programs (and same-batch runs more): compile them once.
+    # The runs share their eval programs: compile them once.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    config_file = tmp_path / "my_config.py"
+    config_file.write_text(PAIR_CONFIG)
+    config = f"{config_file}:tiny"
     root = tmp_path / "sweep"
     tiny = {**TINY_RUN, "total_steps": 2, "data.data_dir": shrunk_data_dir}
     sets = [f"{key}={value}" for key, value in tiny.items() if key != "batch_size"]
 
-    failed = sweep.run_sweep(CONFIG, "lr_batch", str(root), [*sets, "loss.chunk_size=128"])
-    assert failed == [LR_BATCH_NAMES[0], LR_BATCH_NAMES[2]]
+    failed = sweep.run_sweep(config, "pair", str(root), [*sets, "loss.chunk_size=128"])
+    assert failed == [PAIR_NAMES[0]]
     assert "FAILED" in capsys.readouterr().out
-    assert sweep.run_sweep(CONFIG, "lr_batch", str(root), sets) == []
+    assert sweep.run_sweep(config, "pair", str(root), sets) == []
     printed = capsys.readouterr().out
-    assert printed.count("finished (step 2), skipped") == 2
-    assert "2 trained, 2 already finished, 0 failed" in printed
+    assert printed.count("finished (step 2), skipped") == 1
+    assert "1 trained, 1 already finished, 0 failed" in printed
 
-    for name, run in zip(LR_BATCH_NAMES, LR_BATCH):
+    for name, run in zip(PAIR_NAMES, PAIR):
         workdir = root / name
-        config = json.loads((workdir / "config.json").read_text())
-        assert (config["optimizer"]["lr"], config["batch_size"], config["total_steps"]) == (
-            run["optimizer.lr"], run["batch_size"], 2)
+        run_config = json.loads((workdir / "config.json").read_text())
+        assert (run_config["optimizer"]["lr"], run_config["batch_size"],
+                run_config["total_steps"]) == (run["optimizer.lr"], run["batch_size"], 2)
         assert json.loads((workdir / "sweep.json").read_text())["overrides"] == run
         assert [row["step"] for row in read_metrics(workdir) if "train/loss" in row] == [1, 2]
 
     # Every run finished: nothing is trained again.
-    logs = {name: (root / name / "train.log").read_text() for name in LR_BATCH_NAMES}
-    assert sweep.run_sweep(CONFIG, "lr_batch", str(root), sets) == []
-    assert capsys.readouterr().out.count("skipped") == 4
-    assert logs == {name: (root / name / "train.log").read_text() for name in LR_BATCH_NAMES}
+    logs = {name: (root / name / "train.log").read_text() for name in PAIR_NAMES}
+    assert sweep.run_sweep(config, "pair", str(root), sets) == []
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert logs == {name: (root / name / "train.log").read_text() for name in PAIR_NAMES}
 
     assert sweep.main(["collect", "--root", str(root), "--metric", TOP1,
                        "--x", "optimizer.lr"]) == 0
@@ -156,12 +174,12 @@ def test_sweep_trains_every_run_then_collects_a_table(tmp_path, shrunk_data_dir,
     assert markdown.splitlines()[0] == (
         f"| optimizer.lr | batch_size | steps | final {TOP1} | final train/loss | best {TOP1} "
         "| best at step |")
-    assert len([line for line in markdown.splitlines() if line.startswith("| 0.00")]) == 4
+    assert len([line for line in markdown.splitlines() if line.startswith("| 0.00")]) == 2
     with open(root / "ablation.csv") as f:
         table = list(csv.reader(f))
-    assert len(table) == 5
+    assert len(table) == 3
     assert [row[:3] for row in table[1:]] == [
-        [str(run["optimizer.lr"]), str(run["batch_size"]), "2"] for run in LR_BATCH]
+        [str(run["optimizer.lr"]), str(run["batch_size"]), "2"] for run in PAIR]
     for row in table[1:]:
         final_top1, loss, best_top1, best_step = map(float, row[3:])
         assert 0 <= final_top1 <= 1 and loss > 0 and best_top1 == final_top1 and best_step == 2
