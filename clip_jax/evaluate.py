@@ -21,8 +21,8 @@ import sys
 
 import jax
 import ml_collections
-import tensorflow as tf
 from absl import app, flags, logging
+from etils import epath
 
 from clip_jax import checkpoint, convert, sharding
 from clip_jax.config_checks import ConfigError
@@ -96,7 +96,7 @@ def main(argv, options, distributed):
     print(f"{source}" + (f" (step {step})" if step is not None else ""))
     print(format_table(metrics))
     if options["output"].value:
-        with tf.io.gfile.GFile(options["output"].value, "w") as f:
+        with epath.Path(options["output"].value).open("w") as f:
             json.dump({"source": source, "step": step, **metrics}, f, indent=1)
     if options["report"].value:
         title = f"{source}" + (f", step {step}" if step is not None else "")

@@ -1,5 +1,6 @@
 """Imported first by the commands (train, evaluate, prepare, benchmark, convert):
-TensorFlow serves files (gfile) and TFDS here and computes nothing, so its
+TensorFlow, where it loads at all (gs:// files through gfile, TFDS dataset
+preparation), computes nothing, so its
 start-up banners (oneDNN numerics, CPU features) are noise in a training log.
 Sets the environment before TensorFlow is first imported; a value the user set
 is kept."""

@@ -19,9 +19,9 @@ import time
 
 import jax
 import numpy as np
-import tensorflow as tf
 import tqdm
 from absl import app, flags, logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -130,9 +130,8 @@ def train(config, workdir):
         _print(f"warning: {input_warning}")
     _describe_start(config, mesh, state, shardings, start_step, training.phases)
     if jax.process_index() == 0:
-        tf.io.gfile.makedirs(workdir)
-        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
 
     try:
         evaluator = EvalSuite(config.evals, model, mesh, shardings.variables(),
