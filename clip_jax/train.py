@@ -130,8 +130,9 @@ def train(config, workdir):
         _print(f"warning: {input_warning}")
     _describe_start(config, mesh, state, shardings, start_step, training.phases)
     if jax.process_index() == 0:
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
+        workdir_path = epath.Path(workdir)
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        (workdir_path / "config.json").write_text(config.to_json(indent=2))
 
     try:
         evaluator = EvalSuite(config.evals, model, mesh, shardings.variables(),
