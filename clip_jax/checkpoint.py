@@ -59,24 +59,33 @@ def make_manager(workdir, config, *, best_metric=None):
     root = workdir if "://" in workdir else os.path.abspath(workdir)
     return ocp.CheckpointManager(
         os.path.join(root, "checkpoints"), options=options,
-        item_handlers={"state": _state_handler(), "input": ocp.JsonCheckpointHandler()},
+        item_handlers={"state": _state_handler(),
+                       **{name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS}},
         metadata={"config": json.loads(config.to_json())})
 
 
-def save(manager, state, input_state=None, metrics=None):
-    """Starts an asynchronous save of `state` at its step, with the input position
-    (`pipeline.gather_input_states`, JSON) when given; `metrics` rank the saves of
-    a best-checkpoint manager."""
+# JSON items saved beside the state: where the input stands
+# (`pipeline.gather_input_states`) and the run's clock ({"train_seconds": ...}).
+JSON_ITEMS = ("input", "progress")
+
+
+def save(manager, state, metrics=None, **json_items):
+    """Starts an asynchronous save of `state` at its step, with the JSON_ITEMS given
+    as keywords (JSON-able dicts); `metrics` rank the saves of a best-checkpoint
+    manager."""
+    unknown = set(json_items) - set(JSON_ITEMS)
+    if unknown:
+        raise TypeError(f"unknown checkpoint items {sorted(unknown)}; they are {JSON_ITEMS}")
     items = {"state": ocp.args.PyTreeSave(state)}
-    if input_state is not None:
-        items["input"] = ocp.args.JsonSave(input_state)
+    items.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()
+                  if value is not None})
     manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics)
 
 
 def restore_latest(manager, abstract_state, warn=print):
-    """(state, input position) of the newest readable save, the state placed per
-    `abstract_state`'s shardings (any mesh: orbax reshards); (None, None) without
-    one. The input position is None for checkpoints saved without it.
+    """(state, {item: dict}) of the newest readable save: the state placed per
+    `abstract_state`'s shardings (any mesh: orbax reshards) and those JSON_ITEMS
+    the save holds; (None, {}) without one.
 
     A save that cannot be read (truncated or corrupted files) is reported through
     `warn` in one line and the next older one is tried.
@@ -85,9 +94,9 @@ def restore_latest(manager, abstract_state, warn=print):
         items = {"state": ocp.args.PyTreeRestore(
             item=abstract_state,
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-        has_input = (epath.Path(manager.directory) / str(step) / "input").exists()
-        if has_input:
-            items["input"] = ocp.args.JsonRestore()
+        step_dir = epath.Path(manager.directory) / str(step)
+        saved_json = [name for name in JSON_ITEMS if (step_dir / name).exists()]
+        items.update({name: ocp.args.JsonRestore() for name in saved_json})
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # noqa: BLE001  (any unreadable save: fall back)
@@ -95,8 +104,8 @@ def restore_latest(manager, abstract_state, warn=print):
             warn(f"checkpoint at step {step} in {manager.directory} is unreadable, trying an "
                  f"older one ({type(error).__name__}: {reason})")
             continue
-        return restored.state, (restored.input if has_input else None)
-    return None, None
+        return restored.state, {name: restored[name] for name in saved_json}
+    return None, {}
 
 
 def save_variables(path, variables):

@@ -115,7 +115,7 @@ def train(config, workdir):
     abstract_state = training.abstract_state
 
     manager = checkpoint.make_manager(workdir, config)
-    state, saved_input = checkpoint.restore_latest(
+    state, saved = checkpoint.restore_latest(
         manager, variables_lib.with_shardings(abstract_state, shardings),
         warn=lambda message: _print(f"warning: {message}"))
     if state is None:
@@ -123,8 +123,12 @@ def train(config, workdir):
         if config.init_from:
             state = _initialise_from(config.init_from, state, abstract_state, shardings)
     start_step = int(state.step)
-    input_state, input_warning = pipeline.local_input_state(saved_input, start_step,
+    input_state, input_warning = pipeline.local_input_state(saved.get("input"), start_step,
                                                             config.batch_size)
+    trained_seconds = saved.get("progress", {}).get("train_seconds", 0.0)
+    if start_step and "progress" not in saved:
+        _print(f"warning: the checkpoint at step {start_step} has no training time; "
+               "train/seconds counts from 0")
     if start_step and input_warning:
         logging.warning("input: %s", input_warning)
         _print(f"warning: {input_warning}")
@@ -149,7 +153,8 @@ def train(config, workdir):
     try:
         with (PhasedInput(config, training.phases, input_state, start_step) as batches,
               preemption.PreemptionWatcher() as watcher):
-            row, preempted_at = run.loop(state, batches, input_state, start_step, watcher)
+            row, preempted_at = run.loop(state, batches, input_state, start_step,
+                                         trained_seconds, watcher)
     finally:
         for open_manager in (manager, best_manager):
             if open_manager is not None:
@@ -240,20 +245,22 @@ class _Run:
         if metric not in eval_row:
             raise ConfigError(f"config.keep_best={metric!r} is not an eval metric; "
                               f"they are {', '.join(sorted(eval_row))}")
-        checkpoint.save(self.best_manager, state, self.input_states(input_state),
-                        metrics={metric: float(eval_row[metric])})
+        checkpoint.save(self.best_manager, state, metrics={metric: float(eval_row[metric])},
+                        input=self.input_states(input_state))
 
     def input_states(self, input_state):
         """Every process's input position (a collective), as checkpoints store it."""
         return pipeline.gather_input_states(input_state, self.source_labels)
 
-    def save(self, state, input_state):
-        checkpoint.save(self.manager, state, self.input_states(input_state))
+    def save(self, state, input_state, trained_seconds):
+        checkpoint.save(self.manager, state, input=self.input_states(input_state),
+                        progress={"train_seconds": trained_seconds})
         self.last_save_time = time.time()
 
-    def loop(self, state, batches, input_state, start_step, watcher):
+    def loop(self, state, batches, input_state, start_step, trained_seconds, watcher):
         """Steps start_step + 1 .. total_steps -> (last logged metrics, the step
-        saved for a preemption or None)."""
+        saved for a preemption or None). trained_seconds: train/seconds at
+        start_step (0 for a new run)."""
         config = self.config
         progress = StepProgress(config.total_steps, start_step,
                                 enabled=jax.process_index() == 0)
@@ -265,9 +272,11 @@ class _Run:
         if upcoming is not None:
             progress.write("compiling the train step (the first step waits for it)")
         run_phases = self.training.phases
-        # train/seconds: wall-clock of this process's steps, compilation and
-        # evaluation left out (what the efficiency study plots accuracy against).
-        trained_seconds = 0.0
+        # train/seconds: wall-clock of the steps, compilation and evaluation left
+        # out (what the efficiency study plots accuracy against), as process 0
+        # measures it; saves carry it, so it goes on counting after a resume.
+        def seconds_now():
+            return trained_seconds + (0.0 if last_time is None else time.time() - last_time)
         for step in range(start_step + 1, config.total_steps + 1):
             batch, input_state = upcoming
             phase = phases_lib.phase_at(run_phases, step)
@@ -289,7 +298,8 @@ class _Run:
             jax.block_until_ready(in_flight)
             if (in_flight is not None
                     and int(in_flight["bad_steps_in_a_row"]) >= config.max_bad_steps):
-                self.save(state, input_state)  # bad steps left the parameters untouched
+                # Bad steps left the parameters untouched.
+                self.save(state, input_state, seconds_now())
                 raise TrainingStopped(_diverged_message(step - 1, in_flight, config))
             in_flight = metrics
             progress.update()
@@ -315,6 +325,7 @@ class _Run:
             if evaluated:
                 jax.block_until_ready(metrics)
                 trained_seconds += time.time() - last_time
+                last_time = None  # evaluation is not training time
                 eval_row, _ = self.evaluator(state.variables(), step,
                                              final=step == config.total_steps)
                 self.writer.write(step, eval_row)
@@ -323,13 +334,13 @@ class _Run:
                 if self.best_manager is not None:
                     self.save_if_best(state, input_state, eval_row)
             if watcher.reached(step):
-                self.save(state, input_state)
+                self.save(state, input_state, seconds_now())
                 progress.close()
                 return row, step
             overdue = logged and config.checkpoint_minutes > 0 and _all_agree(
                 time.time() - self.last_save_time >= 60 * config.checkpoint_minutes)
             if overdue or _is_due(step, config.checkpoint_every, config.total_steps):
-                self.save(state, input_state)
+                self.save(state, input_state, seconds_now())
             if evaluated:
                 last_time, last_step = time.time(), step  # throughput counts training only
         progress.close()

@@ -56,9 +56,19 @@ def _final_variables(workdir, **model_overrides):
         str(workdir), convert.abstract_variables(small_config(**model_overrides).model))
 
 
-def _saved_input(workdir, step):
-    with open(os.path.join(workdir, "checkpoints", str(step), "input", "metadata")) as f:
+def _saved_json(workdir, step, item="input"):
+    with open(os.path.join(workdir, "checkpoints", str(step), item, "metadata")) as f:
         return json.load(f)
+
+
+def _launches(rows):
+    """Logged rows split per launch of the trainer (each resume logs lower steps again)."""
+    launches = []
+    for row in rows:
+        if not launches or row["step"] <= launches[-1][-1]["step"]:
+            launches.append([])
+        launches[-1].append(row)
+    return launches
 
 
 KILL_RUN = {"total_steps": 10, "checkpoint_every": 2}
@@ -116,7 +126,15 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_an_uninterrupted_run(data_d
     patch_4 = {"model.image.patch_size": 4}
     jax.tree.map(np.testing.assert_array_equal, _final_variables(interrupted, **patch_4),
                  _final_variables(straight, **patch_4))
-    assert _saved_input(interrupted, 10) == _saved_input(straight, 10)
+    assert _saved_json(interrupted, 10) == _saved_json(straight, 10)
+    # train/seconds goes on from the resumed save's value rather than from 0.
+    launches = _launches(rows)
+    assert [launch[0]["step"] for launch in launches] == [1, 3, 9]
+    seconds = [[row["train/seconds"] for row in launch if "train/seconds" in row
+                and row["step"] <= saved] for launch, saved in zip(launches, (2, 8, 10))]
+    saved_at_8 = _saved_json(interrupted, 8, "progress")["train_seconds"]
+    assert seconds[0][-1] < min(seconds[1]) and max(seconds[1]) <= saved_at_8
+    assert seconds[2] and min(seconds[2]) > saved_at_8
 
 
 def _children(pid):
@@ -175,7 +193,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(data_dir, tmp_path):
     last = max(_logged_steps(workdir))
     assert _saved_steps(workdir) == [last]  # checkpoint_every=0: only the preemption save
     assert f"preempted: saved step {last}" in log
-    assert _saved_input(workdir, last)["cursors"] == [last * 16]
+    assert _saved_json(workdir, last)["cursors"] == [last * 16]
 
 
 def test_sigterm_on_one_of_two_processes_saves_the_same_step_on_both(data_dir, tmp_path):
@@ -193,7 +211,7 @@ def test_sigterm_on_one_of_two_processes_saves_the_same_step_on_both(data_dir, t
     saved = _saved_steps(workdir)
     assert len(saved) == 1 and saved[0] >= 3
     assert f"preempted: saved step {saved[0]}" in logs[0]
-    assert _saved_input(workdir, saved[0])["cursors"] == [saved[0] * 8] * 2
+    assert _saved_json(workdir, saved[0])["cursors"] == [saved[0] * 8] * 2
 
 
 def _one_step_state(config, devices=None):
@@ -253,11 +271,13 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         f.truncate(os.path.getsize(largest) // 2)
 
     warnings = []
-    restored, _ = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path), config),
-                                            _abstract(training), warn=warnings.append)
+    restored, saved_items = checkpoint.restore_latest(
+        checkpoint.make_manager(str(tmp_path), config), _abstract(training),
+        warn=warnings.append)
     assert int(restored.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
     assert len(warnings) == 1 and "checkpoint at step 2" in warnings[0]
+    assert saved_items == {}  # saved without input position or clock
     assert "\n" not in warnings[0]
 
 
