@@ -15,6 +15,8 @@ from clip_jax import variables as variables_lib
 from clip_jax import train as train_lib
 from clip_jax.train_step import setup_training
 from tests.conftest import small_config
+from tests.test_coca import small_coca_config
+from tests.test_finetune import resnet_config
 from tests.test_train_step import random_batch
 from tests.trainer_process import distributed_flags, free_port, launch_trainer, read_metrics
 
@@ -279,6 +281,18 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert len(warnings) == 1 and "checkpoint at step 2" in warnings[0]
     assert saved_items == {}  # saved without input position or clock
     assert "\n" not in warnings[0]
+
+
+@pytest.mark.parametrize("make_config", [small_config, small_coca_config, resnet_config],
+                         ids=["vit", "coca", "resnet"])
+def test_the_train_state_holds_no_typed_prng_keys(make_config):
+    """checkpoint._state_handler leaves out orbax's array-metadata store, which only
+    typed PRNG keys need: a key in the state would need it back."""
+    abstract = setup_training(make_config(), jax.devices()[:8]).abstract_state
+    keys = [jax.tree_util.keystr(path) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(abstract)[0]
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+    assert keys == []
 
 
 def _poisoned(batch):
