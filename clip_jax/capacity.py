@@ -13,9 +13,12 @@ every array's sharding and every collective before any backend code exists,
 so what is split, gathered and reduced is the program a TPU or GPU would run.
 Byte figures are XLA:CPU's buffer assignment, which fuses and schedules
 differently from the TPU and GPU compilers; collectives are counted at the
-width a bfloat16 run moves (see hlo_stats._wire_dtype). Stacked blocks are
-planned as the accelerators run them, in one lax.scan, where
-model.layer_loop="auto" would unroll them on the CPU doing the planning.
+width a bfloat16 run moves (see hlo_stats._wire_dtype). Settings that "auto"
+resolves by platform are planned as the accelerators run them: stacked blocks
+in one lax.scan (model.layer_loop) and autodiff's backward passes
+(model.lean_backward), where the CPU doing the planning would unroll the
+blocks and take its hand-written passes; a config that names either is
+planned as it says.
 """
 
 import math
@@ -86,10 +89,14 @@ def ideal_collective_bytes(abstract_params, param_shardings, mesh):
 def abstract_train_step(config, devices):
     """(jitted train step, abstract state, abstract batch, Training) for `config`
     on a mesh over `devices`; shapes and shardings only, nothing allocated."""
-    if config.model.get("layer_loop", "auto") == "auto":
+    # What "auto" resolves to on a TPU or GPU, not on the CPU doing the planning.
+    accelerator_choices = {"layer_loop": "scan", "lean_backward": "off"}
+    unresolved = {key: value for key, value in accelerator_choices.items()
+                  if config.model.get(key, "auto") == "auto"}
+    if unresolved:
         config = config.copy_and_resolve_references()
         with config.unlocked():
-            config.model.layer_loop = "scan"
+            config.model.update(unresolved)
     training = setup_training(config, devices)
     state = variables.with_shardings(training.abstract_state, training.shardings)
     model = phases.first_phase_model(config)  # the shapes of the first phase's batches

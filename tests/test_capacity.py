@@ -225,13 +225,18 @@ def test_each_device_draws_only_its_own_rows_patch_masks(name):
             if dtype in ("s32", "u32")] == []
 
 
-def test_the_plan_scans_stacked_blocks_as_accelerators_do():
-    """layer_loop="auto" unrolls on CPU; the planner compiles the scan a TPU or GPU
-    runs, unless the config asks for the unrolled loop itself."""
-    def while_loops(layer_loop):
+def test_the_plan_compiles_what_auto_resolves_to_on_accelerators():
+    """On CPU layer_loop="auto" unrolls the blocks and lean_backward="auto" takes the
+    hand-written backward passes; the planner compiles the scan and autodiff's
+    passes a TPU or GPU runs, unless the config names a setting itself."""
+    def lowered(**model):
         config = small_config(**{"mesh.data": 1, "model.scan_layers": True,
-                                 "model.layer_loop": layer_loop})
+                                 **{f"model.{key}": value for key, value in model.items()}})
         step, state, batch, _ = capacity.abstract_train_step(config, jax.devices()[:1])
-        return step.lower(state, batch).as_text().count("stablehlo.while")
+        return step.lower(state, batch).as_text()
 
-    assert while_loops("auto") == while_loops("scan") > while_loops("unrolled")
+    planned = lowered(layer_loop="auto", lean_backward="auto")
+    assert planned == lowered(layer_loop="scan", lean_backward="off")
+    assert planned.count("stablehlo.while") > lowered(layer_loop="unrolled").count(
+        "stablehlo.while")
+    assert planned != lowered(layer_loop="scan", lean_backward="on")
