@@ -25,6 +25,11 @@ from clip_jax.pytree import get_path, set_path
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
+# JSON items saved beside the state: where the input stands
+# (`pipeline.gather_input_states`) and the run's clock ({"train_seconds": ...}).
+JSON_ITEMS = ("input", "progress")
+
+
 def _state_handler():
     """The handler of the train state: orbax's standard one with replica-parallel
     saves limited to slices of at least MIN_REPLICA_SLICE_BYTES. (The state holds
@@ -64,11 +69,6 @@ def make_manager(workdir, config, *, best_metric=None):
         metadata={"config": json.loads(config.to_json())})
 
 
-# JSON items saved beside the state: where the input stands
-# (`pipeline.gather_input_states`) and the run's clock ({"train_seconds": ...}).
-JSON_ITEMS = ("input", "progress")
-
-
 def save(manager, state, metrics=None, **json_items):
     """Starts an asynchronous save of `state` at its step, with the JSON_ITEMS given
     as keywords (JSON-able dicts); `metrics` rank the saves of a best-checkpoint
@@ -77,8 +77,7 @@ def save(manager, state, metrics=None, **json_items):
     if unknown:
         raise TypeError(f"unknown checkpoint items {sorted(unknown)}; they are {JSON_ITEMS}")
     items = {"state": ocp.args.PyTreeSave(state)}
-    items.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()
-                  if value is not None})
+    items.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()})
     manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics)
 
 
