@@ -17,6 +17,7 @@ from clip_jax.models.lean_ops import LEAN_BACKWARD_MODES
 from clip_jax.models.partitioning import ACTIVATION_AXES
 from clip_jax.models.transformer import (activation_fn, attention_implementation, remat_policy,
                                          unrolled_layer_loop)
+from clip_jax.models.weight_grads import GRAD_REDUCE_DTYPES
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,9 @@ def check_config(config, num_devices):
     _require(model.get("lean_backward", "auto") in LEAN_BACKWARD_MODES,
              f"config.model.lean_backward={model.get('lean_backward')!r} is unknown; choose one "
              f"of {', '.join(LEAN_BACKWARD_MODES)}")
+    _require(model.get("grad_reduce_dtype", "compute") in GRAD_REDUCE_DTYPES,
+             f"config.model.grad_reduce_dtype={model.get('grad_reduce_dtype')!r} is unknown; "
+             f"choose one of {', '.join(GRAD_REDUCE_DTYPES)}")
     try:
         jnp.dtype(model.dtype)
     except TypeError:

@@ -64,6 +64,7 @@ class Collective:
     group_size: int
     executions: int  # per run of the program (loop trip counts multiplied)
     op_name: str  # the JAX operation it came from (HLO metadata)
+    dtypes: tuple = ()  # the element type of each array it moves, at the wire width
 
     @property
     def bytes_moved(self):
@@ -157,19 +158,20 @@ def _wire_dtype(operand, computations):
     return narrow if narrow in _NARROW_FLOATS else None
 
 
-def _collective_bytes(instruction, kind, by_name, computations):
-    """Result bytes of one execution of a collective, at its operands' wire width."""
+def _moved_arrays(instruction, kind, by_name, computations):
+    """[(wire dtype, dims)] of the arrays one execution of a collective returns,
+    each at its operand's wire width."""
     shapes = array_shapes(instruction.type_text)
     # An async start's result holds its operand, then its result (and, for a
     # permute, context words): count the result.
     if instruction.opcode.endswith("-start") and kind != "all-reduce":
         shapes = shapes[1:2]
     operands = [by_name.get(name) for name in instruction.operands()]
-    total = 0
+    moved = []
     for index, (dtype, dims) in enumerate(shapes):
         wire = _wire_dtype(operands[index], computations) if index < len(operands) else None
-        total += _ITEM_BYTES[wire or dtype] * math.prod(dims)
-    return total
+        moved.append((wire or dtype, dims))
+    return moved
 
 
 def collectives(hlo_text, num_devices):
@@ -188,10 +190,11 @@ def collectives(hlo_text, num_devices):
             kind = instruction.opcode.removesuffix("-start")
             if kind in COLLECTIVES:
                 op_name = _OP_NAME.search(instruction.attributes)
+                moved = _moved_arrays(instruction, kind, by_name, computations)
                 found.append(Collective(
-                    kind, _collective_bytes(instruction, kind, by_name, computations),
+                    kind, sum(_ITEM_BYTES[dtype] * math.prod(dims) for dtype, dims in moved),
                     group_size(instruction.attributes, num_devices), 1,
-                    op_name.group(1) if op_name else ""))
+                    op_name.group(1) if op_name else "", tuple(dtype for dtype, _ in moved)))
             branches = []
             for callee, times, is_branch in _callees(instruction):
                 called = [dataclasses.replace(c, executions=c.executions * times)

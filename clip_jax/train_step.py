@@ -16,7 +16,7 @@ import optax
 from clip_jax import image_ops, objectives, optim, patch_dropout, phases, sharding
 from clip_jax import teacher as teacher_lib
 from clip_jax import variables as variables_lib
-from clip_jax.models import lean_ops
+from clip_jax.models import lean_ops, weight_grads
 from clip_jax.models.clip import TOWER_PARAMS
 from clip_jax.objectives.contrastive import TEACHER_INPUTS, teacher_inputs, with_logit_params
 
@@ -229,12 +229,14 @@ def with_patch_dropout(compute_grads, rate, patch_size, seed):
     return grads
 
 
-def with_lean_backward(fn, mode):
-    """fn, traced with the models' hand-written backward passes per `mode`
-    (config.model.lean_backward; models/lean_ops.py)."""
+def with_backward_modes(fn, model_config):
+    """fn, traced with the models' hand-written backward passes per
+    config.model.lean_backward (models/lean_ops.py) and their kernel gradients
+    emitted per config.model.grad_reduce_dtype (models/weight_grads.py)."""
     @functools.wraps(fn)
     def traced(*args, **kwargs):
-        with lean_ops.lean_backward(mode):
+        with (lean_ops.lean_backward(model_config.get("lean_backward", "auto")),
+              weight_grads.grad_reduce_dtype(model_config.get("grad_reduce_dtype", "compute"))):
             return fn(*args, **kwargs)
     return traced
 
@@ -364,7 +366,7 @@ def setup_training(config, devices=None, optimizer=None) -> Training:
             with_patch_dropout(compute_grads, phase.patch_dropout,
                                config.model.image.get("patch_size"), config.seed),
             optimizer, schedule)
-        step = with_lean_backward(step, config.model.get("lean_backward", "auto"))
+        step = with_backward_modes(step, config.model)
         return jit_train_step(sharding.with_activation_sharding(step, mesh, config.sharding_rules),
                               shardings, mesh, batch_keys)
 

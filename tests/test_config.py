@@ -68,6 +68,7 @@ def test_knobs_in_the_config_argument():
     ({"model.attention": "cudnn"}, "config.model.attention='cudnn' needs a GPU with cuDNN; "
                                    "this platform is cpu"),
     ({"model.lean_backward": "yes"}, "config.model.lean_backward='yes' is unknown"),
+    ({"model.grad_reduce_dtype": "bf16"}, "config.model.grad_reduce_dtype='bf16' is unknown"),
     ({"model.layer_loop": "while"}, "config.model.layer_loop='while' is unknown; choose one of "
                                     "auto, scan, unrolled"),
     ({"phases": "90%: image_size=12; 10%"}, "image_size=12 in config.phases (steps 1-1080: 12 px, "

@@ -31,8 +31,9 @@ def test_bfloat16_gathers_count_two_bytes_per_value(mesh):
     """XLA:CPU widens bf16 collectives to f32; the reader counts what a GPU/TPU moves."""
     text = compiled_text(lambda x: (x.astype(jnp.bfloat16) * 2), mesh, jnp.ones((64, 32)),
                          in_specs=[P("x")], out_spec=P())
-    moved = hlo_stats.bytes_by_kind(hlo_stats.collectives(text, 8))
-    assert moved["all-gather"] == 64 * 32 * 2 * 7 // 8
+    found = hlo_stats.collectives(text, 8)
+    assert hlo_stats.bytes_by_kind(found)["all-gather"] == 64 * 32 * 2 * 7 // 8
+    assert [collective.dtypes for collective in found] == [("bf16",)]
 
 
 def test_a_collective_in_a_loop_counts_once_per_iteration(mesh):

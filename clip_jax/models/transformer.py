@@ -10,6 +10,7 @@ blocks run in a loop (`lax.scan`) so compile time does not grow with depth.
 `stack_layers` / `unstack_layers` convert between them.
 """
 
+import functools
 import math
 from typing import Callable
 
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models import lean_ops
+from clip_jax.models import lean_ops, weight_grads
 from clip_jax.models.lean_attention import attention
 from clip_jax.models.partitioning import (EMBED, HIDDEN, PER_HEAD, TOKENS, compute_weight,
                                           constrain, unconstrained)
@@ -49,19 +50,20 @@ def _dense_matmul_fwd(x, kernel):
     return x @ kernel, (x, kernel)
 
 
-def kernel_grad_flattened(x, grad):
+def kernel_grad_flattened(x, grad, dtype=None):
     """dL/dkernel [K, N] of x [..., K] @ kernel from grad [..., N], as x [M, K]
     and grad [M, N] contracted over M (the form XLA:CPU's matmul library takes
-    at full speed)."""
+    at full speed); the dot emits `dtype` (None: its inputs')."""
     return jax.lax.dot_general(x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]),
-                               (((0,), (0,)), ((), ())))
+                               (((0,), (0,)), ((), ())), preferred_element_type=dtype)
 
 
-def kernel_grad_plain(x, grad):
+def kernel_grad_plain(x, grad, dtype=None):
     """The same as kernel_grad_flattened, as autodiff writes it (x contracted over
     its leading axes in place)."""
     leading = tuple(range(x.ndim - 1))
-    return jnp.tensordot(x, grad, (leading, leading))
+    return jax.lax.dot_general(x, grad, ((leading, leading), ((), ())),
+                               preferred_element_type=dtype)
 
 
 def _dense_matmul_bwd(residuals, grad):
@@ -69,12 +71,16 @@ def _dense_matmul_bwd(residuals, grad):
     # Only XLA:CPU is measured to need the flattened form; GPU and TPU compilers
     # choose their own layouts (unless the mode forces it).
     forced = lean_ops.forced_backward()
+    # Emitted in float32 under grad_reduce_dtype="float32", so the partitioner
+    # reduces it across devices in float32; rounded to the kernel's dtype after.
+    dtype = weight_grads.kernel_grad_dtype()
     if forced is None:
-        kernel_grad = jax.lax.platform_dependent(x, grad, cpu=kernel_grad_flattened,
-                                                 default=kernel_grad_plain)
+        kernel_grad = jax.lax.platform_dependent(
+            x, grad, cpu=functools.partial(kernel_grad_flattened, dtype=dtype),
+            default=functools.partial(kernel_grad_plain, dtype=dtype))
     else:
-        kernel_grad = (kernel_grad_flattened if forced else kernel_grad_plain)(x, grad)
-    return grad @ kernel.T, kernel_grad
+        kernel_grad = (kernel_grad_flattened if forced else kernel_grad_plain)(x, grad, dtype)
+    return grad @ kernel.T, kernel_grad.astype(kernel.dtype)
 
 
 dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
@@ -124,16 +130,14 @@ class DenseGeneral(nn.Module):
         bias = self.param("bias", zeros(self.kernel_axes[self.axes:]), tuple(self.features))
         weight = compute_weight(kernel, self.kernel_axes, self.dtype)
         inputs = x.astype(self.dtype)
-        if lean_ops.hand_written_backward():
-            # One [..., K] @ [K, N] matmul, for dense_matmul's kernel-gradient form;
-            # as a multi-axis dot XLA:CPU also relaid the kernel out every step
-            # (ViT-B/16 train step at batch 16 with half the patches: 4.9 -> 4.6 s).
-            contracted = math.prod(weight.shape[:self.axes])
-            flat = dense_matmul(inputs.reshape(*x.shape[:-self.axes], contracted),
-                                weight.reshape(contracted, -1))
-            projected = flat.reshape(*flat.shape[:-1], *self.features)
-        else:
-            projected = jnp.tensordot(inputs, weight, self.axes)
+        # One [..., K] @ [K, N] matmul (free reshapes), so the kernel gradient is
+        # dense_matmul's; as a multi-axis dot XLA:CPU also relaid the kernel out
+        # every step (ViT-B/16 train step at batch 16 with half the patches: 4.9
+        # -> 4.6 s).
+        contracted = math.prod(weight.shape[:self.axes])
+        flat = dense_matmul(inputs.reshape(*x.shape[:-self.axes], contracted),
+                            weight.reshape(contracted, -1))
+        projected = flat.reshape(*flat.shape[:-1], *self.features)
         return projected + bias.astype(self.dtype)
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.partitioning import POOLED, TOKENS, compute_weight, constrain
-from clip_jax.models.transformer import Attention, LayerNorm, Transformer, normal
+from clip_jax.models.transformer import Attention, LayerNorm, Transformer, dense_matmul, normal
 
 
 def patch_grid(images, patch_size):
@@ -68,7 +68,8 @@ class PatchEmbedding(nn.Module):
         patches = patches.reshape(batch, grid_h * grid_w, size * size * channels)
         if patch_keep is not None:
             patches = take_patches(patches, patch_keep)
-        return patches @ compute_weight(kernel, kernel_axes, self.dtype).reshape(-1, self.width)
+        return dense_matmul(patches,
+                            compute_weight(kernel, kernel_axes, self.dtype).reshape(-1, self.width))
 
 
 class AttentionalPooler(nn.Module):

@@ -105,6 +105,10 @@ def build_model_config(image, text, embed_dim, activation, decoder=None):
         # gradient (models/lean_ops.py): "auto" (on CPU, where they were measured
         # faster), "on" or "off" on any platform.
         lean_backward="auto",
+        # The dtype matmul kernels' gradients leave their dot in, and so are reduced
+        # across devices in (models/weight_grads.py): "compute" (autodiff's: bfloat16
+        # under bfloat16 compute, half the bytes) or "float32" (OpenCLIP's precision).
+        grad_reduce_dtype="compute",
         # Attention kernel (models/transformer.py): "xla", "cudnn" (GPU, bf16/fp16),
         # "splash" (Pallas TPU kernel, models/splash.py) or "auto" (cuDNN where it
         # applies, else XLA's).
