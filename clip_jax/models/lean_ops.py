@@ -20,7 +20,6 @@ models.transformer.dense_matmul, and models/lean_attention.py) on or off on any
 platform, so a device check can measure both (config.model.lean_backward).
 """
 
-import contextlib
 import contextvars
 import functools
 import math
@@ -28,22 +27,16 @@ import math
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models import trace_modes
+
 # config.model.lean_backward: "auto" (CPU only), "on" or "off" on every platform.
 LEAN_BACKWARD_MODES = ("auto", "on", "off")
 _MODE = contextvars.ContextVar("clip_jax_lean_backward", default="auto")
 
 
-@contextlib.contextmanager
 def lean_backward(mode):
     """Models traced inside use the hand-written backward passes per `mode`."""
-    if mode not in LEAN_BACKWARD_MODES:
-        raise ValueError(f"config.model.lean_backward={mode!r} is unknown; "
-                         f"choose one of {', '.join(LEAN_BACKWARD_MODES)}")
-    token = _MODE.set(mode)
-    try:
-        yield
-    finally:
-        _MODE.reset(token)
+    return trace_modes.active(_MODE, "lean_backward", LEAN_BACKWARD_MODES, mode)
 
 
 def forced_backward():

@@ -21,26 +21,19 @@ convolutions keep their compute-dtype gradients: JAX's convolution transpose
 takes no accumulation dtype without upcasting its inputs.
 """
 
-import contextlib
 import contextvars
 
 import jax.numpy as jnp
+
+from clip_jax.models import trace_modes
 
 GRAD_REDUCE_DTYPES = ("compute", "float32")
 _MODE = contextvars.ContextVar("clip_jax_grad_reduce_dtype", default="compute")
 
 
-@contextlib.contextmanager
 def grad_reduce_dtype(mode):
     """Models traced inside emit their kernel gradients per `mode`."""
-    if mode not in GRAD_REDUCE_DTYPES:
-        raise ValueError(f"config.model.grad_reduce_dtype={mode!r} is unknown; "
-                         f"choose one of {', '.join(GRAD_REDUCE_DTYPES)}")
-    token = _MODE.set(mode)
-    try:
-        yield
-    finally:
-        _MODE.reset(token)
+    return trace_modes.active(_MODE, "grad_reduce_dtype", GRAD_REDUCE_DTYPES, mode)
 
 
 def kernel_grad_dtype():
