@@ -32,7 +32,7 @@ per device against the full similarity matrix, and wall time:
   python -m clip_jax.benchmark retrieval [--images 5000] [--chunk-size 4096] [--json]
 
 Training speed of a preset on random uint8 images and random tokens: compile
-time, median step time, samples/s, model FLOPs per step (clip_jax/flops.py)
+time, mean step time of back-to-back steps, samples/s, model FLOPs per step (clip_jax/flops.py)
 against XLA's count, achieved FLOP/s and MFU against the device's peak dense
 bf16 FLOP/s, and peak device memory. On CPU it runs on one device unless
 --devices says otherwise (the 8 simulated devices share the same cores):
@@ -48,10 +48,11 @@ AdamW settings then train in OpenCLIP (PyTorch, CPU) in the same process for the
 same number of steps, and the ratio of samples/s is printed (ViT towers only).
 
 The device check for a lent GPU or TPU host (clip_jax/benchmarks/accelerator.py):
-ViT-B/32, B/16 and L/14 in bf16 per attention implementation and backward form,
-at the largest per-device batch that fits; --tiny runs it on CPU:
+ViT-B/16, B/32 and L/14 in bf16 per attention implementation and backward form,
+at the largest per-device batch that fits, with where each step's time goes
+(clip_jax/op_profile.py); --tiny runs it on CPU:
 
-  python -m clip_jax.benchmark accelerator [--tiny] [--output accelerator.json]
+  python -m clip_jax.benchmark accelerator [--tiny] [--output accelerator.json] [--trace-dir D]
 
 Capacity plan of a run before renting its chips (clip_jax/capacity.py): the
 train step compiled for --devices simulated devices on --mesh, per device:
@@ -67,6 +68,7 @@ extrapolates the largest per-device batch each accelerator holds:
 
 from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
+import os
 import sys
 
 from clip_jax import cpu_devices, spawn
@@ -151,7 +153,7 @@ def main(argv=None):
                        help="configs/clip.py variant (ViT-B-32) or FILE.py:ARG as the trainer "
                             "takes it (configs/clip.py:ViT-B-32)")
     train.add_argument("--batch-size", type=int, default=32, help="global batch")
-    train.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    train.add_argument("--steps", type=int, default=10, help="timed steps, run back to back (mean reported)")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype of the towers (config.model.dtype)")
@@ -162,6 +164,10 @@ def main(argv=None):
                             "trainer's form --config.model.remat=full works too")
     train.add_argument("--reference", choices=("open_clip",),
                        help="also train the same model in OpenCLIP and print the ratio")
+    train.add_argument("--profile-steps", type=int, default=0,
+                       help="also trace this many steps and print where their time goes")
+    train.add_argument("--trace", default=None,
+                       help="with --profile-steps: keep the trace here (.xplane.pb, for xprof)")
     train.add_argument("--json", action="store_true", help="one JSON line")
     plan = commands.add_parser("plan", help="per-device memory, FLOPs and collective bytes of "
                                             "a train step on a simulated mesh")
@@ -189,6 +195,10 @@ def main(argv=None):
                              help="start no measurement after this many seconds")
     accelerator.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     accelerator.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    accelerator.add_argument("--profile-steps", type=int, default=3,
+                             help="steps traced per measurement for the time breakdown (0: none)")
+    accelerator.add_argument("--trace-dir", default=None,
+                             help="keep each measurement's trace here (.xplane.pb, for xprof)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(config_overrides_as_sets(argv))
     # Before any benchmark starts JAX's backend (importing JAX does not).
@@ -206,6 +216,9 @@ def main(argv=None):
     elif args.command == "plan":
         plan_bench.run_plan(args)
     elif args.command == "accelerator":
+        # JAX's GPU client takes 75% of the memory by default; the batches tried
+        # are sized to the whole device, as the capacity planner sizes them.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
         accelerator_bench.run_accelerator(args)
     else:
         tokenizer_bench.run_tokenizer(args.texts, not args.no_reference, args.json)

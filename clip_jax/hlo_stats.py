@@ -218,6 +218,72 @@ def bytes_by_kind(found):
     return {kind: int(total) for kind, total in totals.items()}
 
 
+# What an instruction spends device time on, as op_profile reports it.
+OP_KINDS = ("matmul", "attention", "fusion", "collective", "data movement", "other")
+_MATMUL_OPS = ("dot", "convolution")
+_DATA_MOVEMENT_OPS = ("copy", "copy-start", "copy-done", "transpose", "dynamic-slice",
+                      "dynamic-update-slice", "slice", "concatenate", "pad", "gather", "scatter",
+                      "broadcast", "reverse")
+_ATTENTION_TARGETS = ("fmha", "flash", "sdpa", "attention", "splash")
+_MATMUL_TARGETS = ("gemm", "matmul", "cublas", "conv")
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def _kind(instruction, computations):
+    """The OP_KINDS entry of one instruction: matmul (a dot or convolution, fused or
+    a library call), attention (a fused attention kernel: cuDNN's, a Pallas
+    flash/splash kernel), collective, data movement, any other fusion, other."""
+    opcode = instruction.opcode
+    if opcode.removesuffix("-start").removesuffix("-done") in COLLECTIVES:
+        return "collective"
+    if opcode in _MATMUL_OPS:
+        return "matmul"
+    if opcode == "custom-call":
+        target = _CUSTOM_CALL_TARGET.search(instruction.attributes)
+        target = target.group(1).lower() if target else ""
+        op_name = _OP_NAME.search(instruction.attributes)
+        # A Pallas TPU kernel's target is generic; its JAX name says what it computes.
+        described = target + " " + (op_name.group(1).lower() if op_name else "")
+        if any(word in described for word in _ATTENTION_TARGETS):
+            return "attention"
+        return "matmul" if any(word in target for word in _MATMUL_TARGETS) else "other"
+    if opcode == "fusion":
+        called = re.search(r"calls=%([^\s,]+)", instruction.attributes)
+        inner = computations.get(called.group(1), ()) if called else ()
+        kinds = {_kind(i, computations) for i in inner if i.opcode not in ("parameter",)}
+        for kind in ("attention", "matmul", "collective"):
+            if kind in kinds:
+                return kind
+        return "fusion"
+    return "data movement" if opcode in _DATA_MOVEMENT_OPS else "other"
+
+
+def instruction_kinds(hlo_text):
+    """{instruction name: (OP_KINDS entry, the JAX operation it came from)} of every
+    instruction of the program, fusion bodies and loop bodies included: what a
+    profiler's per-op events (named by instruction) spend their time on."""
+    computations, _ = _computations(hlo_text)
+
+    def source(instruction, kind):
+        """Its op_name, or a fusion's from the fused op that gives it its kind
+        (else its root)."""
+        op_name = _OP_NAME.search(instruction.attributes)
+        if op_name or instruction.opcode != "fusion":
+            return op_name.group(1) if op_name else ""
+        called = re.search(r"calls=%([^\s,]+)", instruction.attributes)
+        inner = computations.get(called.group(1), ()) if called else ()
+        chosen = next((i for i in inner if _kind(i, computations) == kind),
+                      next((i for i in inner if i.is_root), None))
+        return source(chosen, kind) if chosen is not None else ""
+
+    kinds = {}
+    for instructions in computations.values():
+        for instruction in instructions:
+            kind = _kind(instruction, computations)
+            kinds[instruction.name] = (kind, source(instruction, kind))
+    return kinds
+
+
 def arrays_with_leading_dim(hlo_text, size, min_rank=1):
     """[(dtype, dims, op_name)] of every array of rank >= min_rank whose first
     dimension is `size`, among the results of all instructions (fusion bodies

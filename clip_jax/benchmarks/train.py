@@ -11,7 +11,8 @@ import time
 import jax
 import numpy as np
 
-from clip_jax import capacity, config_files, flops, huge_pages, overrides, phases, sharding
+from clip_jax import (capacity, config_files, flops, huge_pages, op_profile, overrides, phases,
+                      sharding)
 from clip_jax.config_checks import check_config
 from clip_jax.train_step import setup_training
 
@@ -53,13 +54,30 @@ def random_batch(config, mesh, seed=0):
     return jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
-def train_benchmark(config, num_devices=1, steps=10, warmup=2):
+class DoesNotFit(RuntimeError):
+    """The compiled step needs more memory than the device has (XLA's analysis)."""
+
+
+def _device_peak_bytes(device):
+    return (device.memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, trace_path=None):
     """Speed of config's train step on the first num_devices devices: compile
-    time, median step time after `warmup` steps, samples/s, model and XLA FLOPs,
-    achieved FLOP/s, MFU (None without a known peak) and peak memory."""
+    time, step time, samples/s, model and XLA FLOPs, achieved FLOP/s, MFU (None
+    without a known peak) and peak memory.
+
+    The `steps` timed steps run back to back, as training runs them (the host
+    dispatches ahead of the device), and wait once at the end; the step time is
+    their mean. With `profile_steps`, that many more steps are traced and
+    summarised by op_profile (row["profile"]; the trace is kept at
+    `trace_path`). Raises DoesNotFit before running a step that XLA's memory
+    analysis puts over the device's memory."""
     devices = jax.devices()[:num_devices]
     if len(devices) < num_devices:
         raise ValueError(f"--devices {num_devices}: only {len(devices)} devices are visible")
+    # The device's peak counter never resets: it is this run's only if it rises.
+    peak_before = _device_peak_bytes(devices[0])
     training = setup_training(config, devices)
     state = training.init_state(jax.random.key(config.seed))
     batch = random_batch(config, training.mesh)
@@ -69,19 +87,29 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
     compile_time = time.perf_counter() - started
     progress = functools.partial(print, file=sys.stderr, flush=True)  # stdout stays JSON
     progress(f"compiled in {compile_time:.1f} s")
+    planned_bytes = capacity.memory_bytes(compiled)["bytes_per_device"]
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+    if limit and planned_bytes > limit:
+        raise DoesNotFit(f"the step needs {planned_bytes / 2**30:.1f} GiB per device by XLA's "
+                         f"analysis; the device has {limit / 2**30:.1f} GiB")
 
-    seconds = []
-    for i in range(warmup + steps):
-        started = time.perf_counter()
-        # A distillation teacher runs in its own program first, timed with the step.
-        state, metrics = compiled(state, training.prepare(batch))  # the old state is donated
+    def run(count):
+        nonlocal state
+        metrics = None
+        for _ in range(count):
+            # A distillation teacher runs in its own program first, timed with the step.
+            state, metrics = compiled(state, training.prepare(batch))  # the old state is donated
         jax.block_until_ready((state, metrics))
-        elapsed = time.perf_counter() - started
-        progress(f"step {i + 1}/{warmup + steps}{' (warm-up)' if i < warmup else ''}: "
-                 f"{elapsed:.2f} s")
-        if i >= warmup:
-            seconds.append(elapsed)
-    step_time = float(np.median(seconds))
+        return metrics
+
+    for i in range(warmup):
+        started = time.perf_counter()
+        run(1)
+        progress(f"warm-up step {i + 1}/{warmup}: {time.perf_counter() - started:.2f} s")
+    started = time.perf_counter()
+    metrics = run(steps)
+    step_time = (time.perf_counter() - started) / steps
+    progress(f"{steps} steps: {step_time:.3f} s each")
 
     locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
     model_flops = flops.train_step_flops(
@@ -93,27 +121,65 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2):
     # XLA's count also holds elementwise work, the optimizer, and any recomputation
     # (remat, GradCache): hardware FLOPs. It is of the partitioned per-device program.
     xla_flops = capacity.compiled_flops(compiled) * num_devices
-    stats = devices[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        peak_memory, memory_source = stats["peak_bytes_in_use"], "memory_stats"
+    peak_after = _device_peak_bytes(devices[0])
+    if peak_after is not None and (peak_before is None or peak_after > peak_before):
+        peak_memory, memory_source = peak_after, "memory_stats"
     else:
-        peak_memory, memory_source = capacity.memory_bytes(compiled)["bytes_per_device"], "memory_analysis"
+        peak_memory, memory_source = planned_bytes, "memory_analysis"
     measured = phases.first_phase_model(config)
-    return {"benchmark": "train", "device_kind": kind, "devices": num_devices,
-            "global_batch": config.batch_size, "dtype": config.model.dtype,
-            "image_size": measured.image.image_size,
-            "patch_dropout": measured.image.get("patch_dropout", 0.0),
-            "context_length": measured.text.context_length,
-            "steps": steps, "warmup": warmup, "compile_time_s": compile_time,
-            "step_time_s": step_time, "samples_per_sec": config.batch_size / step_time,
-            "samples_per_sec_per_device": config.batch_size / step_time / num_devices,
-            "flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
-            "achieved_flops_per_sec": achieved,
-            "achieved_flops_per_sec_per_device": achieved / num_devices,
-            "peak_flops_per_device": peak,
-            "mfu": None if peak is None else achieved / (peak * num_devices),
-            "peak_memory_bytes": int(peak_memory), "peak_memory_source": memory_source,
-            "loss": float(metrics["loss"]), "huge_pages": huge_pages.requested()}
+    row = {"benchmark": "train", "device_kind": kind, "devices": num_devices,
+           "global_batch": config.batch_size, "dtype": config.model.dtype,
+           "image_size": measured.image.image_size,
+           "patch_dropout": measured.image.get("patch_dropout", 0.0),
+           "context_length": measured.text.context_length,
+           "steps": steps, "warmup": warmup, "compile_time_s": compile_time,
+           "step_time_s": step_time, "samples_per_sec": config.batch_size / step_time,
+           "samples_per_sec_per_device": config.batch_size / step_time / num_devices,
+           "flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
+           "achieved_flops_per_sec": achieved,
+           "achieved_flops_per_sec_per_device": achieved / num_devices,
+           "peak_flops_per_device": peak,
+           "mfu": None if peak is None else achieved / (peak * num_devices),
+           "peak_memory_bytes": int(peak_memory), "peak_memory_source": memory_source,
+           "loss": float(metrics["loss"]), "huge_pages": huge_pages.requested()}
+    if profile_steps:
+        row["profile"] = _profile(compiled, run, profile_steps, trace_path,
+                                  model_flops / num_devices, peak)
+    return row
+
+
+def _profile(compiled, run, steps, trace_path, model_flops_per_device, peak):
+    """op_profile's summary of `steps` traced steps, or {"error": why} when the
+    profiler fails (a missing CUPTI, say): the timing row stands either way."""
+    try:
+        with op_profile.traced(trace_path) as trace:
+            started = time.perf_counter()
+            run(steps)
+            wall = time.perf_counter() - started
+        text = compiled.as_text()
+        summary = op_profile.summarize(op_profile.device_events(trace[0]), text, steps, wall,
+                                       op_profile.module_name(text))
+    except Exception as error:  # noqa: BLE001  (the profiler raises its own error types)
+        return {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"}
+    summary["kernel_flops_fraction"] = op_profile.kernel_flops_fraction(
+        summary, model_flops_per_device, peak)
+    return summary
+
+
+def profile_text(profile):
+    """Lines of op_profile's summary for the train command's report."""
+    if "error" in profile:
+        return f"  profile            not taken: {profile['error']}"
+    kinds = ", ".join(f"{kind} {seconds * 1e3:.1f}" for kind, seconds
+                      in profile["op_s_per_step"].items() if seconds > 0)
+    kernels = profile.get("kernel_flops_fraction")
+    lines = [f"  device time / step {kinds} ms (op time; {profile['steps']} traced steps)",
+             f"  device busy        {100 * profile['busy_fraction']:10.1f} %  of the wall time"]
+    if kernels is not None:
+        lines.append(f"  matmul + attention {100 * kernels:10.1f} %  of peak FLOP/s while they run")
+    lines += [f"    {op['s_per_step'] * 1e3:8.2f} ms  {op['kind']:<13} {op['op']:<28} "
+              f"{op['source'][-60:]}" for op in profile["top_ops"][:8]]
+    return "\n".join(lines)
 
 
 def reference_benchmark(config, steps, warmup):
@@ -130,7 +196,7 @@ def reference_benchmark(config, steps, warmup):
     if child.returncode != 0:
         raise RuntimeError(f"the OpenCLIP reference failed: {child.stderr.strip().splitlines()[-1]}")
     seconds = json.loads(child.stdout.strip().splitlines()[-1])
-    step_time = float(np.median(seconds))
+    step_time = float(np.mean(seconds))  # PyTorch on a CPU runs each step to its end
     return {"reference": "open_clip", "reference_step_time_s": step_time,
             "reference_samples_per_sec": config.batch_size / step_time}
 
@@ -141,7 +207,8 @@ def run_train(args):
         check_config(config, args.devices)
     except (ValueError, FileNotFoundError) as error:  # a bad name, file, key or value: one line
         raise SystemExit(f"config error: {error}") from None
-    row = {"config": args.config, **train_benchmark(config, args.devices, args.steps, args.warmup)}
+    row = {"config": args.config, **train_benchmark(config, args.devices, args.steps, args.warmup,
+                                                    args.profile_steps, args.trace)}
     if args.reference:
         row.update(reference_benchmark(config, args.steps, args.warmup))
         row["speedup"] = row["samples_per_sec"] / row["reference_samples_per_sec"]
@@ -155,8 +222,8 @@ def run_train(args):
           f"{row['global_batch']}, {row['dtype']}, {row['image_size']} px, patch dropout "
           f"{row['patch_dropout']:g}, {row['context_length']} caption tokens\n"
           f"  compile            {row['compile_time_s']:10.1f} s\n"
-          f"  step time          {row['step_time_s']:10.3f} s  (median of {row['steps']}, "
-          f"after {row['warmup']} warm-up)\n"
+          f"  step time          {row['step_time_s']:10.3f} s  (mean of {row['steps']} back to "
+          f"back, after {row['warmup']} warm-up)\n"
           f"  samples/s          {row['samples_per_sec']:10.1f}    "
           f"({row['samples_per_sec_per_device']:.1f} per device)\n"
           f"  model FLOPs/step   {row['flops_per_step']:10.3e}    "
@@ -169,6 +236,8 @@ def run_train(args):
           f"  final loss         {row['loss']:10.4f}\n"
           f"  host pages         {'transparent huge pages' if row['huge_pages'] else '4 KiB'} "
           f"(clip_jax/huge_pages.py)", flush=True)
+    if "profile" in row:
+        print(profile_text(row["profile"]), flush=True)
     if args.reference:
         print(f"  OpenCLIP step time {row['reference_step_time_s']:10.3f} s  (same steps, "
               f"batch, precision, AdamW, clipping; PyTorch, a child process with the same environment)\n"
