@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from clip_jax import benchmark, huge_pages, references
+from clip_jax.benchmarks import accelerator as accelerator_bench
 from clip_jax.benchmarks import memory as memory_bench
 from clip_jax.benchmarks import train as train_bench
 from configs.clip import get_config
@@ -135,13 +136,53 @@ def test_reference_architecture_is_open_clips_own(name):
 
 def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
     output = tmp_path / "accelerator.json"
-    benchmark.main(["accelerator", "--tiny", "--output", str(output)])
+    benchmark.main(["accelerator", "--tiny", "--output", str(output),
+                    "--trace-dir", str(tmp_path / "traces")])
     document = json.loads(output.read_text())
     assert document["platform"] == "cpu" and document["not_measured_within_budget"] == []
+    # lean_backward=auto is on on CPUs: the platform's default goes first.
     assert [(row["attention"], row["lean_backward"]) for row in document["rows"]] == [
         ("xla", "on"), ("xla", "off")]
     for row in document["rows"]:
         assert row["batch_per_device"] == 32 and row["dtype"] == "bfloat16"
         assert row["samples_per_sec"] > 0 and row["flops_per_step"] > 0
+        profile = row["profile"]
+        assert profile["op_s_per_step"]["matmul"] > 0 and 0 < profile["busy_fraction"] <= 1.01
+        assert profile["unattributed_fraction"] == 0
+    assert sorted(path.name for path in (tmp_path / "traces").iterdir()) == [
+        "tiny_xla_lean-off_32.xplane.pb", "tiny_xla_lean-on_32.xplane.pb"]
     table = capsys.readouterr().out
     assert "| tiny | xla | on | 32 |" in table and "| tiny | xla | off | 32 |" in table
+
+
+def test_the_device_check_shares_one_batch_per_model_and_records_failures(
+        tmp_path, monkeypatch):
+    """A model's first variant finds the batch that fits; the others start there.
+    A variant that fails for another reason is a row with its error, and the
+    check goes on; the document on disk holds every row measured so far."""
+    output = tmp_path / "accelerator.json"
+    calls = []
+
+    def fake_benchmark(config, devices, steps, warmup, profile_steps, trace_path):
+        attention, lean = config.model.attention, config.model.lean_backward
+        calls.append((attention, lean, config.batch_size))
+        if config.batch_size > (64 if lean == "on" else 32):
+            raise train_bench.DoesNotFit("over the device's memory")
+        assert json.loads(output.read_text())["rows"] if len(calls) > 3 else True
+        return {"step_time_s": 1.0, "samples_per_sec_per_device": 1.0, "mfu": None,
+                "peak_memory_bytes": 2**30}
+
+    monkeypatch.setattr(train_bench, "train_benchmark", fake_benchmark)
+    monkeypatch.setattr(accelerator_bench, "attention_choices", lambda platform: ("xla", "cudnn"))
+    monkeypatch.setitem(accelerator_bench.TINY, "batches", {"tiny": (128, 64, 32)})
+    benchmark.main(["accelerator", "--tiny", "--output", str(output)])
+    # cuDNN is refused on a CPU by the config check, before anything compiles.
+    assert calls == [("xla", "on", 128), ("xla", "on", 64), ("xla", "off", 64), ("xla", "off", 32)]
+    rows = json.loads(output.read_text())["rows"]
+    assert [(r["attention"], r["lean_backward"], r["batch_per_device"]) for r in rows] == [
+        ("xla", "on", 64), ("cudnn", "on", 64), ("xla", "off", 32), ("cudnn", "off", 32)]
+    assert rows[0]["batches_not_fitting"] == [128] and rows[2]["batches_not_fitting"] == [64]
+    assert rows[1]["error"].startswith(
+        "ConfigError: config.model.attention='cudnn' needs a GPU with cuDNN")
+    assert "\n" not in rows[1]["error"]
+    assert "| tiny | cudnn | on | ConfigError: " in accelerator_bench.table(rows)
