@@ -68,7 +68,6 @@ extrapolates the largest per-device batch each accelerator holds:
 
 from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
-import os
 import sys
 
 from clip_jax import cpu_devices, spawn
@@ -197,6 +196,8 @@ def main(argv=None):
     accelerator.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     accelerator.add_argument("--profile-steps", type=int, default=3,
                              help="steps traced per measurement for the time breakdown (0: none)")
+    accelerator.add_argument("--row-timeout-s", type=float, default=600,
+                             help="a measurement's process is killed after this many seconds")
     accelerator.add_argument("--trace-dir", default=None,
                              help="keep each measurement's trace here (.xplane.pb, for xprof)")
     argv = sys.argv[1:] if argv is None else argv
@@ -216,9 +217,6 @@ def main(argv=None):
     elif args.command == "plan":
         plan_bench.run_plan(args)
     elif args.command == "accelerator":
-        # JAX's GPU client takes 75% of the memory by default; the batches tried
-        # are sized to the whole device, as the capacity planner sizes them.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
         accelerator_bench.run_accelerator(args)
     else:
         tokenizer_bench.run_tokenizer(args.texts, not args.no_reference, args.json)

@@ -152,37 +152,62 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
     assert sorted(path.name for path in (tmp_path / "traces").iterdir()) == [
         "tiny_xla_lean-off_32.xplane.pb", "tiny_xla_lean-on_32.xplane.pb"]
     table = capsys.readouterr().out
-    assert "| tiny | xla | on | 32 |" in table and "| tiny | xla | off | 32 |" in table
+    assert "| tiny | xla | on | default | 32 |" in table
+    assert "| tiny | xla | off | default | 32 |" in table
 
 
-def test_the_device_check_shares_one_batch_per_model_and_records_failures(
+def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_failures(
         tmp_path, monkeypatch):
-    """A model's first variant finds the batch that fits; the others start there.
-    A variant that fails for another reason is a row with its error, and the
-    check goes on; the document on disk holds every row measured so far."""
+    """With its child processes stood in for as a one-GPU host: each model's first
+    variant finds the batch that fits and the others start there; the first
+    model's default variant runs again under each GPU flag set; a variant whose
+    process fails, crashes or hangs is a row saying so, and the check goes on,
+    with the document on disk rewritten after each row."""
     output = tmp_path / "accelerator.json"
     calls = []
 
-    def fake_benchmark(config, devices, steps, warmup, profile_steps, trace_path):
-        attention, lean = config.model.attention, config.model.lean_backward
-        calls.append((attention, lean, config.batch_size))
-        if config.batch_size > (64 if lean == "on" else 32):
-            raise train_bench.DoesNotFit("over the device's memory")
-        assert json.loads(output.read_text())["rows"] if len(calls) > 3 else True
-        return {"step_time_s": 1.0, "samples_per_sec_per_device": 1.0, "mfu": None,
-                "peak_memory_bytes": 2**30}
+    def fake_child(command, env, timeout_s):
+        if command[1] == "-c":
+            return 0, json.dumps({"platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3",
+                                  "devices": 1, "jax": "0.11.2",
+                                  "memory_limit_bytes": 80 * 2**30}), ""
+        sets = dict(command[i + 1].split("=", 1) for i, a in enumerate(command) if a == "--set")
+        model, batch = command[command.index("--config") + 1], int(
+            command[command.index("--batch-size") + 1])
+        flags = env.get("XLA_FLAGS", "").split()[-1]
+        call = (model, sets["model.attention"], sets["model.lean_backward"], batch,
+                flags if flags.startswith("--xla_gpu") else "")
+        calls.append(call)
+        assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
+        if len(calls) > 2:  # what was measured so far is on disk
+            assert json.loads(output.read_text())["rows"]
+        if batch > 128:
+            return 1, "", "Traceback ...\nclip_jax.benchmarks.train.DoesNotFit: needs 90 GiB\n"
+        if call[1:3] == ("cudnn", "on"):
+            return 1, "", "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed\n"
+        if call[4] == "--xla_gpu_enable_command_buffer=":
+            return None, "", "step 1\n"
+        return 0, json.dumps({"step_time_s": 1.0, "samples_per_sec_per_device": float(batch),
+                              "mfu": 0.5, "peak_memory_bytes": 2**30}), ""
 
-    monkeypatch.setattr(train_bench, "train_benchmark", fake_benchmark)
-    monkeypatch.setattr(accelerator_bench, "attention_choices", lambda platform: ("xla", "cudnn"))
-    monkeypatch.setitem(accelerator_bench.TINY, "batches", {"tiny": (128, 64, 32)})
+    monkeypatch.setattr(accelerator_bench, "run_child", fake_child)
+    monkeypatch.setitem(accelerator_bench.TINY, "batches", {"m1": (256, 128), "m2": (128,)})
     benchmark.main(["accelerator", "--tiny", "--output", str(output)])
-    # cuDNN is refused on a CPU by the config check, before anything compiles.
-    assert calls == [("xla", "on", 128), ("xla", "on", 64), ("xla", "off", 64), ("xla", "off", 32)]
-    rows = json.loads(output.read_text())["rows"]
-    assert [(r["attention"], r["lean_backward"], r["batch_per_device"]) for r in rows] == [
-        ("xla", "on", 64), ("cudnn", "on", 64), ("xla", "off", 32), ("cudnn", "off", 32)]
-    assert rows[0]["batches_not_fitting"] == [128] and rows[2]["batches_not_fitting"] == [64]
-    assert rows[1]["error"].startswith(
-        "ConfigError: config.model.attention='cudnn' needs a GPU with cuDNN")
-    assert "\n" not in rows[1]["error"]
-    assert "| tiny | cudnn | on | ConfigError: " in accelerator_bench.table(rows)
+    triton_off = "--xla_gpu_enable_triton_gemm=false"
+    assert calls == [
+        ("m1", "cudnn", "off", 256, ""), ("m1", "cudnn", "off", 128, ""),
+        ("m1", "xla", "off", 128, ""), ("m1", "cudnn", "on", 128, ""), ("m1", "xla", "on", 128, ""),
+        ("m1", "cudnn", "off", 128, triton_off),
+        ("m1", "cudnn", "off", 128, "--xla_gpu_enable_command_buffer="),
+        ("m2", "cudnn", "off", 128, ""), ("m2", "xla", "off", 128, ""),
+        ("m2", "cudnn", "on", 128, ""), ("m2", "xla", "on", 128, "")]
+    document = json.loads(output.read_text())
+    assert document["platform"] == "gpu" and document["devices"] == 1
+    rows = document["rows"]
+    assert rows[0]["batches_not_fitting"] == [256] and rows[0]["batch_per_device"] == 128
+    assert rows[2]["error"] == "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed"
+    assert (rows[4]["flag_set"], rows[4]["flags"]) == ("cuBLAS GEMMs", f"XLA_FLAGS={triton_off}")
+    assert rows[5]["error"] == "no result within 600 s"
+    table = accelerator_bench.table(rows)
+    assert "| m1 | cudnn | on | default | jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed |" in table
+    assert "| m1 | cudnn | off | cuBLAS GEMMs | 128 | 1.000 | 128.0 | 50.0% |" in table

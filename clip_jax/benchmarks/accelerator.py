@@ -1,45 +1,57 @@
 """The device check: train-step speed, MFU, where the step's time goes, and peak
 memory of the zoo's ViT-B/16, ViT-B/32 and ViT-L/14 in bfloat16 on one
-accelerator host, for each attention implementation the platform offers and
-with the hand-written backward passes off and on.
+accelerator host, for each attention implementation the platform offers, with
+the hand-written backward passes off and on, and under the XLA flags worth
+comparing there.
 
   python -m clip_jax.benchmark accelerator [--output accelerator.json] [--budget-s 420] \
       [--trace-dir traces/]
   python -m clip_jax.benchmark accelerator --tiny   # CPU: the tiny model, a few steps
 
+Every measurement is `python -m clip_jax.benchmark train --json` in a child
+process: XLA reads its flags once per process, a TPU opens to one process at a
+time, the device's peak-memory counter never resets, and a kernel that crashes
+or hangs then costs one row, not the check. This process never starts an
+accelerator backend itself.
+
 Each model's first variant (the platform's defaults) takes the largest
 per-device batch of its short list that fits; its other variants run at that
 batch, so that their rows compare like for like (a variant that does not fit
 there goes down the list, and its row says so). ViT-B/16, the model the MFU goal
-is set on, goes first. Batches that do not fit (XLA's analysis over the
-device's memory, or its resource-exhausted error) are skipped; a variant that
-fails otherwise (a kernel the platform lacks) is recorded with its error and
-the check goes on. Each measurement also traces a few steps (op_profile) and
-reports how much of the step the matmul and attention kernels take, how close
-to peak they run, and how long the device idles.
+is set on, goes first, then its default variant under each flag set. A batch
+is skipped when XLA's memory analysis puts it over the device's memory or the
+step runs out of memory; a variant that fails otherwise (a kernel the platform
+lacks) is a row with its error, and the check goes on. Each measurement also
+traces a few steps (clip_jax/op_profile.py): the table gives the share of the
+step in matmul and attention kernels, how close to peak they run, and how long
+the device idles.
 
 The JSON document is rewritten after every row, so a check stopped early keeps
 what it measured; no measurement starts after --budget-s seconds.
 """
 
+import collections
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
-import traceback
-
-import jax
-
-from clip_jax.benchmarks import train as train_bench
-from clip_jax.config_checks import check_config
 
 # The per-device batches tried for each model, largest first. The capacity
 # planner (`benchmark plan --devices 1 --largest-batch`, bf16, autodiff backward)
-# puts the largest that fit an 80 GB H100 at about 758 (B/32), 276 (B/16) and
+# puts the largest that fit an 80 GB H100 at about 276 (B/16), 758 (B/32) and
 # 76 (L/14), and about 1.8x that on a 141 GB H200.
 BATCHES_PER_DEVICE = {"ViT-B-16": (256, 128, 64), "ViT-B-32": (512, 256, 128),
                       "ViT-L-14": (128, 64, 32)}
-TINY = dict(batches={"tiny": (32,)}, steps=1, warmup=0, profile_steps=1)
+TINY = dict(batches={"tiny": (32,)}, steps=1, warmup=1, profile_steps=1)
+# JAX's GPU client takes 75% of the memory by default; the batches above are
+# sized to the whole device, as the capacity planner sizes them.
+MEMORY_FRACTION = "0.9"
+_PROBE = ("import json, jax; d = jax.devices(); print(json.dumps({'platform': "
+          "jax.default_backend(), 'device_kind': d[0].device_kind, 'devices': len(d), "
+          "'jax': jax.__version__, 'memory_limit_bytes': (d[0].memory_stats() or {})"
+          ".get('bytes_limit')}))")
 
 
 def attention_choices(platform):
@@ -56,43 +68,103 @@ def variants(platform):
     return [(attention, lean) for lean in leans for attention in attention_choices(platform)]
 
 
-def _out_of_memory(error):
-    """Whether an exception says the step does not fit (skip the batch), not a bug."""
-    text = str(error)
-    return (isinstance(error, train_bench.DoesNotFit) or "RESOURCE_EXHAUSTED" in text
-            or "out of memory" in text.lower())
+def flag_sets(platform, devices):
+    """{name: (environment variable, flags)} to compare against XLA's defaults on
+    the first model's default variant. The collective-overlap flags only matter
+    with several devices (the check runs on all of a host's)."""
+    if platform == "gpu":
+        sets = {"cuBLAS GEMMs": ("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false"),
+                "no CUDA graphs": ("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")}
+        if devices > 1:
+            sets["latency-hiding scheduler"] = (
+                "XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
+        return sets
+    if platform == "tpu" and devices > 1:
+        return {"async collective fusion": ("LIBTPU_INIT_ARGS", " ".join((
+            "--xla_tpu_enable_async_collective_fusion=true",
+            "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+            "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+            "--xla_tpu_overlap_compute_collective_tc=true",
+            "--xla_enable_async_all_gather=true")))}
+    return {}
 
 
-def _one_line(error):
-    lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0][:400]}"
+def environment(flag_set=None):
+    """The children's environment: this one's, the GPU memory fraction, and
+    `flag_set` ((variable, flags)) appended to what the variable holds."""
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEMORY_FRACTION)
+    if flag_set:
+        variable, flags = flag_set
+        env[variable] = " ".join(filter(None, [env.get(variable, ""), flags]))
+    return env
 
 
-def measure(model, attention, lean_backward, batches, steps, warmup, devices, profile_steps=0,
-            trace_dir=None):
+def _last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def run_child(command, env, timeout_s):
+    """Runs `command`, echoing its stderr (progress) to ours -> (return code, its
+    stdout, its last stderr lines); a child past `timeout_s` is killed (code None)."""
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    timer = threading.Timer(timeout_s, child.kill)
+    timer.start()
+    tail = collections.deque(maxlen=40)
+    stdout = []
+    reader = threading.Thread(target=lambda: stdout.append(child.stdout.read()))
+    reader.start()
+    for line in child.stderr:
+        sys.stderr.write(line)
+        tail.append(line)
+    reader.join()
+    code = child.wait()
+    expired = not timer.is_alive() and code != 0
+    timer.cancel()
+    return (None if expired else code), "".join(stdout), "".join(tail)
+
+
+def row_command(model, per_device, devices, attention, lean_backward, plan, trace_path):
+    return [sys.executable, "-m", "clip_jax.benchmark", "train", "--config", model,
+            "--batch-size", str(per_device * devices), "--devices", str(devices),
+            "--dtype", "bfloat16", "--set", f"model.attention={attention}",
+            "--set", f"model.lean_backward={lean_backward}", "--set", "model.scan_layers=True",
+            "--steps", str(plan["steps"]), "--warmup", str(plan["warmup"]),
+            "--profile-steps", str(plan["profile_steps"]), "--json",
+            *(["--trace", trace_path] if trace_path else [])]
+
+
+def _out_of_memory(message):
+    return ("DoesNotFit" in message or "RESOURCE_EXHAUSTED" in message
+            or "out of memory" in message.lower())
+
+
+def measure(model, attention, lean_backward, batches, devices, plan, flags=None, trace_dir=None,
+            timeout_s=600):
     """The train benchmark's row at the first per-device batch of `batches` that
     fits; {"skipped": why} when none does, {"error": why} when the step fails
-    for another reason."""
-    label = {"model": model, "attention": attention, "lean_backward": lean_backward}
+    for another reason. `flags`: (name, (variable, flags)) to run under."""
+    name, flag_set = flags or ("", None)
+    label = {"model": model, "attention": attention, "lean_backward": lean_backward,
+             "flag_set": name, "flags": flag_set and f"{flag_set[0]}={flag_set[1]}"}
     tried = []
     for per_device in batches:
-        trace_path = trace_dir and os.path.join(
-            trace_dir, f"{model}_{attention}_lean-{lean_backward}_{per_device}.xplane.pb")
-        try:
-            config = train_bench.train_config(
-                model, per_device * devices, "bfloat16",
-                [f"model.attention={attention}", f"model.lean_backward={lean_backward}",
-                 "model.scan_layers=True"])
-            check_config(config, devices)
-            row = train_bench.train_benchmark(config, devices, steps, warmup, profile_steps,
-                                              trace_path)
-        except Exception as error:  # noqa: BLE001  (XLA and the kernels raise their own types)
-            if not _out_of_memory(error):
-                traceback.print_exc(file=sys.stderr)
-                return {**label, "batch_per_device": per_device, "error": _one_line(error)}
-            tried.append(per_device)
-            continue
-        return {**label, "batch_per_device": per_device, "batches_not_fitting": tried, **row}
+        trace_path = trace_dir and os.path.join(trace_dir, "_".join(filter(None, (
+            model, attention, f"lean-{lean_backward}", str(per_device),
+            name.replace(" ", "-")))) + ".xplane.pb")
+        command = row_command(model, per_device, devices, attention, lean_backward, plan,
+                              trace_path)
+        code, stdout, stderr = run_child(command, environment(flag_set), timeout_s)
+        if code == 0:
+            return {**label, "batch_per_device": per_device, "batches_not_fitting": tried,
+                    **json.loads(_last_line(stdout))}
+        message = (f"no result within {timeout_s:g} s" if code is None else
+                   _last_line(stderr) or f"the child exited with status {code}")
+        if not _out_of_memory(message):
+            return {**label, "batch_per_device": per_device, "error": message[:400]}
+        tried.append(per_device)
     return {**label, "skipped": f"no per-device batch of {tried} fits"}
 
 
@@ -104,11 +176,12 @@ def table(rows):
     """Markdown table of the rows: speed, MFU, and from the profile the share of
     the step in matmul and attention kernels, their FLOP/s against peak, and
     the device's idle share."""
-    lines = ["| model | attention | lean backward | batch / device | step s | samples/s / device "
-             "| MFU | matmul + attention kernels | their FLOP/s / peak | device idle "
-             "| peak GiB |", "|" + " --- |" * 11]
+    lines = ["| model | attention | lean backward | XLA flags | batch / device | step s "
+             "| samples/s / device | MFU | matmul + attention kernels | their FLOP/s / peak "
+             "| device idle | peak GiB |", "|" + " --- |" * 12]
     for row in rows:
-        head = f"| {row['model']} | {row['attention']} | {row['lean_backward']} |"
+        head = (f"| {row['model']} | {row['attention']} | {row['lean_backward']} | "
+                f"{row.get('flag_set') or 'default'} |")
         if "skipped" in row or "error" in row:
             lines.append(f"{head} {row.get('skipped') or row['error']} |" + " |" * 7)
             continue
@@ -134,36 +207,57 @@ def _write(document, path):
     os.replace(partial, path)
 
 
+def probe(timeout_s=300):
+    """The platform, device kind and count, JAX version and device memory, as a
+    child process sees them."""
+    code, stdout, stderr = run_child([sys.executable, "-c", _PROBE], environment(), timeout_s)
+    if code != 0:
+        raise SystemExit(f"the device probe failed: {_last_line(stderr)}")
+    return json.loads(_last_line(stdout))
+
+
+def measurements(platform, devices, batches_by_model):
+    """(model, attention, lean_backward, flags or None) in the order measured:
+    each model's variants, the first model's default variant under each flag set
+    right after its own."""
+    order = []
+    for index, model in enumerate(batches_by_model):
+        pairs = variants(platform)
+        order += [(model, attention, lean, None) for attention, lean in pairs]
+        if index == 0:
+            order += [(model, *pairs[0], flags) for flags in flag_sets(platform, devices).items()]
+    return order
+
+
 def run_accelerator(args):
     started = time.perf_counter()
     plan = TINY if args.tiny else dict(batches=BATCHES_PER_DEVICE, steps=args.steps,
                                        warmup=args.warmup, profile_steps=args.profile_steps)
-    platform = jax.default_backend()
-    devices = jax.local_device_count() if platform != "cpu" else 1
-    document = {"platform": platform, "device_kind": jax.devices()[0].device_kind,
-                "devices": devices, "jax": jax.__version__,
-                "memory_limit_bytes": (jax.devices()[0].memory_stats() or {}).get("bytes_limit"),
-                "rows": [], "not_measured_within_budget": [], "seconds": 0.0}
-    for model, batches in plan["batches"].items():
-        for attention, lean_backward in variants(platform):
-            if time.perf_counter() - started > args.budget_s:
-                document["not_measured_within_budget"].append(
-                    f"{model} {attention} lean={lean_backward}")
-                continue
-            row = measure(model, attention, lean_backward, batches, plan["steps"],
-                          plan["warmup"], devices, plan["profile_steps"], args.trace_dir)
-            # The model's other variants start at the batch its first one fitted.
-            if "batch_per_device" in row and "error" not in row:
-                batches = batches[batches.index(row["batch_per_device"]):]
-            document["rows"].append(row)
-            document["seconds"] = time.perf_counter() - started
-            _write(document, args.output)
-            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), file=sys.stderr,
-                  flush=True)
+    machine = probe()
+    platform = machine["platform"]
+    devices = machine["devices"] if platform != "cpu" else 1
+    document = {**machine, "devices": devices, "rows": [], "not_measured_within_budget": [],
+                "seconds": 0.0}
+    batches = dict(plan["batches"])
+    for model, attention, lean_backward, flags in measurements(platform, devices, batches):
+        name = f"{model} {attention} lean={lean_backward}" + (f" {flags[0]}" if flags else "")
+        if time.perf_counter() - started > args.budget_s:
+            document["not_measured_within_budget"].append(name)
+            continue
+        row = measure(model, attention, lean_backward, batches[model], devices, plan, flags,
+                      args.trace_dir, args.row_timeout_s)
+        # The model's other variants start at the batch its first one fitted.
+        if "batch_per_device" in row and "error" not in row:
+            batches[model] = batches[model][batches[model].index(row["batch_per_device"]):]
+        document["rows"].append(row)
+        document["seconds"] = time.perf_counter() - started
+        _write(document, args.output)
+        print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "profile"}),
+              file=sys.stderr, flush=True)
     document["seconds"] = time.perf_counter() - started
     _write(document, args.output)
     unmeasured = document["not_measured_within_budget"]
-    print(f"{document['device_kind']} x {devices}, jax {jax.__version__}, bfloat16\n"
+    print(f"{document['device_kind']} x {devices}, jax {document['jax']}, bfloat16\n"
           + table(document["rows"])
           + (f"\nnot measured within --budget-s {args.budget_s:g}: {', '.join(unmeasured)}"
              if unmeasured else "")
