@@ -12,8 +12,9 @@ Simulated CPU devices stand in for the accelerators: the partitioner decides
 every array's sharding and every collective before any backend code exists,
 so what is split, gathered and reduced is the program a TPU or GPU would run.
 Byte figures are XLA:CPU's buffer assignment, which fuses and schedules
-differently from the TPU and GPU compilers; collectives are counted at the
-width a bfloat16 run moves (see hlo_stats._wire_dtype). Settings that "auto"
+differently from the TPU and GPU compilers, with bfloat16 results rounded
+where an accelerator rounds them (DEVICE_NUMERICS); collectives are counted at
+the width a bfloat16 run moves (see hlo_stats._wire_dtype). Settings that "auto"
 resolves by platform are planned as the accelerators run them: stacked blocks
 in one lax.scan (model.layer_loop) and autodiff's backward passes
 (model.lean_backward), where the CPU doing the planning would unroll the
@@ -113,12 +114,21 @@ def abstract_train_step(config, devices):
     return training.step, state, batch, training
 
 
+# XLA:CPU computes a bfloat16 dot in float32 and, allowed excess precision, keeps
+# its result in float32 until something needs it rounded, across a gradient
+# all-reduce too; a GPU or TPU computes the dot natively and reduces its bfloat16
+# result. Without excess precision XLA:CPU rounds where they do: collective
+# dtypes and buffer sizes follow the program as written.
+DEVICE_NUMERICS = {"xla_allow_excess_precision": False}
+
+
 def compile_train_step(config, devices):
     """(compiled train step, Training) of a checked config on a mesh over `devices`
-    (a ConfigError names the first bad value)."""
+    (a ConfigError names the first bad value), rounded as accelerators round
+    (DEVICE_NUMERICS)."""
     check_config(config, len(devices))
     step, abstract_state, batch, training = abstract_train_step(config, devices)
-    return step.lower(abstract_state, batch).compile(), training
+    return step.lower(abstract_state, batch).compile(compiler_options=DEVICE_NUMERICS), training
 
 
 def plan(config, devices):

@@ -240,3 +240,20 @@ def test_the_plan_compiles_what_auto_resolves_to_on_accelerators():
     assert planned.count("stablehlo.while") > lowered(layer_loop="unrolled").count(
         "stablehlo.while")
     assert planned != lowered(layer_loop="scan", lean_backward="on")
+
+
+def test_the_plan_reduces_bfloat16_gradients_in_bfloat16_as_accelerators_do():
+    """XLA:CPU computes bfloat16 dots in float32; allowed excess precision, it would
+    keep the kernel gradients' dot results in float32 through their all-reduce
+    (and only with the lean passes' flattened dots), where a GPU or TPU reduces
+    bfloat16. The planner rounds as accelerators do: both backward forms move
+    the same bytes, with bfloat16 on the wire."""
+    def gradient_reductions(lean_backward):
+        config = small_config(**{"mesh.data": 8, "model.dtype": "bfloat16",
+                                 "model.lean_backward": lean_backward})
+        compiled, _ = capacity.compile_train_step(config, jax.devices()[:8])
+        return [c for c in hlo_stats.collectives(compiled.as_text(), 8) if c.kind == "all-reduce"]
+
+    lean, autodiff = gradient_reductions("on"), gradient_reductions("off")
+    assert sum(c.bytes_moved for c in lean) == sum(c.bytes_moved for c in autodiff)
+    assert any("bf16" in c.dtypes for c in lean)

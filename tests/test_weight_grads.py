@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import hlo_stats
+from clip_jax import capacity, hlo_stats
 from clip_jax.models import lean_ops, weight_grads
 from clip_jax.models.transformer import dense_matmul
 
@@ -45,7 +45,7 @@ def kernel_grad_step(mesh, mode, lean):
 def compiled(mesh, mode, lean, *args):
     """kernel_grad_step compiled with bfloat16 rounded as an accelerator rounds it."""
     return kernel_grad_step(mesh, mode, lean).lower(*args).compile(
-        compiler_options={"xla_allow_excess_precision": False})
+        compiler_options=capacity.DEVICE_NUMERICS)
 
 
 def inputs():
