@@ -61,7 +61,8 @@ def check_config(config, num_devices):
                   "checkpoint_minutes", "optimizer.lr",
                   "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
                   "data.prefetch", "data.workers")
-    _positive(config, "data.threads")
+    _positive(config, "data.threads", "profile.steps")
+    _non_negative(config, "profile.start_step")
     for key in ("optimizer.b1", "optimizer.b2"):
         value = overrides.lookup(config, key)
         _require(0 <= value < 1, f"config.{key}={value!r} must be in [0, 1)")

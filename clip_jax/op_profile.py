@@ -26,8 +26,10 @@ import os
 import re
 import shutil
 import tempfile
+import time
 
 import jax
+from etils import epath
 
 from clip_jax import hlo_stats
 
@@ -188,25 +190,90 @@ def module_name(hlo_text):
     return found.group(1) if found else None
 
 
+class Trace:
+    """A jax.profiler trace of what runs between start() and stop(), read back."""
+
+    def __init__(self):
+        self._directory = None
+
+    def start(self):
+        self._directory = tempfile.mkdtemp(prefix="clip_jax_trace_")
+        jax.profiler.start_trace(self._directory)
+
+    def stop(self, keep_as=None):
+        """Ends the trace -> its jax.profiler.ProfileData. `keep_as`: a path (local
+        or gs://) the trace's .xplane.pb is copied to, for xprof or TensorBoard's
+        profile plugin."""
+        try:
+            jax.profiler.stop_trace()
+            found = glob.glob(os.path.join(self._directory, "**", "*.xplane.pb"), recursive=True)
+            if not found:
+                raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {self._directory}")
+            if keep_as:
+                kept = epath.Path(keep_as)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_bytes(epath.Path(found[0]).read_bytes())
+            return jax.profiler.ProfileData.from_file(found[0])
+        finally:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def traced(keep_as=None):
-    """Traces the block with jax.profiler; yields a list that holds, after the
-    block, the ProfileData of the trace. `keep_as`: a path the trace's
-    .xplane.pb is copied to (for xprof / TensorBoard's profile plugin)."""
-    result = []
-    directory = tempfile.mkdtemp(prefix="clip_jax_trace_")
+    """Traces the block; yields a list that holds, after the block, the trace's
+    ProfileData (Trace.stop's `keep_as`)."""
+    result, trace = [], Trace()
+    trace.start()
     try:
-        with jax.profiler.trace(directory):
-            yield result
-        found = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
-        if not found:
-            raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {directory}")
-        if keep_as:
-            os.makedirs(os.path.dirname(os.path.abspath(keep_as)), exist_ok=True)
-            shutil.copyfile(found[0], keep_as)
-        result.append(jax.profiler.ProfileData.from_file(found[0]))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        yield result
+    except BaseException:
+        trace.stop()  # the profiler takes one trace at a time: end this one
+        raise
+    result.append(trace.stop(keep_as))
+
+
+class StepWindow:
+    """Profiles steps `first` .. `first + count - 1` of a loop that dispatches one
+    step after another: before(step) ahead of each dispatch, after(step, ...)
+    once it is dispatched; after() returns the summary at the window's last step
+    (else None). `keep_as`: where the trace is kept (Trace.stop)."""
+
+    def __init__(self, first, count, keep_as=None):
+        self.first, self.last, self.keep_as = first, first + count - 1, keep_as
+        self._trace = self._started = None
+
+    def before(self, step):
+        if step == self.first:
+            self._trace, self._started = Trace(), time.perf_counter()
+            self._trace.start()
+
+    def after(self, step, outputs, hlo_text):
+        """`outputs`: the step's results (waited for); `hlo_text()`: the step's
+        compiled program as text."""
+        if step != self.last or self._trace is None:
+            return None
+        jax.block_until_ready(outputs)
+        wall = time.perf_counter() - self._started
+        trace, self._trace = self._trace, None
+        profile = trace.stop(self.keep_as)
+        text = hlo_text()
+        return summarize(device_events(profile), text, self.last - self.first + 1, wall,
+                         module_name(text))
+
+
+def describe(summary):
+    """Lines for a log: device time per step by kind of op, the busy share of the
+    wall time, and the slowest ops with their JAX source."""
+    kinds = ", ".join(f"{kind} {seconds * 1e3:.1f}" for kind, seconds
+                      in summary["op_s_per_step"].items() if seconds > 0)
+    lines = [f"device time per step: {kinds} ms (op time over {summary['steps']} traced steps); "
+             f"device busy {100 * summary['busy_fraction']:.0f}% of the wall time"]
+    if summary.get("kernel_flops_fraction") is not None:
+        lines.append(f"matmul and attention kernels at "
+                     f"{100 * summary['kernel_flops_fraction']:.0f}% of peak FLOP/s while they run")
+    lines += [f"  {op['s_per_step'] * 1e3:8.2f} ms  {op['kind']:<13} {op['op']:<28} "
+              f"{op['source'][-60:]}" for op in summary["top_ops"][:8]]
+    return lines
 
 
 def kernel_flops_fraction(summary, model_flops_per_step, peak_flops):

@@ -14,6 +14,7 @@ from its latest checkpoint.
 from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import os
 import re
+import socket
 import sys
 import time
 
@@ -25,7 +26,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from clip_jax import checkpoint, config_files, preemption, sharding, spawn
+from clip_jax import checkpoint, config_files, op_profile, preemption, sharding, spawn
 from clip_jax import phases as phases_lib
 from clip_jax.distributed import define_distributed_flags, initialize_distributed
 from clip_jax import variables as variables_lib
@@ -149,7 +150,7 @@ def train(config, workdir):
                                             best_metric=config.keep_best)
                     if config.keep_best else None)
     run = _Run(config, training, sharding.batch_sharding(mesh), evaluator, writer, manager,
-               best_manager)
+               best_manager, workdir)
     try:
         with (PhasedInput(config, training.phases, input_state, start_step) as batches,
               preemption.PreemptionWatcher() as watcher):
@@ -168,6 +169,17 @@ def train(config, workdir):
            + (f"train/loss {row['train/loss']:.4f}; " if "train/loss" in row else "")
            + _headline_metrics(row))
     return row
+
+
+def _step_profiler(profile, workdir):
+    """config.profile's window (None when off), its trace kept where TensorBoard's
+    profile plugin and xprof look: WORKDIR/plugins/profile/RUN/HOST.xplane.pb."""
+    if not profile.start_step or workdir is None:
+        return None
+    last = profile.start_step + profile.steps - 1
+    host = f"{socket.gethostname()}_process{jax.process_index()}"
+    return op_profile.StepWindow(profile.start_step, profile.steps, keep_as=os.path.join(
+        workdir, "plugins", "profile", f"steps_{profile.start_step}-{last}", f"{host}.xplane.pb"))
 
 
 class TrainingStopped(RuntimeError):
@@ -233,10 +245,11 @@ class _Run:
     """The step loop of one run and what it writes (metrics, evals, checkpoints)."""
 
     def __init__(self, config, training, batch_sharding, evaluator, writer, manager,
-                 best_manager=None):
+                 best_manager=None, workdir=None):
         self.config, self.training, self.batch_sharding = config, training, batch_sharding
         self.evaluator, self.writer, self.manager = evaluator, writer, manager
         self.best_manager = best_manager
+        self.profiler = _step_profiler(config.profile, workdir)
         self.last_save_time = time.time()
         self.source_labels = pipeline.source_labels(config.data)
 
@@ -251,6 +264,19 @@ class _Run:
     def input_states(self, input_state):
         """Every process's input position (a collective), as checkpoints store it."""
         return pipeline.gather_input_states(input_state, self.source_labels)
+
+    def _profiled(self, step, metrics, hlo_text, progress):
+        """Logs the profile of config.profile's steps once its last one is dispatched."""
+        window = self.profiler
+        try:
+            summary = window.after(step, metrics, hlo_text)
+        except Exception as error:  # noqa: BLE001  (the profiler raises its own types)
+            progress.write(f"warning: no profile of steps {window.first}-{window.last}: "
+                           f"{str(error).strip().splitlines()[0]}")
+            return
+        if summary is not None:
+            progress.write(f"profile of steps {window.first}-{window.last}, trace in "
+                           f"{window.keep_as}:\n" + "\n".join(op_profile.describe(summary)))
 
     def save(self, state, input_state, trained_seconds):
         checkpoint.save(self.manager, state, input=self.input_states(input_state),
@@ -287,9 +313,16 @@ class _Run:
                     jax.block_until_ready(in_flight)
                     trained_seconds += time.time() - last_time
                 last_time = None  # its compilation is not throughput
+            step_function = self.training.step_at(step)
+            if self.profiler:
+                self.profiler.before(step)
             # Any implicit host<->device copy inside the step is a bug: fail loudly.
             with jax.transfer_guard("disallow"):
-                state, metrics = self.training.step_at(step)(state, self.training.prepare(batch))
+                prepared = self.training.prepare(batch)
+                state, metrics = step_function(state, prepared)
+            if self.profiler:
+                self._profiled(step, metrics, lambda: step_function.lower(
+                    state, prepared).compile().as_text(), progress)
             # The next batch goes to the devices while this step runs.
             upcoming = (_next_device_batch(batches, self.batch_sharding)
                         if step < config.total_steps else None)

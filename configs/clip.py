@@ -95,6 +95,10 @@ def _base():
     # Steps whose loss or gradients are not finite are skipped (train/skipped_steps);
     # this many in a row stop the run with a diagnostic and a checkpoint.
     config.max_bad_steps = 10
+    # Trace `steps` train steps from `start_step` (0: off) with jax.profiler into
+    # WORKDIR/plugins/profile (TensorBoard's profile tab, xprof) and log where their
+    # device time went (clip_jax/op_profile.py); pick a step after compilation.
+    config.profile = ml_collections.ConfigDict(dict(start_step=0, steps=3))
     # What the image tower learns from the captions (CLIP paper §2.3, Figure 2):
     # "contrastive" (CLIP; text tower config.model.text_encoder), "bow_predict" (the
     # caption's bag of words from the image), "caption_lm" (a Transformer decoder

@@ -50,6 +50,8 @@ def test_knobs_in_the_config_argument():
     ({"model.activation": "relu"}, "config.model.activation='relu' is unknown"),
     ({"model.remat": "some"}, "config.model.remat='some' is unknown"),
     ({"total_steps": 0}, "config.total_steps=0 must be positive"),
+    ({"profile.steps": 0}, "config.profile.steps=0 must be positive"),
+    ({"profile.start_step": -1}, "config.profile.start_step=-1 must be >= 0"),
     ({"loss.kind": "hinge"}, "config.loss.kind='hinge' is unknown"),
     ({"loss.kind": "sigmoid"}, "config.loss.kind='sigmoid' needs a learned bias"),
     ({"loss.chunk_size": 5}, "config.loss.chunk_size=5 does not divide config.batch_size=16"),

@@ -112,10 +112,13 @@ def test_finetune_from_a_run_with_a_locked_image_tower(data_dir, tmp_path):
 
 def test_output_to_a_file_gets_one_line_per_logged_step_and_no_bar_frames(
         data_dir, tmp_path, capfd):
-    """pytest's capture is not a terminal, as a SLURM or TPU VM log is not."""
+    """pytest's capture is not a terminal, as a SLURM or TPU VM log is not. The
+    profile of steps 4-5 (config.profile) is logged and its trace kept where
+    TensorBoard's profile plugin looks."""
     config = e2e_config(data_dir, 6)
     with config.unlocked():
         config.evals.retrieval.every = -1
+        config.profile.start_step, config.profile.steps = 4, 2
     train_lib.train(config, str(tmp_path / "run"))
     out, err = capfd.readouterr()
     assert "\r" not in out + err
@@ -127,6 +130,11 @@ def test_output_to_a_file_gets_one_line_per_logged_step_and_no_bar_frames(
     assert lines.index(compiling) < lines.index(step_lines[0])
     evals = [line for line in lines if line.startswith("step 3: ")]
     assert evals and evals[0].startswith("step 3: zeroshot/synthetic_shapes top-1 ")
+    profile = next(index for index, line in enumerate(lines)
+                   if line.startswith("profile of steps 4-5, trace in "))
+    assert lines[profile + 1].startswith("device time per step: matmul ")
+    (trace,) = os.listdir(tmp_path / "run" / "plugins" / "profile" / "steps_4-5")
+    assert trace.endswith("_process0.xplane.pb")
 
 
 def test_eval_lines_lead_with_zero_shot_and_fit_a_terminal():

@@ -166,22 +166,6 @@ def _profile(compiled, run, steps, trace_path, model_flops_per_device, peak):
     return summary
 
 
-def profile_text(profile):
-    """Lines of op_profile's summary for the train command's report."""
-    if "error" in profile:
-        return f"  profile            not taken: {profile['error']}"
-    kinds = ", ".join(f"{kind} {seconds * 1e3:.1f}" for kind, seconds
-                      in profile["op_s_per_step"].items() if seconds > 0)
-    kernels = profile.get("kernel_flops_fraction")
-    lines = [f"  device time / step {kinds} ms (op time; {profile['steps']} traced steps)",
-             f"  device busy        {100 * profile['busy_fraction']:10.1f} %  of the wall time"]
-    if kernels is not None:
-        lines.append(f"  matmul + attention {100 * kernels:10.1f} %  of peak FLOP/s while they run")
-    lines += [f"    {op['s_per_step'] * 1e3:8.2f} ms  {op['kind']:<13} {op['op']:<28} "
-              f"{op['source'][-60:]}" for op in profile["top_ops"][:8]]
-    return "\n".join(lines)
-
-
 def reference_benchmark(config, steps, warmup):
     """OpenCLIP's speed on the same architecture, batch, precision, optimizer,
     image size, caption length and patch dropout (the first phase's), in a
@@ -237,7 +221,10 @@ def run_train(args):
           f"  host pages         {'transparent huge pages' if row['huge_pages'] else '4 KiB'} "
           f"(clip_jax/huge_pages.py)", flush=True)
     if "profile" in row:
-        print(profile_text(row["profile"]), flush=True)
+        profile = row["profile"]
+        print("\n".join(f"  {line}" for line in (
+            [f"profile not taken: {profile['error']}"] if "error" in profile
+            else op_profile.describe(profile))), flush=True)
     if args.reference:
         print(f"  OpenCLIP step time {row['reference_step_time_s']:10.3f} s  (same steps, "
               f"batch, precision, AdamW, clipping; PyTorch, a child process with the same environment)\n"
