@@ -150,13 +150,16 @@ def summarize(events, hlo_text, steps, wall_s, module=None, top=12):
     other programs where the profiler names them."""
     kinds = hlo_stats.instruction_kinds(hlo_text)
     if module:
-        events = [e for e in events if not e.hlo_module or e.hlo_module == module]
+        # A profiler that names modules otherwise than the HLO text leaves nothing:
+        # then every traced event counts.
+        events = [e for e in events if not e.hlo_module or e.hlo_module == module] or events
     own = self_times(events)
     by_kind = dict.fromkeys(hlo_stats.OP_KINDS, 0.0)
     by_op = collections.defaultdict(lambda: [0.0, 0, "", ""])
     unattributed = 0.0
     for event, nanoseconds in own.items():
-        known = kinds.get(event.hlo_op)
+        # A TPU's op line names each event by its instruction.
+        known = kinds.get(event.hlo_op) or kinds.get(event.name)
         if known is None:
             unattributed += nanoseconds
         kind, source = known or (kernel_kind(event.name), "")

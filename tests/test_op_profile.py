@@ -144,3 +144,17 @@ def test_a_cpu_trace_attributes_the_programs_time_to_its_matmuls_and_fusions(tmp
     assert summary["op_s_per_step"]["matmul"] > 0
     assert summary["op_s_per_step"]["matmul"] + summary["op_s_per_step"]["fusion"] > 0.5 * (
         summary["op_s_total_per_step"])
+
+
+def test_op_line_events_named_by_instruction_and_unknown_module_names_are_attributed():
+    """A TPU's op line names events by instruction and may carry no hlo_op stat; a
+    profiler whose module names differ from the HLO text's drops nothing."""
+    events = [event("gemm_fusion.1", 0, 300, device="/device:TPU:0", module=""),
+              event("copy.1", 300, 100, device="/device:TPU:0", module="jit_other")]
+    summary = op_profile.summarize(events, HLO, steps=1, wall_s=400e-9, module="jit_step")
+    assert summary["op_s_per_step"]["matmul"] == pytest.approx(300e-9)
+    assert summary["op_s_per_step"]["data movement"] == 0  # another program's
+    assert summary["unattributed_fraction"] == 0
+    renamed = [event("copy.1", 300, 100, device="/device:TPU:0", module="jit_step.7")]
+    summary = op_profile.summarize(renamed, HLO, steps=1, wall_s=400e-9, module="jit_step")
+    assert summary["op_s_per_step"]["data movement"] == pytest.approx(100e-9)
