@@ -245,8 +245,11 @@ class StepWindow:
         self.first, self.last, self.keep_as = first, first + count - 1, keep_as
         self._trace = self._started = None
 
-    def before(self, step):
+    def before(self, step, pending=None):
+        """`pending`: the earlier steps' results still being computed, waited for
+        before the trace starts so that it holds the window's steps alone."""
         if step == self.first:
+            jax.block_until_ready(pending)
             self._trace, self._started = Trace(), time.perf_counter()
             self._trace.start()
 

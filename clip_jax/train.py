@@ -315,7 +315,7 @@ class _Run:
                 last_time = None  # its compilation is not throughput
             step_function = self.training.step_at(step)
             if self.profiler:
-                self.profiler.before(step)
+                self.profiler.before(step, pending=in_flight)
             # Any implicit host<->device copy inside the step is a bug: fail loudly.
             with jax.transfer_guard("disallow"):
                 prepared = self.training.prepare(batch)
