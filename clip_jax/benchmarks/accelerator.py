@@ -38,10 +38,9 @@ import sys
 import threading
 import time
 
-# The per-device batches tried for each model, largest first. The capacity
-# planner (`benchmark plan --devices 1 --largest-batch`, bf16, autodiff backward)
-# puts the largest that fit an 80 GB H100 at about 276 (B/16), 758 (B/32) and
-# 76 (L/14), and about 1.8x that on a 141 GB H200.
+# The per-device batches tried for each model, largest first, around the largest
+# that fit an 80 GB H100 by the capacity planner (docs/benchmarks.md, "Device
+# check"): about 276 (B/16), 759 (B/32) and 76 (L/14); 1.8x that on an H200.
 BATCHES_PER_DEVICE = {"ViT-B-16": (256, 128, 64), "ViT-B-32": (512, 256, 128),
                       "ViT-L-14": (128, 64, 32)}
 TINY = dict(batches={"tiny": (32,)}, steps=1, warmup=1, profile_steps=1)
