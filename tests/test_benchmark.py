@@ -187,6 +187,8 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
             return 1, "", "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed\n"
         if call[4] == "--xla_gpu_enable_command_buffer=":
             return None, "", "step 1\n"
+        if call[:3] == ("m2", "xla", "on"):
+            return 0, "a library's notice\n", ""
         return 0, json.dumps({"step_time_s": 1.0, "samples_per_sec_per_device": float(batch),
                               "mfu": 0.5, "peak_memory_bytes": 2**30}), ""
 
@@ -208,6 +210,7 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     assert rows[2]["error"] == "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed"
     assert (rows[4]["flag_set"], rows[4]["flags"]) == ("cuBLAS GEMMs", f"XLA_FLAGS={triton_off}")
     assert rows[5]["error"] == "no result within 600 s"
+    assert rows[-1]["error"] == "no JSON result; its output ends \"a library's notice\""
     table = accelerator_bench.table(rows)
     assert "| m1 | cudnn | on | default | jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed |" in table
     assert "| m1 | cudnn | off | cuBLAS GEMMs | 128 | 1.000 | 128.0 | 50.0% |" in table

@@ -157,10 +157,14 @@ def measure(model, attention, lean_backward, batches, devices, plan, flags=None,
                               trace_path)
         code, stdout, stderr = run_child(command, environment(flag_set), timeout_s)
         if code == 0:
-            return {**label, "batch_per_device": per_device, "batches_not_fitting": tried,
-                    **json.loads(_last_line(stdout))}
-        message = (f"no result within {timeout_s:g} s" if code is None else
-                   _last_line(stderr) or f"the child exited with status {code}")
+            try:
+                return {**label, "batch_per_device": per_device, "batches_not_fitting": tried,
+                        **json.loads(_last_line(stdout))}
+            except json.JSONDecodeError:
+                message = f"no JSON result; its output ends {_last_line(stdout)[:200]!r}"
+        else:
+            message = (f"no result within {timeout_s:g} s" if code is None else
+                       _last_line(stderr) or f"the child exited with status {code}")
         if not _out_of_memory(message):
             return {**label, "batch_per_device": per_device, "error": message[:400]}
         tried.append(per_device)
