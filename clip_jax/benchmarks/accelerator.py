@@ -30,12 +30,10 @@ The JSON document is rewritten after every row, so a check stopped early keeps
 what it measured; no measurement starts after --budget-s seconds.
 """
 
-import collections
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 # The per-device batches tried for each model, largest first, around the largest
@@ -105,24 +103,17 @@ def _last_line(text):
 
 
 def run_child(command, env, timeout_s):
-    """Runs `command`, echoing its stderr (progress) to ours -> (return code, its
-    stdout, its last stderr lines); a child past `timeout_s` is killed (code None)."""
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    timer = threading.Timer(timeout_s, child.kill)
-    timer.start()
-    tail = collections.deque(maxlen=40)
-    stdout = []
-    reader = threading.Thread(target=lambda: stdout.append(child.stdout.read()))
-    reader.start()
-    for line in child.stderr:
-        sys.stderr.write(line)
-        tail.append(line)
-    reader.join()
-    code = child.wait()
-    expired = not timer.is_alive() and code != 0
-    timer.cancel()
-    return (None if expired else code), "".join(stdout), "".join(tail)
+    """Runs `command` -> (return code, its stdout, its stderr), its stderr (the
+    progress) also written to ours; a child past `timeout_s` is killed (code None)."""
+    try:
+        child = subprocess.run(command, env=env, capture_output=True, text=True,
+                               timeout=timeout_s, check=False)
+        code, stdout, stderr = child.returncode, child.stdout, child.stderr
+    except subprocess.TimeoutExpired as expired:
+        code, stdout, stderr = None, "", expired.stderr or ""
+        stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+    sys.stderr.write(stderr)
+    return code, stdout, stderr
 
 
 def row_command(model, per_device, devices, attention, lean_backward, plan, trace_path):
