@@ -5,7 +5,7 @@ time and the ops that took longest.
 
 This turns an MFU figure into its causes: MFU = (model FLOPs / peak) / step
 time, and the step time splits into the time the matmul and attention kernels
-run (how close to peak they run is `kernel_flops_per_sec`), the time the other
+run (how close to peak they run is `kernel_flops_fraction`), the time the other
 kernels run (elementwise and reduction fusions, layout copies, collectives) and
 the time the device sits idle (dispatch, host work).
 
@@ -76,11 +76,11 @@ def device_events(profile):
     that ran a program instruction."""
     planes = list(profile.planes)
     accelerators = [p for p in planes if p.name.startswith("/device:") and "CPU" not in p.name]
+    accelerator = bool(accelerators)
     events = []
     # With an accelerator, the host's events that name an instruction are its
     # launches of the device's work, not the work.
     for plane in accelerators or [p for p in planes if p.name == "/host:CPU"]:
-        accelerator = bool(accelerators)
         lines = list(plane.lines)
         names = [line.name for line in lines]
         if accelerator and "XLA Ops" in names:
