@@ -117,13 +117,87 @@ def _computations(hlo_text):
     return computations, entry
 
 
-def _callees(instruction):
-    """[(computation, times it runs per execution of `instruction`, is_branch)]."""
+_PASS_THROUGH = ("copy", "bitcast", "convert")
+
+
+def _scalar_constant(name, by_name):
+    """The integer value of a scalar constant `name` (through copies and
+    conversions), or None."""
+    node = by_name.get(name)
+    while node is not None and node.opcode in _PASS_THROUGH:
+        node = by_name.get(next(iter(node.operands()), None))
+    if node is None or node.opcode != "constant":
+        return None
+    value = node.attributes.split(")", 1)[0].strip()
+    return int(value) if re.fullmatch(r"-?\d+", value) else None
+
+
+def _tuple_index(name, by_name):
+    """k when `name` is (a copy of) get-tuple-element k of the computation's
+    parameter, else None."""
+    node = by_name.get(name)
+    while node is not None and node.opcode in _PASS_THROUGH:
+        node = by_name.get(next(iter(node.operands()), None))
+    if node is None or node.opcode != "get-tuple-element":
+        return None
+    source = by_name.get(next(iter(node.operands()), None))
+    index = re.search(r"index=(\d+)", node.attributes)
+    return int(index.group(1)) if source is not None and source.opcode == "parameter" else None
+
+
+def _counted_trips(loop, computations, caller):
+    """Trip count of a while loop XLA left unannotated but that counts
+    i = start; i < limit (or <=, !=); i += step, with constant start, limit and
+    step, as the TPU compiler's windowed-einsum loops do; None otherwise."""
+    names = {key: re.search(key + r"=%([^\s,]+)", loop.attributes) for key in ("condition", "body")}
+    if not all(names.values()):
+        return None
+    condition = {i.name: i for i in computations.get(names["condition"].group(1), ())}
+    body = {i.name: i for i in computations.get(names["body"].group(1), ())}
+    compare = next((i for i in condition.values() if i.is_root), None)
+    direction = compare and re.search(r"direction=([A-Z]+)", compare.attributes)
+    if compare is None or compare.opcode != "compare" or not direction:
+        return None
+    lhs, rhs = compare.operands()[:2]
+    direction = direction.group(1)
+    if _tuple_index(lhs, condition) is None:  # limit OP i -> i OP' limit
+        lhs, rhs = rhs, lhs
+        direction = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(direction, direction)
+    index, limit = _tuple_index(lhs, condition), _scalar_constant(rhs, condition)
+    root = next((i for i in body.values() if i.is_root), None)
+    operands = caller.get(next(iter(loop.operands()), None))
+    if None in (index, limit, root, operands) or root.opcode != "tuple" \
+            or operands.opcode != "tuple":
+        return None
+    start = _scalar_constant(operands.operands()[index], caller)
+    update = body.get(root.operands()[index])
+    if start is None or update is None or update.opcode != "add":
+        return None
+    first, second = update.operands()[:2]
+    if _tuple_index(first, body) != index:
+        first, second = second, first
+    step = _scalar_constant(second, body)
+    if _tuple_index(first, body) != index or not step or step < 0:
+        return None
+    if direction == "LT":
+        return max(0, -(-(limit - start) // step))
+    if direction == "LE":
+        return max(0, (limit - start) // step + 1)
+    if direction == "NE" and (limit - start) % step == 0 and limit >= start:
+        return (limit - start) // step
+    return None
+
+
+def _callees(instruction, computations, caller):
+    """[(computation, times it runs per execution of `instruction`, is_branch)];
+    `caller` maps names to the instructions of the computation holding it."""
     attributes = instruction.attributes
     if instruction.opcode == "while":
         trip_count = _TRIP_COUNT.search(attributes)
+        trips = (int(trip_count.group(1)) if trip_count
+                 else _counted_trips(instruction, computations, caller))
         body = re.search(r"body=%([^\s,]+)", attributes).group(1)
-        return [(body, int(trip_count.group(1)) if trip_count else 1, False)]
+        return [(body, 1 if trips is None else trips, False)]
     if instruction.opcode == "conditional":
         branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
         names = (re.findall(r"%([^\s,]+)", branches.group(1)) if branches else
@@ -196,7 +270,7 @@ def collectives(hlo_text, num_devices):
                     group_size(instruction.attributes, num_devices), 1,
                     op_name.group(1) if op_name else "", tuple(dtype for dtype, _ in moved)))
             branches = []
-            for callee, times, is_branch in _callees(instruction):
+            for callee, times, is_branch in _callees(instruction, computations, by_name):
                 called = [dataclasses.replace(c, executions=c.executions * times)
                           for c in inside(callee)[0]]
                 if is_branch:

@@ -81,3 +81,49 @@ def test_arrays_with_leading_dim_finds_them_in_fusions(mesh):
     shapes = {dims for _, dims, _ in hlo_stats.arrays_with_leading_dim(text, 40, min_rank=2)}
     assert (40, 24) in shapes and (40, 32) in shapes
     assert not hlo_stats.arrays_with_leading_dim(text, 41)
+
+
+# A counted loop as the TPU compiler writes a windowed einsum: no known_trip_count,
+# the counter (tuple element 1) starts at a copied constant and steps by 2.
+_COUNTED_LOOP = """HloModule counted
+
+%cond (param: (f32[8], u32[])) -> pred[] {
+  %param = (f32[8], u32[]) parameter(0)
+  %counter = u32[] get-tuple-element(%param), index=1
+  %limit = u32[] constant(LIMIT)
+  ROOT %compare = pred[] compare(%counter, %limit), direction=DIRECTION
+}
+
+%body (body.param: (f32[8], u32[])) -> (f32[8], u32[]) {
+  %body.param = (f32[8], u32[]) parameter(0)
+  %values = f32[8] get-tuple-element(%body.param), index=0
+  %counter.1 = u32[] get-tuple-element(%body.param), index=1
+  %counter.copy = u32[] copy(%counter.1)
+  %permute-start = (f32[8], f32[8], u32[], u32[]) collective-permute-start(%values), \
+      source_target_pairs={{0,1},{1,0}}
+  %permute-done = f32[8] collective-permute-done(%permute-start)
+  %step = u32[] constant(2)
+  %next = u32[] add(%counter.copy, %step)
+  ROOT %tuple.1 = (f32[8], u32[]) tuple(%permute-done, %next)
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8] parameter(0)
+  %zero = u32[] constant(0)
+  %start = u32[] copy(%zero)
+  %init = (f32[8], u32[]) tuple(%x, %start)
+  %loop = (f32[8], u32[]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8] get-tuple-element(%loop), index=0
+}
+"""
+
+
+@pytest.mark.parametrize("limit, direction, trips", [
+    (6, "LT", 3), (7, "LT", 4), (6, "LE", 4), (6, "NE", 3), (0, "LT", 0),
+    (6, "GT", 1),  # not a count up to a limit: counted once
+])
+def test_a_counted_loop_without_a_trip_count_counts_each_trip(limit, direction, trips):
+    text = _COUNTED_LOOP.replace("LIMIT", str(limit)).replace("DIRECTION", direction)
+    found = hlo_stats.collectives(text, 2)
+    assert [(c.kind, c.executions) for c in found] == [("collective-permute", trips)]
+    assert hlo_stats.bytes_by_kind(found)["collective-permute"] == trips * 8 * 4
