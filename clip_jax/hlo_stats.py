@@ -16,6 +16,10 @@ import math
 import re
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# Between TPU slices the compiler sends over the data-centre network by host
+# transfers (send, with a megascale transfer type), not by collective ops.
+DCN_TRANSFER = "dcn-transfer"
+KINDS = (*COLLECTIVES, DCN_TRANSFER)
 
 _ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
@@ -26,6 +30,9 @@ _HEADER = re.compile(r"^(?:ENTRY )?%([^\s(]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s+(ROOT )?%([^\s=]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# A TPU asynchronous collective fusion's later parts (its start has flag_start -1).
+_DCN_TRANSFER_TYPE = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
+_CONTINUED = re.compile(r'"async_collective_fusion_config":\{"flag_start":"(?!-1")')
 
 
 def array_shapes(type_text):
@@ -59,7 +66,7 @@ def group_size(attributes, num_devices):
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-    kind: str  # one of COLLECTIVES
+    kind: str  # one of KINDS
     result_bytes: int  # per device, of one execution
     group_size: int
     executions: int  # per run of the program (loop trip counts multiplied)
@@ -71,10 +78,10 @@ class Collective:
         """Bytes each device sends per run, as a bandwidth-optimal (ring)
         algorithm moves them: all-gather (n-1)/n of its result, reduce-scatter
         (n-1) times its result (its input is n times larger), all-reduce a
-        reduce-scatter plus an all-gather, all-to-all (n-1)/n, a permute its
-        whole buffer."""
+        reduce-scatter plus an all-gather, all-to-all (n-1)/n, a permute or
+        a DCN send its whole buffer."""
         n = self.group_size
-        if n <= 1 and self.kind != "collective-permute":
+        if n <= 1 and self.kind not in ("collective-permute", DCN_TRANSFER):
             return 0
         per_execution = {
             "all-gather": self.result_bytes * (n - 1) / n,
@@ -82,6 +89,7 @@ class Collective:
             "all-reduce": 2 * self.result_bytes * (n - 1) / n,
             "all-to-all": self.result_bytes * (n - 1) / n,
             "collective-permute": self.result_bytes,
+            DCN_TRANSFER: self.result_bytes,
         }[self.kind]
         return per_execution * self.executions
 
@@ -252,7 +260,16 @@ def collectives(hlo_text, num_devices):
     """Every collective of the program with its executions per run: a while
     body's counted trip-count times (a loop XLA cannot bound counts once), and
     of a conditional's branches the one that moves the most. Bytes are counted
-    at the width of the values moved (see _wire_dtype)."""
+    at the width of the values moved (see _wire_dtype).
+
+    Two forms of the TPU compiler's are read as what they do: a fusion of an
+    all-reduce and the slice of it each device keeps (a computation named
+    all-reduce-scatter) is one reduce-scatter, and an asynchronous collective
+    fusion, whose collective reappears in each fusion that continues it
+    (async_collective_fusion_config's flag_start set), counts at its start.
+    What a multi-slice program sends between slices (DCN_TRANSFER) counts
+    each send's buffer; the in-slice part of the same reduction is a
+    collective of its own."""
     computations, entry = _computations(hlo_text)
 
     @functools.lru_cache(maxsize=None)
@@ -262,13 +279,23 @@ def collectives(hlo_text, num_devices):
         by_name = {instruction.name: instruction for instruction in computations.get(name, ())}
         for instruction in by_name.values():
             kind = instruction.opcode.removesuffix("-start")
-            if kind in COLLECTIVES:
+            if kind in COLLECTIVES and not _CONTINUED.search(instruction.attributes):
                 op_name = _OP_NAME.search(instruction.attributes)
                 moved = _moved_arrays(instruction, kind, by_name, computations)
+                result = sum(_ITEM_BYTES[dtype] * math.prod(dims) for dtype, dims in moved)
+                size = group_size(instruction.attributes, num_devices)
+                if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                    kind, result = "reduce-scatter", result // size
+                found.append(Collective(kind, result, size, 1, op_name.group(1) if op_name else "",
+                                        tuple(dtype for dtype, _ in moved)))
+            transfer = (_DCN_TRANSFER_TYPE.search(instruction.attributes)
+                        if instruction.opcode == "send" else None)
+            if transfer:
+                sent = array_shapes(instruction.type_text)[:1]  # (buffer, context, token)
                 found.append(Collective(
-                    kind, sum(_ITEM_BYTES[dtype] * math.prod(dims) for dtype, dims in moved),
-                    group_size(instruction.attributes, num_devices), 1,
-                    op_name.group(1) if op_name else "", tuple(dtype for dtype, _ in moved)))
+                    DCN_TRANSFER, sum(_ITEM_BYTES[dtype] * math.prod(dims) for dtype, dims in sent),
+                    2, 1, f"DCN {transfer.group(1).lower().replace('_', '-')}",
+                    tuple(dtype for dtype, _ in sent)))
             branches = []
             for callee, times, is_branch in _callees(instruction, computations, by_name):
                 called = [dataclasses.replace(c, executions=c.executions * times)
@@ -285,8 +312,8 @@ def collectives(hlo_text, num_devices):
 
 
 def bytes_by_kind(found):
-    """{kind: bytes each device sends per run} over COLLECTIVES (zeros included)."""
-    totals = dict.fromkeys(COLLECTIVES, 0)
+    """{kind: bytes each device sends per run} over KINDS (zeros included)."""
+    totals = dict.fromkeys(KINDS, 0)
     for collective in found:
         totals[collective.kind] += collective.bytes_moved
     return {kind: int(total) for kind, total in totals.items()}

@@ -127,3 +127,49 @@ def test_a_counted_loop_without_a_trip_count_counts_each_trip(limit, direction, 
     found = hlo_stats.collectives(text, 2)
     assert [(c.kind, c.executions) for c in found] == [("collective-permute", trips)]
     assert hlo_stats.bytes_by_kind(found)["collective-permute"] == trips * 8 * 4
+
+
+# The TPU compiler's reduce-scatter (an all-reduce whose slice each device keeps,
+# in a fusion named all-reduce-scatter) and an asynchronous all-gather continued
+# by a second fusion that repeats the collective.
+_TPU_FORMS = """HloModule tpu_forms
+
+%all-reduce-scatter.1 (input: f32[64,8]) -> f32[16,8] {
+  %input = f32[64,8] parameter(0)
+  %reduced = f32[64,8] all-reduce(%input), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %id = u32[] partition-id()
+  %rows = u32[] constant(16)
+  %offset = u32[] multiply(%id, %rows)
+  %zero = u32[] constant(0)
+  ROOT %mine = f32[16,8] dynamic-slice(%reduced, %offset, %zero), dynamic_slice_sizes={16,8}
+}
+
+%gather_start (p: f32[4,8]) -> f32[16,8] {
+  %p = f32[4,8] parameter(0)
+  ROOT %gathered = f32[16,8] all-gather(%p), channel_id=2, replica_groups={{0,1,2,3}}, \
+      dimensions={0}, backend_config={"async_collective_fusion_config":{"flag_start":"-1","flag_end":"-1"}}
+}
+
+%async_collective_fusion.1 (q: f32[4,8]) -> f32[16,8] {
+  %q = f32[4,8] parameter(0)
+  ROOT %gathered.1 = f32[16,8] all-gather(%q), channel_id=2, replica_groups={{0,1,2,3}}, \
+      dimensions={0}, backend_config={"async_collective_fusion_config":{"flag_start":"2","flag_end":"8"}}
+}
+
+ENTRY %main (x: f32[64,8], y: f32[4,8]) -> (f32[16,8], f32[16,8], f32[16,8]) {
+  %x = f32[64,8] parameter(0)
+  %y = f32[4,8] parameter(1)
+  %scattered = f32[16,8] fusion(%x), kind=kCustom, calls=%all-reduce-scatter.1
+  %start = f32[16,8] fusion(%y), kind=kCustom, calls=%gather_start
+  %more = f32[16,8] fusion(%y), kind=kCustom, calls=%async_collective_fusion.1
+  ROOT %out = (f32[16,8], f32[16,8], f32[16,8]) tuple(%scattered, %start, %more)
+}
+"""
+
+
+def test_the_tpu_compilers_collective_fusions_count_as_what_they_move():
+    found = hlo_stats.collectives(_TPU_FORMS, 4)
+    assert sorted((c.kind, c.result_bytes) for c in found) == [
+        ("all-gather", 16 * 8 * 4), ("reduce-scatter", 16 * 8 * 4)]
+    moved = hlo_stats.bytes_by_kind(found)
+    assert moved["reduce-scatter"] == 16 * 8 * 4 * 3 and moved["all-gather"] == 16 * 8 * 4 * 3 // 4
