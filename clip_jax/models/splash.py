@@ -14,7 +14,8 @@ The kernel is used, not rewritten; this module only adapts shapes to it:
 - Mosaic kernels are opaque to XLA's partitioner, so on a mesh the kernel runs
   per device inside shard_map, over the batch and head axes the activation
   rules give the queries (the sequence and head dim are kept whole).
-Off TPU the kernel runs in Pallas interpret mode: slow, for tests on CPU only.
+Lowered for any other platform the kernel runs in Pallas interpret mode: slow,
+for tests on CPU only.
 """
 
 import functools
@@ -84,11 +85,21 @@ def _local_attention(query, key, value, causal, interpret):
     return jnp.swapaxes(attended, 1, 2)[:, :tokens, :, :head_dim]
 
 
+def _per_platform(query, key, value, causal):
+    """The Mosaic kernel when the program is lowered for a TPU, the interpreted
+    one for any other platform: chosen at lowering, not by the attached backend,
+    so a program traced on a CPU host compiles the real kernel for TPU devices
+    (clip_jax/tpu_topology.py)."""
+    kernel = functools.partial(_local_attention, causal=causal)
+    return jax.lax.platform_dependent(
+        query, key, value, tpu=functools.partial(kernel, interpret=False),
+        default=functools.partial(kernel, interpret=True))
+
+
 def splash_attention(query, key, value, causal=False):
     """[B, T, N, H] queries, keys, values -> [B, T, N, H], as
     jax.nn.dot_product_attention(query, key, value, is_causal=causal)."""
-    interpret = jax.default_backend() != "tpu"
-    local = functools.partial(_local_attention, causal=causal, interpret=interpret)
+    local = functools.partial(_per_platform, causal=causal)
     mesh = jax.sharding.get_abstract_mesh()
     spec = nn.logical_to_mesh_axes(PER_HEAD)
     if mesh.empty or spec is None or all(axis is None for axis in spec):
