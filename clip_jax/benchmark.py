@@ -64,10 +64,18 @@ extrapolates the largest per-device batch each accelerator holds:
   python -m clip_jax.benchmark plan --config configs/clip.py:ViT-L-14 --devices 64 \
       --mesh fsdp=64 --batch-size 32768 --dtype bfloat16 [--set model.remat=full] \
       [--largest-batch] [--json]
+
+With --tpu TOPOLOGY (and --slices N) the TPU compiler (libtpu, on this
+machine) compiles the step for that slice instead: the chips' own buffers,
+layouts and collectives, and whether the step fits their HBM:
+
+  python -m clip_jax.benchmark plan --config configs/clip.py:ViT-B-16 --tpu v5p:2x2x2 \
+      --mesh fsdp=8 --batch-size 2048 --dtype bfloat16
 """
 
 from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
+import os
 import sys
 
 from clip_jax import cpu_devices, spawn
@@ -173,6 +181,11 @@ def main(argv=None):
     plan.add_argument("--config", default="tiny",
                       help="configs/clip.py variant or FILE.py:ARG, as for train")
     plan.add_argument("--devices", type=int, default=8, help="simulated devices of the mesh")
+    plan.add_argument("--tpu", default="", metavar="TOPOLOGY",
+                      help="compile with the TPU compiler for this slice instead (libtpu's "
+                           "form: v5e:4x4, v5p:2x2x2, v6e:2x2; needs libtpu); --devices unused")
+    plan.add_argument("--slices", type=int, default=1,
+                      help="with --tpu: this many slices, joined over DCN (mesh.dcn_data)")
     plan.add_argument("--mesh", default="", help="AXIS=SIZE,... e.g. data=4,fsdp=16 (unnamed "
                                                  "axes 1; default: the config's mesh)")
     plan.add_argument("--batch-size", type=int, default=0, help="global batch (default: config's)")
@@ -204,6 +217,8 @@ def main(argv=None):
     args = parser.parse_args(config_overrides_as_sets(argv))
     # Before any benchmark starts JAX's backend (importing JAX does not).
     cpu_devices.request(_devices_wanted(argv))
+    if getattr(args, "tpu", ""):  # libtpu compiles; no attached TPU is opened
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.command == "memory":
         memory_bench.run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
     elif args.command == "compile":

@@ -8,7 +8,11 @@ temporaries and totals (XLA's memory analysis), model FLOPs
 (clip_jax/flops.py) and the bytes each kind of collective moves per step
 (clip_jax/hlo_stats.py), against the ideal for the same parameter sharding.
 
-Simulated CPU devices stand in for the accelerators: the partitioner decides
+Two compilers can do the planning. With compile-only TPU devices
+(clip_jax/tpu_topology.py) the TPU compiler builds the program a TPU slice
+runs: its buffers, layouts (padded to TPU tiles), fusions and collective
+decompositions are the chips' own, and the plan is that slice's. Otherwise
+simulated CPU devices stand in for the accelerators: the partitioner decides
 every array's sharding and every collective before any backend code exists,
 so what is split, gathered and reduced is the program a TPU or GPU would run.
 Byte figures are XLA:CPU's buffer assignment, which fuses and schedules
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from clip_jax import flops, hlo_stats, phases, sharding, variables
+from clip_jax import flops, hlo_stats, phases, sharding, tpu_topology, variables
 from clip_jax.config_checks import check_config
 from clip_jax.train_step import setup_training
 
@@ -124,18 +128,20 @@ DEVICE_NUMERICS = {"xla_allow_excess_precision": False}
 
 def compile_train_step(config, devices):
     """(compiled train step, Training) of a checked config on a mesh over `devices`
-    (a ConfigError names the first bad value), rounded as accelerators round
-    (DEVICE_NUMERICS)."""
+    (a ConfigError names the first bad value); simulated CPU devices round as
+    accelerators round (DEVICE_NUMERICS)."""
     check_config(config, len(devices))
     step, abstract_state, batch, training = abstract_train_step(config, devices)
-    return step.lower(abstract_state, batch).compile(compiler_options=DEVICE_NUMERICS), training
+    options = DEVICE_NUMERICS if devices[0].platform == "cpu" else {}
+    return step.lower(abstract_state, batch).compile(compiler_options=options), training
 
 
 def plan(config, devices):
     """Per-device cost of config's train step on a mesh over `devices`: a dict
     of bytes (parameters, optimizer state, arguments, temporaries, total),
     model FLOPs, collective bytes by kind and their ideal (FSDP's), and
-    per accelerator whether the total fits its memory."""
+    per accelerator whether the total fits its memory (compiled for TPU
+    devices: their chip's only)."""
     return summarize(config, *compile_train_step(config, devices))
 
 
@@ -158,7 +164,9 @@ def summarize(config, compiled, training):
         phases.first_phase_model(config), config.batch_size, locked, objective=config.objective,
         teacher_config=teacher and teacher.model.config)["train_step"]
     state, shardings = training.abstract_state, training.shardings
+    device = mesh.devices.flat[0]
     return {
+        "compiled_for": device.device_kind if device.platform == "tpu" else "simulated CPU devices",
         "devices": num_devices, "mesh": dict(mesh.shape), "global_batch": config.batch_size,
         "batch_per_device": config.batch_size // sharding.data_parallel_size(mesh),
         "dtype": config.model.dtype, "remat": config.model.remat,
@@ -172,12 +180,19 @@ def summarize(config, compiled, training):
         "collective_bytes": by_kind,
         "collective_bytes_total": sum(by_kind.values()),
         "ideal_collective_bytes": ideal_collective_bytes(state.params, shardings.params, mesh),
-        "fits": {name: total <= gib * 2**30 for name, gib in ACCELERATOR_MEMORY_GIB.items()},
+        "fits": {name: total <= gib * 2**30 for name, gib in accelerators(device).items()},
         "largest_collectives": [
             {"kind": c.kind, "bytes": int(c.bytes_moved), "executions": c.executions,
              "group_size": c.group_size, "op": c.op_name}
             for c in sorted(found, key=lambda c: -c.bytes_moved)[:5]],
     }
+
+
+def accelerators(device):
+    """{chip: memory GiB} a plan compiled for `device` speaks for: a TPU's own
+    chip, or (simulated devices) every chip of ACCELERATOR_MEMORY_GIB."""
+    name = tpu_topology.chip_name(device)
+    return {name: ACCELERATOR_MEMORY_GIB[name]} if name else ACCELERATOR_MEMORY_GIB
 
 
 def largest_batch_per_device(rows):
@@ -189,7 +204,7 @@ def largest_batch_per_device(rows):
                    / (large["batch_per_device"] - small["batch_per_device"]))
     fixed = small["bytes_per_device"] - per_example * small["batch_per_device"]
     largest = {}
-    for name, gib in ACCELERATOR_MEMORY_GIB.items():
-        room = gib * 2**30 - fixed
+    for name in small.get("fits", ACCELERATOR_MEMORY_GIB):  # the chips the plans speak for
+        room = ACCELERATOR_MEMORY_GIB[name] * 2**30 - fixed
         largest[name] = int(np.floor(room / per_example)) if room > 0 and per_example > 0 else None
     return largest

@@ -19,6 +19,9 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # multi-host workers) keeps it.
 cpu_devices.request(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite's devices are the CPU's; libtpu (the tpu extra, for compiling for
+# TPU topologies) is then loaded for compiling only, in tests that ask for it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The suite compiles the same programs many times over: each test's one-device
 # reference, every trainer process of a kill-and-resume run. Compiling dominates

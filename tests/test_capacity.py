@@ -180,7 +180,7 @@ def test_plan_command_prints_one_json_line(capsys):
     assert row["mesh"] == {"dcn_data": 1, "data": 1, "fsdp": 8, "tensor": 1} and row["batch_per_device"] == 8
     assert {"temp_bytes", "argument_bytes", "bytes_per_device", "collective_bytes",
             "fits"} <= set(row)
-    assert set(row["collective_bytes"]) == set(hlo_stats.COLLECTIVES)
+    assert set(row["collective_bytes"]) == set(hlo_stats.KINDS)
     assert row["fits"]["TPU v5e"] and row["bytes_per_device"] >= row["temp_bytes"] > 0
 
 

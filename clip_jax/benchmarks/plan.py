@@ -1,11 +1,12 @@
 """The capacity plan command (clip_jax/capacity.py does the work): per-device
-memory, FLOPs and collective bytes of a train step on a simulated mesh."""
+memory, FLOPs and collective bytes of a train step on a simulated mesh, or
+compiled by the TPU compiler for a TPU topology (clip_jax/tpu_topology.py)."""
 
 import json
 
 import jax
 
-from clip_jax import capacity, config_files, overrides, sharding
+from clip_jax import capacity, config_files, overrides, sharding, tpu_topology
 
 def parse_mesh(text):
     """--mesh 'fsdp=64' or 'data=4,fsdp=16' -> config.mesh values (axes not named: 1)."""
@@ -36,16 +37,19 @@ def run_plan(args):
             overrides.apply(config, args.set)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"config error: {error}") from None
-    devices = jax.devices()[:args.devices]
     try:
+        devices = (tpu_topology.devices(args.tpu, args.slices) if args.tpu
+                   else jax.devices()[:args.devices])
         row = {"config": args.config, **capacity.plan(config, devices)}
         if args.largest_batch:
             doubled = config.copy_and_resolve_references()
             doubled.batch_size = 2 * config.batch_size
             row["largest_batch_per_device"] = capacity.largest_batch_per_device(
                 [row, capacity.plan(doubled, devices)])
-    except ValueError as error:  # config_checks.ConfigError: one line
-        raise SystemExit(f"config error: {error}") from None
+    except ValueError as error:  # config_checks.ConfigError, a bad topology: one line
+        raise SystemExit(f"{'plan' if args.tpu else 'config'} error: {error}") from None
+    if args.tpu:
+        row["libtpu"] = tpu_topology.libtpu_version()
     if args.json:
         print(json.dumps(row), flush=True)
         return
@@ -54,7 +58,9 @@ def run_plan(args):
     ideal = row["ideal_collective_bytes"]
     ratio = f", {row['collective_bytes_total'] / ideal:.2f}x" if ideal else ""
     fits = ", ".join(f"{name} {'yes' if fit else 'no'}" for name, fit in row["fits"].items())
-    print(f"{args.config} train step plan: {row['devices']} devices, mesh {mesh}, global batch "
+    target = (f"{row['compiled_for']} chips (TPU compiler, libtpu {row['libtpu']})" if args.tpu
+              else "devices")
+    print(f"{args.config} train step plan: {row['devices']} {target}, mesh {mesh}, global batch "
           f"{row['global_batch']} ({row['batch_per_device']} per device), {row['dtype']}, "
           f"remat {row['remat']}\n"
           f"  parameters       {_gib(row['param_bytes']):>12} per device\n"

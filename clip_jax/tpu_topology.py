@@ -1,0 +1,60 @@
+"""Devices of a TPU slice that is not attached, to compile for: the TPU
+compiler (libtpu) builds, on any machine, the program a v4/v5e/v5p/v6e slice
+would run, and its memory analysis and HLO say what each chip would hold and
+move (jax.experimental.topologies, the ahead-of-time path MaxText's
+train_compile takes). The devices can compile but not run anything.
+
+Needs libtpu (`pip install -e '.[tpu]'`). Plan with JAX_PLATFORMS=cpu on a
+machine without TPUs: the attached backend is then the CPU, and libtpu is
+loaded for compiling only.
+"""
+
+import os
+from importlib import metadata
+
+from jax.experimental import topologies
+
+# HBM per chip (GiB) by jax device_kind, as capacity.ACCELERATOR_MEMORY_GIB names them.
+CHIP_NAMES = {"TPU v4": "TPU v4", "TPU v5 lite": "TPU v5e", "TPU v5": "TPU v5p",
+              "TPU v6 lite": "TPU v6e"}
+EXAMPLE = "v5e:4x4, v5p:2x2x2 or v6e:2x2"
+
+
+def devices(topology, slices=1):
+    """The compile-only devices of `slices` TPU slices of `topology` (libtpu's
+    form: GENERATION:SHAPE, e.g. v5p:2x2x2 is 8 chips); several slices carry
+    slice_index 0..slices-1, as a multi-slice job's devices do. A ValueError
+    (one line) when libtpu is missing or the name is not a topology."""
+    if slices < 1:
+        raise ValueError(f"TPU slices: expected at least 1, got {slices}")
+    # libtpu reads the host it runs on from these (on a TPU VM, from its
+    # metadata server); compiling needs neither, and unset it warns at length.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # No TPU is opened, so other processes compiling (or training) beside this
+    # one need not wait for libtpu's one-process lock.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        found = topologies.get_topology_desc(
+            topology_name=topology, platform="tpu",
+            **({"num_slices": slices} if slices > 1 else {})).devices
+    except RuntimeError as error:  # JaxRuntimeError is one
+        message = str(error).splitlines()[0]
+        if "not installed" in message:
+            raise ValueError(f"TPU topology {topology!r}: compiling for TPUs needs libtpu "
+                             "(pip install -e '.[tpu]')") from None
+        raise ValueError(f"TPU topology {topology!r} (e.g. {EXAMPLE}): {message}") from None
+    return list(found)
+
+
+def chip_name(device):
+    """capacity.ACCELERATOR_MEMORY_GIB's name of a TPU device's chip, else None."""
+    return CHIP_NAMES.get(getattr(device, "device_kind", ""))
+
+
+def libtpu_version():
+    """The installed libtpu's version (whose compiler a plan used), or None."""
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,127 @@
+"""Compiling for TPU slices that are not here (clip_jax/tpu_topology.py): the
+TPU compiler (libtpu, installed by the tpu extra) builds the train step for
+compile-only v5e devices, one slice or two over DCN. Nothing runs; what is
+checked is what the chips' own compiler makes of the program: the real splash
+kernel, multi-slice placement, and the plan's bytes."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clip_jax import benchmark, capacity, hlo_stats, sharding, tpu_topology
+from clip_jax.models.splash import splash_attention
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="libtpu ships for Linux only")
+
+SLICE = "v5e:2x2"  # one host's 4 chips
+
+
+@pytest.fixture(scope="module")
+def one_slice():
+    return tpu_topology.devices(SLICE)
+
+
+@pytest.fixture(scope="module")
+def two_slices():
+    return tpu_topology.devices(SLICE, slices=2)
+
+
+def test_topology_devices_are_tpu_chips_with_slice_indices(one_slice, two_slices):
+    assert len(one_slice) == 4 and {d.platform for d in one_slice} == {"tpu"}
+    assert tpu_topology.chip_name(one_slice[0]) == "TPU v5e"
+    assert sorted({d.slice_index for d in two_slices}) == [0, 1] and len(two_slices) == 8
+
+
+@pytest.mark.parametrize("name, slices, message", [
+    ("v5e-8", 1, "TPU topology 'v5e-8' (e.g. v5e:4x4, v5p:2x2x2 or v6e:2x2): "),
+    (SLICE, 0, "TPU slices: expected at least 1, got 0"),
+])
+def test_a_bad_topology_is_one_line(name, slices, message):
+    with pytest.raises(ValueError) as raised:
+        tpu_topology.devices(name, slices)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_a_two_slice_mesh_puts_each_slice_on_the_inner_axes(two_slices):
+    """dcn_data runs across the slices; fsdp within one slice's chips (ICI)."""
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(dcn_data=2, fsdp=4)), two_slices)
+    for index in range(2):
+        assert {d.slice_index for d in mesh.devices[index].ravel()} == {index}
+    with pytest.raises(ValueError, match="set config.mesh.dcn_data=2"):
+        sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4)), two_slices)
+
+
+@pytest.mark.parametrize("tokens, causal", [(197, False), (77, True)])
+def test_splash_lowers_to_the_mosaic_kernel_for_tpu(one_slice, tokens, causal):
+    """Traced here, lowered for a TPU: the kernel itself (a Mosaic custom call),
+    forward and backward, not the interpreter the CPU runs."""
+    abstract = jax.ShapeDtypeStruct((2, tokens, 12, 64), jnp.bfloat16,
+                                    sharding=NamedSharding(jax.sharding.Mesh(one_slice[:1], "x"), P()))
+    loss = lambda q, k, v: splash_attention(q, k, v, causal=causal).astype(jnp.float32).sum()  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(abstract, abstract, abstract) \
+        .compile().as_text()
+    kernels = text.count('custom_call_target="tpu_custom_call"')
+    assert kernels >= 2, "forward and backward kernels"
+    assert "splash" in text
+
+
+@pytest.fixture(scope="module")
+def slice_plan(one_slice):
+    """The test model's bf16 train step with splash attention, FSDP over one slice."""
+    config = small_config()
+    with config.unlocked():
+        config.batch_size = 64
+        config.model.dtype = "bfloat16"
+        config.model.attention = "splash"
+        config.mesh.update(dict(data=1, fsdp=4, tensor=1))
+    compiled, training = capacity.compile_train_step(config, one_slice)
+    return capacity.summarize(config, compiled, training), compiled.as_text()
+
+
+def test_the_tpu_plan_is_the_chips_own_program(slice_plan):
+    row, text = slice_plan
+    assert row["compiled_for"] == "TPU v5 lite" and set(row["fits"]) == {"TPU v5e"}
+    assert "tpu_custom_call" in text  # splash's kernel, per device inside shard_map
+    assert row["collective_bytes"]["all-gather"] > 0
+    # FSDP as the TPU compiler decomposes it stays within 1.5x of ideal FSDP's bytes.
+    assert 0 < row["collective_bytes_total"] <= 1.5 * row["ideal_collective_bytes"]
+    assert 0 < row["temp_bytes"] < row["bytes_per_device"]
+
+
+def test_two_slices_reduce_gradients_over_dcn_and_gather_within_a_slice(two_slices):
+    """dcn_data=2 x fsdp=4: parameters are gathered among a slice's 4 chips only;
+    between slices go sends over DCN, most of them the gradients' all-reduce."""
+    config = small_config()
+    with config.unlocked():
+        config.batch_size = 64
+        config.model.dtype = "bfloat16"
+        config.mesh.update(dict(dcn_data=2, data=1, fsdp=4, tensor=1))
+    compiled, _ = capacity.compile_train_step(config, two_slices)
+    found = hlo_stats.collectives(compiled.as_text(), 8)
+    gathers = {c.group_size for c in found if c.kind == "all-gather" and c.bytes_moved}
+    assert gathers == {4}
+    over_dcn = [c for c in found if c.kind == hlo_stats.DCN_TRANSFER]
+    reduced = sum(c.bytes_moved for c in over_dcn if c.op_name == "DCN all-reduce")
+    assert reduced > 0.9 * sum(c.bytes_moved for c in over_dcn)
+
+
+def test_plan_command_compiles_for_a_tpu_topology(capsys):
+    benchmark.main(["plan", "--config", "tiny", "--tpu", SLICE, "--mesh", "fsdp=4",
+                    "--batch-size", "32", "--dtype", "bfloat16", "--json"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["compiled_for"] == "TPU v5 lite" and row["devices"] == 4
+    assert row["libtpu"] == tpu_topology.libtpu_version() is not None
+    assert set(row["fits"]) == {"TPU v5e"} and row["bytes_per_device"] > 0
+
+
+def test_plan_command_bad_topology_is_one_line(capsys):
+    with pytest.raises(SystemExit) as raised:
+        benchmark.main(["plan", "--config", "tiny", "--tpu", "v9z:2x2"])
+    assert str(raised.value).startswith("plan error: TPU topology 'v9z:2x2'")
+    assert "\n" not in str(raised.value)
