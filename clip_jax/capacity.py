@@ -126,14 +126,26 @@ def abstract_train_step(config, devices):
 DEVICE_NUMERICS = {"xla_allow_excess_precision": False}
 
 
+class DoesNotFit(ValueError):
+    """The TPU compiler refused the step: it needs more memory than the chip has."""
+
+
 def compile_train_step(config, devices):
     """(compiled train step, Training) of a checked config on a mesh over `devices`
     (a ConfigError names the first bad value); simulated CPU devices round as
-    accelerators round (DEVICE_NUMERICS)."""
+    accelerators round (DEVICE_NUMERICS). DoesNotFit, with the compiler's
+    figures, when compiling for TPU devices whose memory the step overflows."""
     check_config(config, len(devices))
     step, abstract_state, batch, training = abstract_train_step(config, devices)
     options = DEVICE_NUMERICS if devices[0].platform == "cpu" else {}
-    return step.lower(abstract_state, batch).compile(compiler_options=options), training
+    try:
+        return step.lower(abstract_state, batch).compile(compiler_options=options), training
+    except jax.errors.JaxRuntimeError as error:
+        message = str(error).splitlines()[0]
+        if message.startswith("RESOURCE_EXHAUSTED"):
+            raise DoesNotFit(f"{devices[0].device_kind}: {message.removeprefix('RESOURCE_EXHAUSTED: ')}") \
+                from None
+        raise
 
 
 def plan(config, devices):

@@ -125,3 +125,19 @@ def test_plan_command_bad_topology_is_one_line(capsys):
         benchmark.main(["plan", "--config", "tiny", "--tpu", "v9z:2x2"])
     assert str(raised.value).startswith("plan error: TPU topology 'v9z:2x2'")
     assert "\n" not in str(raised.value)
+
+
+def test_a_step_the_chip_cannot_hold_is_the_compilers_one_line_answer(one_slice):
+    """A 16,384-wide text tower (a 3 GiB token table, and Adam's state) on one
+    16 GiB v5e: the TPU compiler refuses it, and the plan says so in one line."""
+    config = small_config()
+    with config.unlocked():
+        config.batch_size = 8
+        config.model.dtype = "bfloat16"
+        config.model.text.update(width=16384, heads=2, layers=1)
+        config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    with pytest.raises(capacity.DoesNotFit) as raised:
+        capacity.compile_train_step(config, one_slice[:1])
+    message = str(raised.value)
+    assert message.startswith("TPU v5 lite: ") and "exceeds available HBM" in message
+    assert "\n" not in message

@@ -20,6 +20,19 @@ def parse_mesh(text):
     return sizes
 
 
+def _largest_batch(config, devices, row):
+    """{largest_batch_per_device} from a second plan at twice the batch; when the
+    TPU compiler says that one does not fit, None per chip and why."""
+    doubled = config.copy_and_resolve_references()
+    doubled.batch_size = 2 * config.batch_size
+    try:
+        return {"largest_batch_per_device": capacity.largest_batch_per_device(
+            [row, capacity.plan(doubled, devices)])}
+    except capacity.DoesNotFit as error:
+        return {"largest_batch_per_device": dict.fromkeys(row["fits"]),
+                "largest_batch_note": f"under {2 * row['batch_per_device']}: {error}"}
+
+
 def _gib(n):
     return f"{n / 2**30:.2f} GiB"
 
@@ -42,10 +55,13 @@ def run_plan(args):
                    else jax.devices()[:args.devices])
         row = {"config": args.config, **capacity.plan(config, devices)}
         if args.largest_batch:
-            doubled = config.copy_and_resolve_references()
-            doubled.batch_size = 2 * config.batch_size
-            row["largest_batch_per_device"] = capacity.largest_batch_per_device(
-                [row, capacity.plan(doubled, devices)])
+            row.update(_largest_batch(config, devices, row))
+    except capacity.DoesNotFit as error:  # the TPU compiler's answer, not a failure
+        print(json.dumps({"config": args.config, "devices": len(devices),
+                          "global_batch": config.batch_size, "does_not_fit": str(error)})
+              if args.json else f"{args.config} at global batch {config.batch_size} does not "
+                                f"fit: {error}", flush=True)
+        return
     except ValueError as error:  # config_checks.ConfigError, a bad topology: one line
         raise SystemExit(f"{'plan' if args.tpu else 'config'} error: {error}") from None
     if args.tpu:
@@ -77,6 +93,6 @@ def run_plan(args):
               f"{collective['executions']:>4} x over {collective['group_size']} devices  "
               f"{collective['op'][-70:]}")
     if args.largest_batch:
-        print("  largest batch per device: " + ", ".join(
+        print("  largest batch per device: " + row.get("largest_batch_note", ", ".join(
             f"{name} {'-' if b is None else b}"
-            for name, b in row["largest_batch_per_device"].items()), flush=True)
+            for name, b in row["largest_batch_per_device"].items())), flush=True)
