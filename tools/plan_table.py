@@ -1,7 +1,11 @@
-"""Writes docs/capacity.md: the capacity plan of the large CLIP models at the
-paper's batch of 32,768 on pod-sized meshes, one `benchmark plan` per row.
+"""Writes docs/capacity_table.md: the capacity plan of the large CLIP models at
+the paper's batch of 32,768 on pod-sized meshes, one `benchmark plan` per row;
+with --tpu, docs/capacity_tpu_table.md: ViT-B/16 and ViT-L/14 compiled by the
+TPU compiler for 4-chip v5e and v6e slices, per attention kernel and remat,
+beside the simulated-device plan of the same step.
 
-    python tools/plan_table.py [--out docs/capacity.md] [--models ViT-B-16,...]
+    python tools/plan_table.py [--out docs/capacity_table.md] [--models ViT-B-16,...]
+    python tools/plan_table.py --tpu [--out docs/capacity_tpu_table.md]
 
 Each row runs `python -m clip_jax.benchmark plan ... --largest-batch --json` in
 its own process (the simulated device count is fixed when JAX starts), so a
@@ -25,12 +29,19 @@ MESHES = ((64, "fsdp=64", "none"), (64, "fsdp=64", "full"), (64, "data=4,fsdp=16
 GLOBAL_BATCH = 32768
 CHIPS = ("TPU v5e", "TPU v4", "TPU v5p", "A100 80GB", "H100", "H200")
 
+# --tpu: (model, per-chip batch, attention, remat) on each 4-chip slice, fsdp=4;
+# each also compiled at twice the batch to extrapolate the largest that fits.
+TPU_SLICES = ("v5e:2x2", "v6e:2x2")
+TPU_ROWS = (("ViT-B-16", 32, "xla", "none"), ("ViT-B-16", 32, "splash", "none"),
+            ("ViT-B-16", 128, "xla", "full"), ("ViT-L-14", 8, "xla", "none"),
+            ("ViT-L-14", 8, "splash", "none"), ("ViT-L-14", 32, "xla", "full"))
 
-def plan_row(model, devices, mesh, remat):
+
+def plan_row(model, devices, mesh, remat, batch=GLOBAL_BATCH, extra=()):
     command = [sys.executable, "-m", "clip_jax.benchmark", "plan", "--config", model,
-               "--devices", str(devices), "--mesh", mesh, "--batch-size", str(GLOBAL_BATCH),
+               "--devices", str(devices), "--mesh", mesh, "--batch-size", str(batch),
                "--dtype", "bfloat16", "--set", f"model.remat={remat}", "--largest-batch",
-               "--json"]
+               "--json", *extra]
     started = time.perf_counter()
     child = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
@@ -41,7 +52,8 @@ def plan_row(model, devices, mesh, remat):
         factor = re.search(r"move a factor of (\d+)", last)
         if factor and mesh == f"fsdp={devices}":
             moved = int(factor.group(1))
-            return plan_row(model, devices, f"data={moved},fsdp={devices // moved}", remat)
+            return plan_row(model, devices, f"data={moved},fsdp={devices // moved}", remat,
+                            batch, extra)
         return {"config": model, "devices": devices, "mesh_text": mesh, "remat": remat,
                 "error": last, "seconds": seconds}
     row = json.loads(child.stdout.strip().splitlines()[-1])
@@ -75,34 +87,85 @@ def markdown(rows, commit, machine):
     return "\n".join(lines) + f"\n\nCompiled at commit {commit} on {machine}.\n"
 
 
+def tpu_rows():
+    """TPU_ROWS on each of TPU_SLICES, each with the simulated-device plan of the
+    same step (compiled once per row, for both slices)."""
+    rows = []
+    for model, per_chip, attention, remat in TPU_ROWS:
+        setting = ("--set", f"model.attention={attention}")
+        simulated = plan_row(model, 4, "fsdp=4", remat, 4 * per_chip, setting)
+        for topology in TPU_SLICES:
+            row = plan_row(model, 4, "fsdp=4", remat, 4 * per_chip,
+                           (*setting, "--tpu", topology))
+            rows.append({**row, "topology": topology, "attention": attention, "remat": remat,
+                         "per_chip": per_chip, "simulated_temp_bytes": simulated.get("temp_bytes")})
+            print(json.dumps({k: rows[-1].get(k) for k in (
+                "config", "topology", "attention", "remat", "per_chip", "bytes_per_device",
+                "simulated_temp_bytes", "does_not_fit", "error", "seconds")}), flush=True)
+    return rows
+
+
+def tpu_markdown(rows, commit, machine):
+    lines = [
+        "| model | slice | attention | remat | batch/chip | state MiB | temporaries GiB "
+        "(simulated CPU devices) | total GiB | collectives GiB/step (x ideal) | "
+        "largest batch/chip |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        head = (f"| {row['config']} | {row['topology']} | {row['attention']} | {row['remat']} | "
+                f"{row['per_chip']} |")
+        if "error" in row or "does_not_fit" in row:
+            reason = row.get("error") or "does not fit: " + row["does_not_fit"]
+            lines.append(f"{head} {reason[:160]} | | | | |")
+            continue
+        simulated = row["simulated_temp_bytes"]
+        ideal = row["ideal_collective_bytes"]
+        chip, largest = next(iter(row["largest_batch_per_device"].items()))
+        largest = (f"under {2 * row['per_chip']}" if "largest_batch_note" in row
+                   else "-" if largest is None else str(largest))
+        lines.append(
+            f"{head} {(row['param_bytes'] + row['optimizer_bytes']) / 2**20:,.0f} | "
+            f"{gib(row['temp_bytes'])} ({'-' if simulated is None else gib(simulated)}) | "
+            f"{gib(row['bytes_per_device'])} | "
+            f"{gib(row['collective_bytes_total'])} ({row['collective_bytes_total'] / ideal:.2f}x) | "
+            f"{chip} {largest} |")
+    return "\n".join(lines) + (f"\n\nCompiled at commit {commit} on {machine}, by libtpu "
+                               f"{rows[0].get('libtpu')} (TPU rows).\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="docs/capacity_table.md")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--tpu", action="store_true",
+                        help="the TPU compiler's table (TPU_ROWS on TPU_SLICES); needs libtpu")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--from-jsonl", default="",
                         help="rewrite the table from an earlier run's JSONL (no compiling)")
     parser.add_argument("--commit", default="", help="with --from-jsonl: the run's commit")
     args = parser.parse_args()
+    args.out = args.out or f"docs/capacity{'_tpu' if args.tpu else ''}_table.md"
+    render = tpu_markdown if args.tpu else markdown
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True,
                                            check=True).stdout.strip()
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python "
-               f"{platform.python_version()}, simulated CPU devices")
+               f"{platform.python_version()}" + ("" if args.tpu else ", simulated CPU devices"))
     if args.from_jsonl:
         with open(args.from_jsonl) as raw:
             rows = [json.loads(line) for line in raw]
         with open(args.out, "w") as table:
-            table.write(markdown(rows, commit, machine))
+            table.write(render(rows, commit, machine))
         return
-    rows = []
-    for model in args.models.split(","):
+    rows = tpu_rows() if args.tpu else []
+    for model in [] if args.tpu else args.models.split(","):
         for devices, mesh, remat in MESHES:
             rows.append(plan_row(model, devices, mesh, remat))
             print(json.dumps({k: rows[-1].get(k) for k in ("config", "devices", "mesh_text",
                                                             "remat", "bytes_per_device",
                                                             "error", "seconds")}), flush=True)
     with open(args.out, "w") as table:
-        table.write(markdown(rows, commit, machine))
+        table.write(render(rows, commit, machine))
     with open(os.path.splitext(args.out)[0] + ".jsonl", "w") as raw:
         raw.writelines(json.dumps(row) + "\n" for row in rows)
 
