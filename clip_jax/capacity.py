@@ -142,10 +142,10 @@ def compile_train_step(config, devices):
         return step.lower(abstract_state, batch).compile(compiler_options=options), training
     except jax.errors.JaxRuntimeError as error:
         message = str(error).splitlines()[0]
-        if message.startswith("RESOURCE_EXHAUSTED"):
-            raise DoesNotFit(f"{devices[0].device_kind}: {message.removeprefix('RESOURCE_EXHAUSTED: ')}") \
-                from None
-        raise
+        if not message.startswith("RESOURCE_EXHAUSTED: "):
+            raise
+        reason = message.removeprefix("RESOURCE_EXHAUSTED: ")
+        raise DoesNotFit(f"{devices[0].device_kind}: {reason}") from None
 
 
 def plan(config, devices):
