@@ -6,7 +6,9 @@ train_compile takes). The devices can compile but not run anything.
 
 Needs libtpu (`pip install -e '.[tpu]'`). Plan with JAX_PLATFORMS=cpu on a
 machine without TPUs: the attached backend is then the CPU, and libtpu is
-loaded for compiling only.
+loaded for compiling only. Loading it registers its profiler in the process,
+after which a CPU trace there records no device events: compile for TPUs in
+a process of its own (`benchmark plan --tpu` is one).
 """
 
 import os
