@@ -128,12 +128,18 @@ def _computations(hlo_text):
 _PASS_THROUGH = ("copy", "bitcast", "convert")
 
 
-def _scalar_constant(name, by_name):
-    """The integer value of a scalar constant `name` (through copies and
-    conversions), or None."""
+def _through_copies(name, by_name):
+    """The instruction `name` stands for, past copies, bitcasts and conversions."""
     node = by_name.get(name)
     while node is not None and node.opcode in _PASS_THROUGH:
         node = by_name.get(next(iter(node.operands()), None))
+    return node
+
+
+def _scalar_constant(name, by_name):
+    """The integer value of a scalar constant `name` (through copies and
+    conversions), or None."""
+    node = _through_copies(name, by_name)
     if node is None or node.opcode != "constant":
         return None
     value = node.attributes.split(")", 1)[0].strip()
@@ -143,9 +149,7 @@ def _scalar_constant(name, by_name):
 def _tuple_index(name, by_name):
     """k when `name` is (a copy of) get-tuple-element k of the computation's
     parameter, else None."""
-    node = by_name.get(name)
-    while node is not None and node.opcode in _PASS_THROUGH:
-        node = by_name.get(next(iter(node.operands()), None))
+    node = _through_copies(name, by_name)
     if node is None or node.opcode != "get-tuple-element":
         return None
     source = by_name.get(next(iter(node.operands()), None))

@@ -16,7 +16,7 @@ from importlib import metadata
 
 from jax.experimental import topologies
 
-# HBM per chip (GiB) by jax device_kind, as capacity.ACCELERATOR_MEMORY_GIB names them.
+# jax's device_kind of each TPU chip -> its name in capacity.ACCELERATOR_MEMORY_GIB.
 CHIP_NAMES = {"TPU v4": "TPU v4", "TPU v5 lite": "TPU v5e", "TPU v5": "TPU v5p",
               "TPU v6 lite": "TPU v6e"}
 EXAMPLE = "v5e:4x4, v5p:2x2x2 or v6e:2x2"
