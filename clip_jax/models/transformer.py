@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models import lean_ops, weight_grads
+from clip_jax.models.cudnn_attention import cudnn_attention
 from clip_jax.models.lean_attention import attention
 from clip_jax.models.partitioning import (EMBED, HIDDEN, PER_HEAD, TOKENS, compute_weight,
                                           constrain, unconstrained)
@@ -285,8 +286,7 @@ class Attention(nn.Module):
             if implementation == "splash" and mask is None:
                 attended = splash_attention(query, key, value, causal=self.causal)
             elif implementation == "cudnn":
-                attended = jax.nn.dot_product_attention(
-                    query, key, value, mask=mask, is_causal=self.causal, implementation="cudnn")
+                attended = cudnn_attention(query, key, value, mask=mask, causal=self.causal)
             else:
                 attended = attention(query, key, value, mask=mask, is_causal=self.causal)
         else:

@@ -1,0 +1,44 @@
+"""cuDNN's fused attention (config.model.attention="cudnn"), through
+jax.nn.dot_product_attention(implementation="cudnn"), adapted to the sequence
+lengths CLIP's towers have.
+
+JAX refuses to train through the kernel on an odd number of query or key
+tokens ("Unsupported sequence length"), and a ViT's are odd: 197 for ViT-B/16,
+257 for ViT-L/14, 77 for the text tower (a class token beside a square number
+of patches). It checks for an even length whenever a bias is present, and its
+wrapper always passes one (an empty placeholder when there is none; seen in
+jax 0.10.2 and 0.11.2). So an odd sequence is padded by one token: the padded
+key is hidden by cuDNN's own padding mask (the real length of every sequence,
+key_value_seq_lengths), and the padded query's row is dropped. One token adds
+under 1% of the attention's work and keeps the kernel's mask-free path.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _pad_tokens(x, extra):
+    return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+
+def cudnn_attention(query, key, value, mask=None, causal=False, implementation="cudnn"):
+    """Softmax attention of query [B, T, N, H] over key and value [B, S, N, H]
+    -> [B, T, N, H], as jax.nn.dot_product_attention computes it; `mask` bool,
+    broadcastable to [B, N, T, S], hides the keys where False. `implementation`
+    is jax.nn.dot_product_attention's (tests pass "xla" to check the padding on
+    a machine without cuDNN)."""
+    tokens, sources = query.shape[1], key.shape[1]
+    extra_queries, extra_keys = tokens % 2, sources % 2
+    if not (extra_queries or extra_keys):
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=causal,
+                                            implementation=implementation)
+    query = _pad_tokens(query, extra_queries)
+    key, value = _pad_tokens(key, extra_keys), _pad_tokens(value, extra_keys)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], tokens, sources))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, extra_queries), (0, extra_keys)))
+    real_keys = jnp.full((query.shape[0],), sources, jnp.int32)
+    attended = jax.nn.dot_product_attention(
+        query, key, value, mask=mask, is_causal=causal, key_value_seq_lengths=real_keys,
+        implementation=implementation)
+    return attended[:, :tokens]
