@@ -71,12 +71,20 @@ layouts and collectives, and whether the step fits their HBM:
 
   python -m clip_jax.benchmark plan --config configs/clip.py:ViT-B-16 --tpu v5p:2x2x2 \
       --mesh fsdp=8 --batch-size 2048 --dtype bfloat16
+
+With --gpu CHIP (h100 or h200) XLA's GPU compiler (JAX's CUDA plugin, no GPU
+needed) compiles it for --devices GPUs of that chip, 8 to a host:
+
+  python -m clip_jax.benchmark plan --config configs/clip.py:ViT-B-16 --gpu h100 \
+      --devices 8 --mesh fsdp=8 --batch-size 2048 --dtype bfloat16 --largest-batch
 """
 
 from clip_jax import quiet_tensorflow  # noqa: F401  (before TensorFlow loads)
 import argparse
 import os
 import sys
+
+import jax
 
 from clip_jax import cpu_devices, spawn
 from clip_jax.benchmarks import accelerator as accelerator_bench
@@ -184,6 +192,9 @@ def main(argv=None):
     plan.add_argument("--tpu", default="", metavar="TOPOLOGY",
                       help="compile with the TPU compiler for this slice instead (libtpu's "
                            "form: v5e:4x4, v5p:2x2x2, v6e:2x2; needs libtpu); --devices unused")
+    plan.add_argument("--gpu", default="", metavar="CHIP", choices=("", "h100", "h200"),
+                      help="compile with XLA's GPU compiler for --devices GPUs of this chip "
+                           "instead (h100, h200; 8 to a host; needs the CUDA plugin)")
     plan.add_argument("--slices", type=int, default=1,
                       help="with --tpu: this many slices, joined over DCN (mesh.dcn_data)")
     plan.add_argument("--mesh", default="", help="AXIS=SIZE,... e.g. data=4,fsdp=16 (unnamed "
@@ -217,8 +228,9 @@ def main(argv=None):
     args = parser.parse_args(config_overrides_as_sets(argv))
     # Before any benchmark starts JAX's backend (importing JAX does not).
     cpu_devices.request(_devices_wanted(argv))
-    if getattr(args, "tpu", ""):  # libtpu compiles; no attached TPU is opened
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if (getattr(args, "tpu", "") or getattr(args, "gpu", "")) and not os.environ.get(
+            "JAX_PLATFORMS"):  # compile-only devices; JAX has read its environment already
+        jax.config.update("jax_platforms", "cpu")
     if args.command == "memory":
         memory_bench.run_memory([int(b) for b in args.batches.split(",")], args.json, args.train_step)
     elif args.command == "compile":

@@ -8,10 +8,12 @@ temporaries and totals (XLA's memory analysis), model FLOPs
 (clip_jax/flops.py) and the bytes each kind of collective moves per step
 (clip_jax/hlo_stats.py), against the ideal for the same parameter sharding.
 
-Two compilers can do the planning. With compile-only TPU devices
+Three compilers can do the planning. With compile-only TPU devices
 (clip_jax/tpu_topology.py) the TPU compiler builds the program a TPU slice
 runs: its buffers, layouts (padded to TPU tiles), fusions and collective
-decompositions are the chips' own, and the plan is that slice's. Otherwise
+decompositions are the chips' own, and the plan is that slice's. With
+compile-only H100 or H200 devices (clip_jax/gpu_target.py) XLA's GPU compiler
+does the same for GPUs, cuDNN's attention kernels included. Otherwise
 simulated CPU devices stand in for the accelerators: the partitioner decides
 every array's sharding and every collective before any backend code exists,
 so what is split, gathered and reduced is the program a TPU or GPU would run.
@@ -20,10 +22,11 @@ differently from the TPU and GPU compilers, with bfloat16 results rounded
 where an accelerator rounds them (DEVICE_NUMERICS); collectives are counted at
 the width a bfloat16 run moves (see hlo_stats._wire_dtype). Settings that "auto"
 resolves by platform are planned as the accelerators run them: stacked blocks
-in one lax.scan (model.layer_loop) and autodiff's backward passes
-(model.lean_backward), where the CPU doing the planning would unroll the
-blocks and take its hand-written passes; a config that names either is
-planned as it says.
+in one lax.scan (model.layer_loop), autodiff's backward passes
+(model.lean_backward) and the attention kernel of the platform compiled for
+(model.attention), where the CPU doing the planning would unroll the blocks,
+take its hand-written passes and XLA's attention; a config that names any of
+them is planned as it says.
 """
 
 import math
@@ -33,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from clip_jax import flops, hlo_stats, phases, sharding, tpu_topology, variables
+from clip_jax import flops, gpu_target, hlo_stats, phases, sharding, tpu_topology, variables
 from clip_jax.config_checks import check_config
+from clip_jax.models.transformer import attention_implementation
 from clip_jax.train_step import setup_training
 
 # Memory per chip (GiB), from the vendors' spec sheets.
@@ -95,7 +99,10 @@ def abstract_train_step(config, devices):
     """(jitted train step, abstract state, abstract batch, Training) for `config`
     on a mesh over `devices`; shapes and shardings only, nothing allocated."""
     # What "auto" resolves to on a TPU or GPU, not on the CPU doing the planning.
-    accelerator_choices = {"layer_loop": "scan", "lean_backward": "off"}
+    platform = devices[0].platform
+    accelerator_choices = {
+        "layer_loop": "scan", "lean_backward": "off",
+        "attention": attention_implementation("auto", config.model.dtype, platform)}
     unresolved = {key: value for key, value in accelerator_choices.items()
                   if config.model.get(key, "auto") == "auto"}
     if unresolved:
@@ -135,9 +142,10 @@ def compile_train_step(config, devices):
     (a ConfigError names the first bad value); simulated CPU devices round as
     accelerators round (DEVICE_NUMERICS). DoesNotFit, with the compiler's
     figures, when compiling for TPU devices whose memory the step overflows."""
-    check_config(config, len(devices))
+    check_config(config, len(devices), devices[0].platform)
     step, abstract_state, batch, training = abstract_train_step(config, devices)
-    options = DEVICE_NUMERICS if devices[0].platform == "cpu" else {}
+    options = {"cpu": DEVICE_NUMERICS, "gpu": gpu_target.COMPILER_OPTIONS}.get(
+        devices[0].platform, {})
     try:
         return step.lower(abstract_state, batch).compile(compiler_options=options), training
     except jax.errors.JaxRuntimeError as error:
@@ -178,7 +186,8 @@ def summarize(config, compiled, training):
     state, shardings = training.abstract_state, training.shardings
     device = mesh.devices.flat[0]
     return {
-        "compiled_for": device.device_kind if device.platform == "tpu" else "simulated CPU devices",
+        "compiled_for": ("simulated CPU devices" if device.platform == "cpu"
+                         else device.device_kind),
         "devices": num_devices, "mesh": dict(mesh.shape), "global_batch": config.batch_size,
         "batch_per_device": config.batch_size // sharding.data_parallel_size(mesh),
         "dtype": config.model.dtype, "remat": config.model.remat,
@@ -203,9 +212,9 @@ def summarize(config, compiled, training):
 
 
 def accelerators(device):
-    """{chip: memory GiB} a plan compiled for `device` speaks for: a TPU's own
-    chip, or (simulated devices) every chip of ACCELERATOR_MEMORY_GIB."""
-    name = tpu_topology.chip_name(device)
+    """{chip: memory GiB} a plan compiled for `device` speaks for: a TPU's or
+    GPU's own chip, or (simulated devices) every chip of ACCELERATOR_MEMORY_GIB."""
+    name = tpu_topology.chip_name(device) or gpu_target.chip_name(device)
     return {name: ACCELERATOR_MEMORY_GIB[name]} if name else ACCELERATOR_MEMORY_GIB
 
 

@@ -51,8 +51,10 @@ def _non_negative(config, *keys):
 
 
 
-def check_config(config, num_devices):
-    """Raises ConfigError for the first invalid value, given the device count."""
+def check_config(config, num_devices, platform=None):
+    """Raises ConfigError for the first invalid value, given the device count and
+    the platform the step is compiled for (default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
     _positive(config, "batch_size", "total_steps", "log_every", "optimizer.eps",
               "keep_checkpoints", "max_bad_steps",
               "model.embed_dim",
@@ -127,14 +129,14 @@ def check_config(config, num_devices):
         raise ConfigError(f"config.model.dtype={model.dtype!r} is not a dtype name") from None
     _looked_up(lambda name: attention_implementation(name, model.dtype),
                model.get("attention", "xla"))
-    _require(model.get("attention", "xla") != "cudnn" or jax.default_backend() == "gpu",
+    _require(model.get("attention", "xla") != "cudnn" or platform == "gpu",
              f"config.model.attention='cudnn' needs a GPU with cuDNN; this platform is "
-             f"{jax.default_backend()} (use 'xla', or 'auto' to take cuDNN where it applies)")
+             f"{platform} (use 'xla', or 'auto' to take cuDNN where it applies)")
     _require(model.get("attention", "xla") != "cudnn"
              or jnp.dtype(model.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
              f"config.model.attention='cudnn' computes in bfloat16 or float16 only; "
              f"config.model.dtype={model.dtype!r}")
-    _require(model.get("attention", "xla") != "splash" or jax.default_backend() != "gpu",
+    _require(model.get("attention", "xla") != "splash" or platform != "gpu",
              "config.model.attention='splash' is a TPU kernel; on a GPU use 'cudnn' or 'auto'")
     if model.image.kind == "vit":
         _positive(config, "model.image.patch_size", "model.image.layers", "model.image.mlp_ratio")

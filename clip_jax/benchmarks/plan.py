@@ -1,12 +1,13 @@
 """The capacity plan command (clip_jax/capacity.py does the work): per-device
 memory, FLOPs and collective bytes of a train step on a simulated mesh, or
-compiled by the TPU compiler for a TPU topology (clip_jax/tpu_topology.py)."""
+compiled by the TPU compiler for a TPU topology (clip_jax/tpu_topology.py), or
+by XLA's GPU compiler for H100 or H200 GPUs (clip_jax/gpu_target.py)."""
 
 import json
 
 import jax
 
-from clip_jax import capacity, config_files, overrides, sharding, tpu_topology
+from clip_jax import capacity, config_files, gpu_target, overrides, sharding, tpu_topology
 
 def parse_mesh(text):
     """--mesh 'fsdp=64' or 'data=4,fsdp=16' -> config.mesh values (axes not named: 1)."""
@@ -52,6 +53,7 @@ def run_plan(args):
         raise SystemExit(f"config error: {error}") from None
     try:
         devices = (tpu_topology.devices(args.tpu, args.slices) if args.tpu
+                   else gpu_target.devices(args.gpu, args.devices) if args.gpu
                    else jax.devices()[:args.devices])
         row = {"config": args.config, **capacity.plan(config, devices)}
         if args.largest_batch:
@@ -63,9 +65,12 @@ def run_plan(args):
                                 f"fit: {error}", flush=True)
         return
     except ValueError as error:  # config_checks.ConfigError, a bad topology: one line
-        raise SystemExit(f"{'plan' if args.tpu else 'config'} error: {error}") from None
+        raise SystemExit(f"{'plan' if args.tpu or args.gpu else 'config'} error: {error}") \
+            from None
     if args.tpu:
         row["libtpu"] = tpu_topology.libtpu_version()
+    if args.gpu:
+        row["cuda_plugin"] = gpu_target.cuda_plugin_version()
     if args.json:
         print(json.dumps(row), flush=True)
         return
@@ -75,7 +80,8 @@ def run_plan(args):
     ratio = f", {row['collective_bytes_total'] / ideal:.2f}x" if ideal else ""
     fits = ", ".join(f"{name} {'yes' if fit else 'no'}" for name, fit in row["fits"].items())
     target = (f"{row['compiled_for']} chips (TPU compiler, libtpu {row['libtpu']})" if args.tpu
-              else "devices")
+              else f"{row['compiled_for']} GPUs (XLA's GPU compiler, {row['cuda_plugin']})"
+              if args.gpu else "devices")
     print(f"{args.config} train step plan: {row['devices']} {target}, mesh {mesh}, global batch "
           f"{row['global_batch']} ({row['batch_per_device']} per device), {row['dtype']}, "
           f"remat {row['remat']}\n"

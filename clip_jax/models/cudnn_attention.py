@@ -11,6 +11,11 @@ jax 0.10.2 and 0.11.2). So an odd sequence is padded by one token: the padded
 key is hidden by cuDNN's own padding mask (the real length of every sequence,
 key_value_seq_lengths), and the padded query's row is dropped. One token adds
 under 1% of the attention's work and keeps the kernel's mask-free path.
+
+JAX's batching rule for the padded call reshapes the sequence lengths to the
+vmapped batch and fails when they are not batched, so under jax.vmap (the
+stacked blocks' initialisation, models/transformer.py) the caller uses XLA's
+attention instead.
 """
 
 import jax

@@ -229,19 +229,20 @@ def take_tokens(x, positions):
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
 
-def attention_implementation(name, dtype):
+def attention_implementation(name, dtype, platform=None):
     """The kernel config.model.attention `name` selects: "xla" (XLA's generic
     attention), "cudnn" (cuDNN's fused kernel: GPU, fp16 or bf16), "splash" (the
     Pallas TPU kernel, models/splash.py; interpreted, slowly, off TPU), or
     "auto": cuDNN where it applies (a GPU and a half-precision dtype), else XLA's.
     Splash is not auto's choice on TPU until a TPU measurement shows it faster
-    there (docs/benchmarks.md, "Device check"). Read when the model is traced."""
+    there (docs/benchmarks.md, "Device check"). `platform`: the one compiled
+    for, by default JAX's default backend, read when the model is traced."""
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"config.model.attention={name!r} is unknown; "
                          f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if name == "auto":
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+        return "cudnn" if (platform or jax.default_backend()) == "gpu" and half else "xla"
     return name
 
 
@@ -283,6 +284,10 @@ class Attention(nn.Module):
         if query_positions is None:
             query = project("query", x)
             implementation = attention_implementation(self.attention, self.dtype)
+            if implementation == "cudnn" and self.is_initializing():
+                # Same shapes and parameters; stacked blocks initialise under jax.vmap,
+                # which JAX's rule for cuDNN's padded call does not batch.
+                implementation = "xla"
             if implementation == "splash" and mask is None:
                 attended = splash_attention(query, key, value, causal=self.causal)
             elif implementation == "cudnn":

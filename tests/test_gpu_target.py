@@ -1,0 +1,108 @@
+"""Compiling for GPUs that are not here (clip_jax/gpu_target.py): XLA's GPU
+compiler (JAX's CUDA plugin, installed by the gpu extra) builds the train step
+for compile-only H100 and H200 devices, with no GPU or driver. Nothing runs;
+what is checked is what the GPU compiler makes of the program: cuDNN's fused
+attention in a training step, the collectives of FSDP, and the plan's bytes.
+
+As for the TPU compiler (tests/test_tpu_topology.py), the compiling happens in
+one spawned process per module, whose functions return plain data: the plugin
+loads CUDA's libraries, its profiler's among them, into the process."""
+
+import concurrent.futures
+import contextlib
+import io
+import json
+import multiprocessing
+import re
+import sys
+
+import pytest
+
+from clip_jax import benchmark, capacity, gpu_target
+from tests.test_tpu_topology import _small_bf16_config
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="JAX's CUDA plugin is Linux's")
+
+
+@pytest.fixture(scope="module")
+def gpu_compiler():
+    """run(function, *args) in the module's GPU-compiling process."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        yield lambda function, *args: pool.submit(function, *args).result()
+
+
+def _on_gpu_devices():
+    one_host, two_hosts = gpu_target.devices("h100", 8), gpu_target.devices("H200", 16)
+    return ([(d.platform, gpu_target.chip_name(d)) for d in one_host],
+            sorted(d.process_index for d in two_hosts), gpu_target.chip_name(two_hosts[0]))
+
+
+def test_devices_are_gpus_of_the_chip_eight_to_a_host(gpu_compiler):
+    one_host, hosts, chip = gpu_compiler(_on_gpu_devices)
+    assert one_host == [("gpu", "H100")] * 8
+    assert hosts == [0] * 8 + [1] * 8 and chip == "H200"
+
+
+@pytest.mark.parametrize("chip, count, message", [
+    ("a100", 1, "GPU 'a100': expected one of h100, h200"),
+    ("h100", 12, "GPU count 12: expected 1 to 8, or whole hosts of 8"),
+    ("h100", 0, "GPU count 0: expected 1 to 8, or whole hosts of 8"),
+])
+def test_a_bad_gpu_target_is_one_line(gpu_compiler, chip, count, message):
+    with pytest.raises(ValueError) as raised:
+        gpu_compiler(gpu_target.devices, chip, count)
+    assert str(raised.value) == message
+
+
+def _kernels(text):
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+
+
+def _on_gpu_plan(attention):
+    """The test model's bf16 train step (5 image tokens, 8 text tokens), FSDP
+    over 4 H100s, with config.model.attention=`attention`."""
+    config = _small_bf16_config(fsdp=4)
+    with config.unlocked():
+        config.model.attention = attention
+    compiled, training = capacity.compile_train_step(config, gpu_target.devices("h100", 4))
+    return capacity.summarize(config, compiled, training), _kernels(compiled.as_text())
+
+
+@pytest.mark.parametrize("attention", ["cudnn", "auto"])
+def test_cudnn_attention_trains_in_the_h100_step(gpu_compiler, attention):
+    """cuDNN's fused attention, forward and backward, in the compiled train step
+    (the image tower's odd sequence padded, the text tower's not); `auto` takes
+    it when the step is compiled for a GPU."""
+    row, kernels = gpu_compiler(_on_gpu_plan, attention)
+    assert "__cudnn$fmhaSoftmax" in kernels and "__cudnn$fmhaSoftmaxBackward" in kernels
+    assert row["compiled_for"] == "NVIDIA H100 80GB HBM3" and row["fits"] == {"H100": True}
+    assert row["collective_bytes"]["all-gather"] > 0 and row["collective_bytes"]["reduce-scatter"] > 0
+    assert 0 < row["temp_bytes"] < row["bytes_per_device"]
+
+
+def test_xla_attention_calls_no_cudnn_kernel(gpu_compiler):
+    _, kernels = gpu_compiler(_on_gpu_plan, "xla")
+    assert not any(kernel.startswith("__cudnn$fmha") for kernel in kernels)
+
+
+def _on_gpu_plan_command(*argv):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        benchmark.main(["plan", *argv])
+    return printed.getvalue()
+
+
+def test_plan_command_compiles_for_gpus(gpu_compiler):
+    row = json.loads(gpu_compiler(_on_gpu_plan_command, "--config", "tiny", "--gpu", "h200",
+                                  "--devices", "2", "--mesh", "fsdp=2", "--batch-size", "32",
+                                  "--dtype", "bfloat16", "--json"))
+    assert row["compiled_for"] == "NVIDIA H200 141GB HBM3e" and row["devices"] == 2
+    assert row["cuda_plugin"] == gpu_target.cuda_plugin_version() is not None
+    assert row["fits"] == {"H200": True} and row["bytes_per_device"] > 0
+
+
+def test_plan_command_bad_gpu_count_is_one_line(gpu_compiler):
+    with pytest.raises(SystemExit) as raised:
+        gpu_compiler(_on_gpu_plan_command, "--config", "tiny", "--gpu", "h100", "--devices", "9")
+    assert str(raised.value) == "plan error: GPU count 9: expected 1 to 8, or whole hosts of 8"
