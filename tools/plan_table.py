@@ -6,6 +6,12 @@ beside the simulated-device plan of the same step.
 
     python tools/plan_table.py [--out docs/capacity_table.md] [--models ViT-B-16,...]
     python tools/plan_table.py --tpu [--out docs/capacity_tpu_table.md]
+    python tools/plan_table.py --gpu [--out docs/capacity_gpu_table.md]
+
+With --gpu, docs/capacity_gpu_table.md: the device check's models and
+variants (clip_jax/benchmarks/accelerator.py) compiled by XLA's GPU compiler
+for one H100 (and the default variant for one H200): whether each compiles,
+its memory at a per-device batch, and the largest per-device batch that fits.
 
 Each row runs `python -m clip_jax.benchmark plan ... --largest-batch --json` in
 its own process (the simulated device count is fixed when JAX starts), so a
@@ -35,6 +41,12 @@ TPU_SLICES = ("v5e:2x2", "v6e:2x2")
 TPU_ROWS = (("ViT-B-16", 32, "xla", "none"), ("ViT-B-16", 32, "splash", "none"),
             ("ViT-B-16", 128, "xla", "full"), ("ViT-L-14", 8, "xla", "none"),
             ("ViT-L-14", 8, "splash", "none"), ("ViT-L-14", 32, "xla", "full"))
+
+# --gpu: (model, per-device batch) on one GPU, for each (attention, lean_backward)
+# of the device check on a GPU (the first is the platform's default, also
+# compiled for an H200); each also at twice the batch.
+GPU_MODELS = (("ViT-B-32", 256), ("ViT-B-16", 128), ("ViT-L-14", 32))
+GPU_VARIANTS = (("cudnn", "off"), ("xla", "off"), ("cudnn", "on"), ("xla", "on"))
 
 
 def plan_row(model, devices, mesh, remat, batch=GLOBAL_BATCH, extra=()):
@@ -134,31 +146,75 @@ def tpu_markdown(rows, commit, machine):
                                f"{rows[0].get('libtpu')} (TPU rows).\n")
 
 
+def gpu_rows():
+    """GPU_VARIANTS of GPU_MODELS on one H100, the default variant on one H200,
+    as the device check runs them (stacked blocks in a lax.scan)."""
+    rows = []
+    for model, per_device in GPU_MODELS:
+        for index, (attention, lean) in enumerate(GPU_VARIANTS):
+            for chip in ("h100", "h200") if index == 0 else ("h100",):
+                settings = ("--set", f"model.attention={attention}", "--set",
+                            f"model.lean_backward={lean}", "--set", "model.scan_layers=True",
+                            "--gpu", chip)
+                row = plan_row(model, 1, "fsdp=1", "none", per_device, settings)
+                rows.append({**row, "chip": chip, "attention": attention, "lean_backward": lean,
+                             "per_chip": per_device})
+                print(json.dumps({k: rows[-1].get(k) for k in (
+                    "config", "chip", "attention", "lean_backward", "per_chip",
+                    "bytes_per_device", "largest_batch_per_device", "error", "seconds")}),
+                    flush=True)
+    return rows
+
+
+def gpu_markdown(rows, commit, machine):
+    lines = [
+        "| model | GPU | attention | lean backward | batch/GPU | temporaries GiB | "
+        "total GiB | largest batch/GPU | plan s (two compiles) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        head = (f"| {row['config']} | {row['chip'].upper()} | {row['attention']} | "
+                f"{row['lean_backward']} | {row['per_chip']} |")
+        if "error" in row:
+            lines.append(f"{head} not compiled: {row['error'][:160]} | | | |")
+            continue
+        largest = next(iter(row["largest_batch_per_device"].values()))
+        lines.append(f"{head} {gib(row['temp_bytes'])} | {gib(row['bytes_per_device'])} | "
+                     f"{'-' if largest is None else largest} | {row['seconds']:.0f} |")
+    return "\n".join(lines) + (f"\n\nCompiled at commit {commit} on {machine}, by "
+                               f"{rows[0].get('cuda_plugin')}.\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="")
     parser.add_argument("--tpu", action="store_true",
                         help="the TPU compiler's table (TPU_ROWS on TPU_SLICES); needs libtpu")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU compiler's table (GPU_MODELS x GPU_VARIANTS); needs "
+                             "JAX's CUDA plugin")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--from-jsonl", default="",
                         help="rewrite the table from an earlier run's JSONL (no compiling)")
     parser.add_argument("--commit", default="", help="with --from-jsonl: the run's commit")
     args = parser.parse_args()
-    args.out = args.out or f"docs/capacity{'_tpu' if args.tpu else ''}_table.md"
-    render = tpu_markdown if args.tpu else markdown
+    target = "_tpu" if args.tpu else "_gpu" if args.gpu else ""
+    args.out = args.out or f"docs/capacity{target}_table.md"
+    render = tpu_markdown if args.tpu else gpu_markdown if args.gpu else markdown
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True,
                                            check=True).stdout.strip()
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python "
-               f"{platform.python_version()}" + ("" if args.tpu else ", simulated CPU devices"))
+               f"{platform.python_version()}"
+               + ("" if args.tpu or args.gpu else ", simulated CPU devices"))
     if args.from_jsonl:
         with open(args.from_jsonl) as raw:
             rows = [json.loads(line) for line in raw]
         with open(args.out, "w") as table:
             table.write(render(rows, commit, machine))
         return
-    rows = tpu_rows() if args.tpu else []
-    for model in [] if args.tpu else args.models.split(","):
+    rows = tpu_rows() if args.tpu else gpu_rows() if args.gpu else []
+    for model in [] if args.tpu or args.gpu else args.models.split(","):
         for devices, mesh, remat in MESHES:
             rows.append(plan_row(model, devices, mesh, remat))
             print(json.dumps({k: rows[-1].get(k) for k in ("config", "devices", "mesh_text",
