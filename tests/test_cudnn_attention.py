@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clip_jax.models.cudnn_attention import cudnn_attention
-from tests.test_splash import HEAD_DIM, loss_and_grads, qkv
+from tests.test_splash import assert_equals_xla_attention, qkv
 
 
 def padded_xla(query, key, value, mask=None, causal=False):
@@ -25,18 +25,8 @@ def padded_xla(query, key, value, mask=None, causal=False):
     (77, True),    # the text tower: causal
 ])
 def test_padded_attention_equals_unpadded(tokens, causal):
-    query, key, value = qkv(tokens)
-    out = jax.jit(lambda q, k, v: padded_xla(q, k, v, causal=causal))(query, key, value)
-    expected = jax.nn.dot_product_attention(query, key, value, is_causal=causal)
-    assert out.shape == expected.shape == (2, tokens, 2, HEAD_DIM)
-    np.testing.assert_allclose(out, expected, atol=2e-6, rtol=2e-6)
-
-    ours = loss_and_grads(lambda q, k, v: padded_xla(q, k, v, causal=causal), query, key, value)
-    reference = loss_and_grads(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal), query, key, value)
-    np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5)
-    for grad, expected_grad in zip(ours[1], reference[1]):
-        np.testing.assert_allclose(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    assert_equals_xla_attention(lambda q, k, v: padded_xla(q, k, v, causal=causal),
+                                tokens, causal, atol=2e-6, grad_atol=1e-5)
 
 
 def test_padded_cross_attention_keeps_the_key_mask():

@@ -32,6 +32,23 @@ def loss_and_grads(attention, query, key, value):
                                       argnums=(0, 1, 2)))(query, key, value)
 
 
+def assert_equals_xla_attention(attention, tokens, causal, atol, grad_atol):
+    """attention(q, k, v) gives jax.nn.dot_product_attention's values (within
+    atol) and gradients (within grad_atol) on `tokens`-long sequences."""
+    query, key, value = qkv(tokens)
+    out = jax.jit(attention)(query, key, value)
+    expected = jax.nn.dot_product_attention(query, key, value, is_causal=causal)
+    assert out.shape == expected.shape == (2, tokens, 2, HEAD_DIM)
+    np.testing.assert_allclose(out, expected, atol=atol, rtol=atol)
+
+    ours = loss_and_grads(attention, query, key, value)
+    reference = loss_and_grads(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal), query, key, value)
+    np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5)
+    for grad, expected_grad in zip(ours[1], reference[1]):
+        np.testing.assert_allclose(grad, expected_grad, atol=grad_atol, rtol=grad_atol)
+
+
 @pytest.mark.parametrize("tokens, causal", [
     (50, False),   # ViT-B/32 at 224 px: 49 patches + class token
     (197, False),  # ViT-B/16
@@ -42,19 +59,8 @@ def loss_and_grads(attention, query, key, value):
 def test_splash_equals_xla_attention_with_padding(tokens, causal):
     """Sequences padded to the kernel's 128-token blocks and head dim 64 padded
     to its 128 lanes give XLA's values and gradients."""
-    query, key, value = qkv(tokens)
-    out = jax.jit(lambda q, k, v: splash_attention(q, k, v, causal=causal))(query, key, value)
-    expected = jax.nn.dot_product_attention(query, key, value, is_causal=causal)
-    assert out.shape == expected.shape == (2, tokens, 2, HEAD_DIM)
-    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
-
-    ours = loss_and_grads(lambda q, k, v: splash_attention(q, k, v, causal=causal),
-                          query, key, value)
-    reference = loss_and_grads(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal), query, key, value)
-    np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5)
-    for grad, expected_grad in zip(ours[1], reference[1]):
-        np.testing.assert_allclose(grad, expected_grad, atol=1e-4, rtol=1e-4)
+    assert_equals_xla_attention(lambda q, k, v: splash_attention(q, k, v, causal=causal),
+                                tokens, causal, atol=2e-5, grad_atol=1e-4)
 
 
 def test_padding_and_blocks():
