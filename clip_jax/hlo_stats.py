@@ -248,11 +248,13 @@ def _moved_arrays(instruction, kind, by_name, computations):
     """[(wire dtype, dims)] of the arrays one execution of a collective returns,
     each at its operand's wire width."""
     shapes = array_shapes(instruction.type_text)
-    # An async start's result holds its operand, then its result (and, for a
-    # permute, context words): count the result.
+    operand_names = instruction.operands()
+    # An async start's result holds its operands, then its results (and, for a
+    # permute, context words): count the results. The GPU compiler combines
+    # several arrays' collectives into one start of that many operands.
     if instruction.opcode.endswith("-start") and kind != "all-reduce":
-        shapes = shapes[1:2]
-    operands = [by_name.get(name) for name in instruction.operands()]
+        shapes = shapes[len(operand_names):2 * len(operand_names)]
+    operands = [by_name.get(name) for name in operand_names]
     moved = []
     for index, (dtype, dims) in enumerate(shapes):
         wire = _wire_dtype(operands[index], computations) if index < len(operands) else None

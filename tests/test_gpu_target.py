@@ -77,7 +77,11 @@ def test_cudnn_attention_trains_in_the_h100_step(gpu_compiler, attention):
     row, kernels = gpu_compiler(_on_gpu_plan, attention)
     assert "__cudnn$fmhaSoftmax" in kernels and "__cudnn$fmhaSoftmaxBackward" in kernels
     assert row["compiled_for"] == "NVIDIA H100 80GB HBM3" and row["fits"] == {"H100": True}
-    assert row["collective_bytes"]["all-gather"] > 0 and row["collective_bytes"]["reduce-scatter"] > 0
+    # FSDP over 4 GPUs gathers 3/4 of every bfloat16 parameter in the forward and
+    # again in the backward: 3x the bytes of the float32 shard each GPU holds
+    # (every array of the GPU compiler's combined gathers counted).
+    assert row["collective_bytes"]["all-gather"] > 2 * row["param_bytes"]
+    assert row["collective_bytes"]["reduce-scatter"] > 0
     assert 0 < row["temp_bytes"] < row["bytes_per_device"]
 
 

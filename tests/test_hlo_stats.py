@@ -173,3 +173,42 @@ def test_the_tpu_compilers_collective_fusions_count_as_what_they_move():
         ("all-gather", 16 * 8 * 4), ("reduce-scatter", 16 * 8 * 4)]
     moved = hlo_stats.bytes_by_kind(found)
     assert moved["reduce-scatter"] == 16 * 8 * 4 * 3 and moved["all-gather"] == 16 * 8 * 4 * 3 // 4
+
+
+# The GPU compiler's combined asynchronous collectives: one start gathers (or
+# reduce-scatters) several arrays, its result the tuple of its operands, then
+# the tuple of its results.
+_GPU_FORMS = """
+HloModule gpu_forms
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+ENTRY %main (w: f32[96], v: bf16[96,768], g: f32[768]) -> (f32[768], bf16[768,768], f32[96]) {
+  %w = f32[96] parameter(0)
+  %v = bf16[96,768] parameter(1)
+  %g = f32[768] parameter(2)
+  %ag-start = ((f32[96], bf16[96,768]), (f32[768], bf16[768,768])) all-gather-start(%w, %v), \
+      channel_id=1, replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, dimensions={0}
+  %ag-done = (f32[768], bf16[768,768]) all-gather-done(%ag-start)
+  %rs-start = ((f32[768]), (f32[96])) reduce-scatter-start(%g), channel_id=2, \
+      replica_groups=mesh['axis_0'=8] {'axis_0'}, dimensions={0}, to_apply=%add
+  %rs-done = (f32[96]) reduce-scatter-done(%rs-start)
+  %gathered = f32[768] get-tuple-element(%ag-done), index=0
+  %gathered.1 = bf16[768,768] get-tuple-element(%ag-done), index=1
+  %scattered = f32[96] get-tuple-element(%rs-done), index=0
+  ROOT %out = (f32[768], bf16[768,768], f32[96]) tuple(%gathered, %gathered.1, %scattered)
+}
+"""
+
+
+def test_the_gpu_compilers_combined_collectives_count_every_array():
+    found = hlo_stats.collectives(_GPU_FORMS, 8)
+    assert sorted((c.kind, c.result_bytes, c.group_size) for c in found) == [
+        ("all-gather", 768 * 4 + 768 * 768 * 2, 8), ("reduce-scatter", 96 * 4, 8)]
+    moved = hlo_stats.bytes_by_kind(found)
+    assert moved["all-gather"] == (768 * 4 + 768 * 768 * 2) * 7 // 8
+    assert moved["reduce-scatter"] == 96 * 4 * 7
