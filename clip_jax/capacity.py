@@ -144,8 +144,9 @@ def compile_train_step(config, devices):
     figures, when compiling for TPU devices whose memory the step overflows."""
     check_config(config, len(devices), devices[0].platform)
     step, abstract_state, batch, training = abstract_train_step(config, devices)
-    options = {"cpu": DEVICE_NUMERICS, "gpu": gpu_target.COMPILER_OPTIONS}.get(
-        devices[0].platform, {})
+    platform = devices[0].platform
+    options = (DEVICE_NUMERICS if platform == "cpu"
+               else gpu_target.compiler_options() if platform == "gpu" else {})
     try:
         return step.lower(abstract_state, batch).compile(compiler_options=options), training
     except jax.errors.JaxRuntimeError as error:

@@ -7,9 +7,9 @@ kernels (cuDNN's fused attention, cuBLAS or Triton GEMMs) the step calls. The
 devices can compile but not run anything.
 
 Kernel autotuning needs a device, so the compiler takes its default choice
-for each fusion, and GEMMs are cuBLAS's (COMPILER_OPTIONS): the buffers,
-fusions and collectives are the GPU compiler's own, but a tuned run's GEMM
-kernels (and their workspace) may differ.
+for each fusion (and, with jaxlib 0.10, GEMMs are cuBLAS's: compiler_options):
+the buffers, fusions and collectives are the GPU compiler's own, but a tuned
+run's GEMM kernels (and their workspace) may differ.
 
 Needs the CUDA plugin and the CUDA libraries it loads (`pip install -e
 '.[gpu]'`). Plan with JAX_PLATFORMS=cpu on a machine without GPUs. As with TPU
@@ -32,11 +32,6 @@ CHIPS = {
 # jax's device_kind of each chip -> its name in capacity.ACCELERATOR_MEMORY_GIB.
 CHIP_NAMES = {"NVIDIA H100 80GB HBM3": "H100", "NVIDIA H200 141GB HBM3e": "H200"}
 GPUS_PER_HOST = 8
-# Without autotuning (no device), XLA's Triton GEMM emitter fails to tile some
-# of a train step's dots ("Couldn't find output tile sizes", jaxlib 0.10.2, at
-# ViT-B/16 widths too); compiled for planning, GEMMs go to cuBLAS instead, as
-# the device check's "cuBLAS GEMMs" flag set runs them on a GPU.
-COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 # The cuDNN release the compiler may assume (9.10, XLA's description of both
 # chips): fused attention's lowering asks for 9.x features only.
 CUDNN_VERSION = (9, 10)
@@ -98,6 +93,16 @@ def devices(chip, count=1):
                              "(pip install -e '.[gpu]')") from None
         raise ValueError(f"GPU {chip!r}: {message}") from None
     return list(found)
+
+
+def compiler_options():
+    """Options for compiling a step for these devices. Without autotuning (no
+    device), jaxlib 0.10's Triton GEMM emitter fails to tile some of a train
+    step's dots ("Couldn't find output tile sizes", at ViT-B/16's widths too),
+    so with it GEMMs are compiled for cuBLAS, as the device check's "cuBLAS
+    GEMMs" flag set runs them on a GPU; jaxlib 0.11.2 tiles them."""
+    release = tuple(int(part) for part in metadata.version("jaxlib").split(".")[:2])
+    return {"xla_gpu_enable_triton_gemm": False} if release < (0, 11) else {}
 
 
 def chip_name(device):
