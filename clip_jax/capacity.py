@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from clip_jax import flops, gpu_target, hlo_stats, phases, sharding, tpu_topology, variables
+from clip_jax import (flops, gpu_target, hlo_stats, phases, roofline, sharding, tpu_topology,
+                      variables)
 from clip_jax.config_checks import check_config
 from clip_jax.models.transformer import attention_implementation
 from clip_jax.train_step import setup_training
@@ -205,11 +206,26 @@ def summarize(config, compiled, training):
         # A TPU compiler refuses a step its chip cannot hold (DoesNotFit): compiled, it fits.
         "fits": {name: device.platform == "tpu" or total <= gib * 2**30
                  for name, gib in accelerators(device).items()},
+        "roofline": gpu_roofline(compiled.as_text(), device, model_flops / num_devices),
         "largest_collectives": [
             {"kind": c.kind, "bytes": int(c.bytes_moved), "executions": c.executions,
              "group_size": c.group_size, "op": c.op_name}
             for c in sorted(found, key=lambda c: -c.bytes_moved)[:5]],
     }
+
+
+def gpu_roofline(hlo_text, device, model_flops_per_device):
+    """For a step compiled for a GPU: the roofline's lower bound on its time
+    (clip_jax/roofline.py), by kind of kernel, and so the most MFU it can reach
+    on that chip; None for other devices."""
+    bandwidth = gpu_target.memory_bandwidth(device)
+    peak = flops.peak_flops_per_device(device.device_kind)
+    if device.platform != "gpu" or bandwidth is None or peak is None:
+        return None
+    bound = roofline.step_bound(hlo_text, peak, bandwidth)
+    return {"step_seconds_at_least": bound["seconds"], "seconds_by_kind": bound["by_kind"],
+            "kernel_flops": bound["flops"], "kernel_bytes": bound["bytes"],
+            "mfu_at_most": model_flops_per_device / (bound["seconds"] * peak)}
 
 
 def accelerators(device):

@@ -255,3 +255,18 @@ def train_step_flops(model_config, global_batch, locked=(), full_last_block=Fals
     train_step = sum(part_flops * (1 if part in (*locked, "teacher") else TRAIN_MULTIPLIER)
                      for part, part_flops in parts.items())
     return {**parts, "forward": sum(parts.values()), "train_step": train_step}
+
+
+# Peak dense bf16 FLOP/s of one device (a TPU chip, a GPU) by a lower-case part of
+# jax's device_kind, most specific first (v5e reports "TPU v5 lite", v6e "TPU v6 lite").
+PEAK_BF16_FLOPS = (
+    ("tpu v5 lite", 197e12), ("tpu v5e", 197e12), ("tpu v5p", 459e12), ("tpu v5", 459e12),
+    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v4", 275e12),
+    ("a100", 312e12), ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12),
+)
+
+
+def peak_flops_per_device(device_kind):
+    """The device's peak dense bf16 FLOP/s, or None when unknown (CPUs)."""
+    kind = device_kind.lower()
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)

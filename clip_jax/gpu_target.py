@@ -105,6 +105,12 @@ def compiler_options():
     return {"xla_gpu_enable_triton_gemm": False} if release < (0, 11) else {}
 
 
+def memory_bandwidth(device):
+    """Memory bytes/s of a GPU device's chip (CHIPS), else None."""
+    return next((figures[2] for figures in CHIPS.values()
+                 if figures[0] == getattr(device, "device_kind", "")), None)
+
+
 def chip_name(device):
     """capacity.ACCELERATOR_MEMORY_GIB's name of a GPU device's chip, else None."""
     return CHIP_NAMES.get(getattr(device, "device_kind", ""))

@@ -15,7 +15,6 @@ import pytest
 
 from clip_jax import capacity, flops, phases
 from clip_jax import overrides as config_overrides
-from clip_jax.benchmarks import train as train_bench
 from clip_jax.models.clip import CLIP
 from configs.clip import get_config
 from tests.conftest import small_config
@@ -144,4 +143,4 @@ def test_a_locked_tower_counts_its_forward_once():
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
     ("NVIDIA H200", 989e12), ("cpu", None)])
 def test_mfu_peak_is_found_from_the_device_kind(device_kind, peak):
-    assert train_bench.peak_flops_per_device(device_kind) == peak
+    assert flops.peak_flops_per_device(device_kind) == peak

@@ -94,6 +94,13 @@ def run_plan(args):
           f"  collectives      {_gib(row['collective_bytes_total']):>12}  sent per device per "
           f"step ({collectives}; FSDP/data-parallel ideal {_gib(ideal)}{ratio})\n"
           f"  fits             {fits}", flush=True)
+    bound = row["roofline"]
+    if bound:
+        kinds = ", ".join(f"{kind} {1e3 * seconds:.1f}"
+                          for kind, seconds in bound["seconds_by_kind"].items())
+        print(f"  roofline         step >= {1e3 * bound['step_seconds_at_least']:.1f} ms "
+              f"({kinds} ms; {bound['kernel_bytes'] / 1e9:.0f} GB through memory), "
+              f"MFU <= {100 * bound['mfu_at_most']:.0f}%", flush=True)
     for collective in row["largest_collectives"]:
         print(f"    {collective['kind']:<18} {_gib(collective['bytes']):>12}  "
               f"{collective['executions']:>4} x over {collective['group_size']} devices  "

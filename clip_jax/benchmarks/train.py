@@ -16,21 +16,6 @@ from clip_jax import (capacity, config_files, flops, huge_pages, op_profile, ove
 from clip_jax.config_checks import check_config
 from clip_jax.train_step import setup_training
 
-# Peak dense bf16 FLOP/s of one device (a TPU chip, a GPU) by a lower-case part of
-# jax's device_kind, most specific first (v5e reports "TPU v5 lite", v6e "TPU v6 lite").
-PEAK_BF16_FLOPS = (
-    ("tpu v5 lite", 197e12), ("tpu v5e", 197e12), ("tpu v5p", 459e12), ("tpu v5", 459e12),
-    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v4", 275e12),
-    ("a100", 312e12), ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12),
-)
-
-
-def peak_flops_per_device(device_kind):
-    """The device's peak dense bf16 FLOP/s, or None when unknown (CPUs)."""
-    kind = device_kind.lower()
-    return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
-
-
 def train_config(variant, batch_size, dtype="float32", sets=()):
     """The config named by `variant` (see load_config) with the given global batch,
     compute dtype and --set overrides."""
@@ -117,7 +102,7 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, 
         teacher_config=training.teacher and training.teacher.model.config)["train_step"]
     achieved = model_flops / step_time
     kind = devices[0].device_kind
-    peak = peak_flops_per_device(kind)
+    peak = flops.peak_flops_per_device(kind)
     # XLA's count also holds elementwise work, the optimizer, and any recomputation
     # (remat, GradCache): hardware FLOPs. It is of the partitioned per-device program.
     xla_flops = capacity.compiled_flops(compiled) * num_devices

@@ -1,0 +1,206 @@
+"""A lower bound on a compiled step's time on a GPU, read from its optimised
+HLO (`compiled.as_text()`) before the GPU is lent, and so an upper bound on
+its MFU.
+
+Every kernel the program launches (a fusion, a cuBLAS GEMM, a cuDNN
+attention, a copy; each loop body's kernels once per trip) takes at least the
+longer of its FLOPs at the chip's peak and its bytes (operands read, results
+written) at the chip's memory bandwidth: the roofline. Summed over kernels,
+that bounds the step's time below, assuming nothing overlaps and every kernel
+runs at its roof. The bound says which kernels a step cannot make faster than
+what, and whether an MFU goal is reachable by the program as compiled; the
+gap between it and a measured step is then the kernels' own efficiency,
+launch gaps and collectives (the device check's profile splits that).
+
+What a kernel touches is read as XLA's GPU cost model reads it, simplified: a
+fusion parameter used only through (dynamic) slices is read as those slices,
+and a fusion that updates a slice of a buffer in place (a scanned layer
+writing its activations into the stack) writes that slice, not the buffer.
+Collectives are left out (clip_jax/hlo_stats.py counts them); so is the GEMM
+workspace. XLA keeps no cost analysis for a program compiled without a GPU,
+so this reads the HLO itself, with the parser of hlo_stats.
+"""
+
+import dataclasses
+import math
+import re
+
+from clip_jax import hlo_stats
+
+# Instructions that launch no kernel: data-flow bookkeeping, control flow (its
+# computations are walked instead) and collectives (hlo_stats counts them).
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
+              "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
+              "add-dependency", "domain", "send", "send-done", "recv", "recv-done",
+              "copy-start", "copy-done", "async-start", "async-update", "async-done"}
+_SLICES = ("dynamic-slice", "slice")
+_CUDNN_ATTENTION = re.compile(r'custom_call_target="__cudnn\$fmha[^"]*"')
+_GEMM = re.compile(r'custom_call_target="__cublas\$[^"]*"')
+_CONTRACTING = re.compile(r'lhs_contracting_dim(?:ension)?s"?[=:]\s*[{\[]([^}\]]*)[}\]]')
+KINDS = ("matmul", "attention", "other")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    kind: str  # one of KINDS
+    flops: float  # of one execution
+    bytes: float  # read and written by one execution
+    executions: int  # per run of the program
+    op_name: str
+
+
+def _array_bytes(shapes):
+    return sum(hlo_stats._ITEM_BYTES[dtype] * math.prod(dims) for dtype, dims in shapes)
+
+
+def _dot_flops(instruction, by_name):
+    """2 x result elements x contracted size of a dot (or GEMM custom call)."""
+    lhs = by_name.get(next(iter(instruction.operands()), None))
+    contracting = _CONTRACTING.search(instruction.attributes)
+    if lhs is None or contracting is None:
+        return 0.0
+    lhs_dims = hlo_stats.array_shapes(lhs.type_text)[0][1]
+    contracted = math.prod(lhs_dims[int(d.strip(' "'))]
+                           for d in contracting.group(1).split(",") if d.strip(' "'))
+    result_dims = hlo_stats.array_shapes(instruction.type_text)[0][1]
+    return 2.0 * math.prod(result_dims) * contracted
+
+
+def _attention_flops(instruction, by_name):
+    """cuDNN attention of [B, T, N, H] queries over [B, S, N, H] keys: 2 B N T S H
+    per matmul, two forward (scores, weighted values), five backward (the scores
+    recomputed, and the gradients of the weights, values, queries and keys)."""
+    query, key = (by_name.get(name) for name in instruction.operands()[:2])
+    if query is None or key is None:
+        return 0.0
+    batch, tokens, heads, head_dim = hlo_stats.array_shapes(query.type_text)[0][1]
+    sources = hlo_stats.array_shapes(key.type_text)[0][1][1]
+    matmuls = 5 if "Backward" in instruction.attributes else 2
+    return matmuls * 2.0 * batch * heads * tokens * sources * head_dim
+
+
+def _fusion_flops(name, computations):
+    """FLOPs of the dots inside a fused computation (nested ones included)."""
+    body = {i.name: i for i in computations.get(name, ())}
+    total = 0.0
+    for instruction in body.values():
+        if instruction.opcode == "dot":
+            total += _dot_flops(instruction, body)
+        for called in re.findall(r"calls=%([^\s,]+)", instruction.attributes):
+            total += _fusion_flops(called, computations)
+    return total
+
+
+def _fusion_bytes(instruction, by_name, computations):
+    """Bytes a fusion reads and writes: each operand whole unless the fused
+    computation only slices it, and its result, less a buffer it updates in
+    place (only the update is written)."""
+    called = re.search(r"calls=%([^\s,]+)", instruction.attributes)
+    body = computations.get(called.group(1), ()) if called else ()
+    parameters = {int(re.match(r"\s*(\d+)", i.attributes).group(1)): i for i in body
+                  if i.opcode == "parameter"}
+    users = {}
+    for inner in body:
+        for operand in inner.operands():
+            users.setdefault(operand, []).append(inner)
+    in_place = set()
+    for inner in body:
+        if inner.opcode == "dynamic-update-slice":
+            buffer = inner.operands()[0]
+            if buffer in {p.name for p in parameters.values()}:
+                in_place.add(buffer)
+    total = 0.0
+    for index, operand in enumerate(instruction.operands()):
+        source = by_name.get(operand)
+        if source is None:
+            continue
+        parameter = parameters.get(index)
+        uses = users.get(parameter.name, []) if parameter is not None else []
+        if parameter is not None and parameter.name in in_place:
+            continue  # written in place: the update counts, below
+        if uses and all(use.opcode in _SLICES and use.operands()[0] == parameter.name
+                        for use in uses):
+            total += sum(_array_bytes(hlo_stats.array_shapes(use.type_text)) for use in uses)
+        else:
+            total += _array_bytes(hlo_stats.array_shapes(source.type_text))
+    written = _array_bytes(hlo_stats.array_shapes(instruction.type_text))
+    for inner in body:
+        if inner.opcode == "dynamic-update-slice" and inner.operands()[0] in in_place:
+            buffer = next(p for p in parameters.values() if p.name == inner.operands()[0])
+            update = {i.name: i for i in body}.get(inner.operands()[1])
+            written -= _array_bytes(hlo_stats.array_shapes(buffer.type_text))
+            written += (_array_bytes(hlo_stats.array_shapes(update.type_text))
+                        if update is not None else 0)
+    return total + max(written, 0)
+
+
+def _kernel(instruction, by_name, computations, executions):
+    op_name = hlo_stats._OP_NAME.search(instruction.attributes)
+    op_name = op_name.group(1) if op_name else ""
+    operands_bytes = sum(_array_bytes(hlo_stats.array_shapes(by_name[name].type_text))
+                         for name in instruction.operands() if name in by_name)
+    if instruction.opcode == "custom-call":
+        result = hlo_stats.array_shapes(instruction.type_text)
+        if _GEMM.search(instruction.attributes):  # its result, then its workspace
+            return Kernel("matmul", _dot_flops(instruction, by_name),
+                          operands_bytes + _array_bytes(result[:1]), executions, op_name)
+        if _CUDNN_ATTENTION.search(instruction.attributes):
+            written = [shape for shape in result if shape[0] != "u8"]  # not the workspace
+            return Kernel("attention", _attention_flops(instruction, by_name),
+                          operands_bytes + _array_bytes(written), executions, op_name)
+    if instruction.opcode == "fusion":
+        called = re.search(r"calls=%([^\s,]+)", instruction.attributes)
+        flops = _fusion_flops(called.group(1), computations) if called else 0.0
+        return Kernel("matmul" if flops else "other", flops,
+                      _fusion_bytes(instruction, by_name, computations), executions, op_name)
+    flops = _dot_flops(instruction, by_name) if instruction.opcode == "dot" else 0.0
+    written = _array_bytes(hlo_stats.array_shapes(instruction.type_text))
+    return Kernel("matmul" if flops else "other", flops, operands_bytes + written, executions,
+                  op_name)
+
+
+def _seconds(kernels_found, peak_flops, bandwidth):
+    return sum(max(kernel.flops / peak_flops, kernel.bytes / bandwidth) * kernel.executions
+               for kernel in kernels_found)
+
+
+def kernels(hlo_text, peak_flops, bandwidth):
+    """Every kernel launch of the program, with its executions per run: a while
+    body's counted trips (as hlo_stats counts them), and of a conditional's
+    branches the slowest at the roofline (a train step's guard applies its
+    update, the heavier branch, on every good step)."""
+    computations, entry = hlo_stats._computations(hlo_text)
+
+    def walk(name, executions):
+        found = []
+        body = computations.get(name, ())
+        by_name = {instruction.name: instruction for instruction in body}
+        for instruction in body:
+            kind = instruction.opcode.removesuffix("-start").removesuffix("-done")
+            if instruction.opcode in ("while", "conditional", "call"):
+                called = [walk(callee, executions * times) for callee, times, _
+                          in hlo_stats._callees(instruction, computations, by_name)]
+                if instruction.opcode == "conditional":
+                    called = [max(called, default=[],
+                                  key=lambda branch: _seconds(branch, peak_flops, bandwidth))]
+                found.extend(kernel for branch in called for kernel in branch)
+            elif instruction.opcode not in _NO_KERNEL and kind not in hlo_stats.COLLECTIVES:
+                found.append(_kernel(instruction, by_name, computations, executions))
+        return found
+
+    return walk(entry, 1)
+
+
+def step_bound(hlo_text, peak_flops, bandwidth):
+    """{seconds, by_kind: {kind: seconds}, flops, bytes}: the roofline lower
+    bound on one run of the program, per kind of kernel."""
+    by_kind = dict.fromkeys(KINDS, 0.0)
+    flops = moved = 0.0
+    for kernel in kernels(hlo_text, peak_flops, bandwidth):
+        seconds = max(kernel.flops / peak_flops, kernel.bytes / bandwidth)
+        by_kind[kernel.kind] += seconds * kernel.executions
+        flops += kernel.flops * kernel.executions
+        moved += kernel.bytes * kernel.executions
+    return {"seconds": sum(by_kind.values()), "by_kind": by_kind, "flops": flops,
+            "bytes": moved}
+

@@ -1,0 +1,122 @@
+"""The roofline reader against hand-written HLO of the GPU compiler's forms,
+whose FLOPs and bytes are known by construction (the bound on a whole ViT
+step, compiled for an H100, is in tests/test_gpu_target.py)."""
+
+import pytest
+
+from clip_jax import roofline
+
+PEAK, BANDWIDTH = 1e15, 1e12  # 1 PFLOP/s, 1 TB/s: a byte costs as much as 1,000 FLOPs
+
+_HLO = """
+HloModule roofline
+
+%fused_stack (p0: bf16[4,8,16], p1: s32[], p2: bf16[8,16]) -> bf16[4,8,16] {
+  %p0 = bf16[4,8,16]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %p2 = bf16[8,16]{1,0} parameter(2)
+  %one = bf16[1,8,16]{2,1,0} bitcast(%p2)
+  %zero = s32[] constant(0)
+  ROOT %stacked = bf16[4,8,16]{2,1,0} dynamic-update-slice(%p0, %one, %p1, %zero, %zero)
+}
+
+%fused_layer (q0: bf16[4,8,16], q1: s32[]) -> bf16[8,16] {
+  %q0 = bf16[4,8,16]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %zero.1 = s32[] constant(0)
+  %sliced = bf16[1,8,16]{2,1,0} dynamic-slice(%q0, %q1, %zero.1, %zero.1), dynamic_slice_sizes={1,8,16}
+  ROOT %layer = bf16[8,16]{1,0} bitcast(%sliced)
+}
+
+%fused_dot (a: bf16[8,16], b: bf16[16,32]) -> bf16[8,32] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %b = bf16[16,32]{1,0} parameter(1)
+  ROOT %product = bf16[8,32]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (loop: (s32[], bf16[4,8,16], bf16[16,32])) -> (s32[], bf16[4,8,16], bf16[16,32]) {
+  %loop = (s32[], bf16[4,8,16], bf16[16,32]) parameter(0)
+  %i = s32[] get-tuple-element(%loop), index=0
+  %stack = bf16[4,8,16]{2,1,0} get-tuple-element(%loop), index=1
+  %w = bf16[16,32]{1,0} get-tuple-element(%loop), index=2
+  %layer.1 = bf16[8,16]{1,0} fusion(%stack, %i), kind=kLoop, calls=%fused_layer
+  %product.1 = bf16[8,32]{1,0} fusion(%layer.1, %w), kind=kCustom, calls=%fused_dot
+  %stacked.1 = bf16[4,8,16]{2,1,0} fusion(%stack, %i, %layer.1), kind=kLoop, calls=%fused_stack
+  %step = s32[] constant(1)
+  %next = s32[] add(%i, %step)
+  ROOT %carry = (s32[], bf16[4,8,16], bf16[16,32]) tuple(%next, %stacked.1, %w)
+}
+
+%condition (c: (s32[], bf16[4,8,16], bf16[16,32])) -> pred[] {
+  %c = (s32[], bf16[4,8,16], bf16[16,32]) parameter(0)
+  %ci = s32[] get-tuple-element(%c), index=0
+  %limit = s32[] constant(4)
+  ROOT %more = pred[] compare(%ci, %limit), direction=LT
+}
+
+%fused_small (s: f32[1000]) -> f32[1000] {
+  %s = f32[1000]{0} parameter(0)
+  ROOT %twice = f32[1000]{0} add(%s, %s)
+}
+
+%skip (x0: f32[1000]) -> f32[4000] {
+  %x0 = f32[1000]{0} parameter(0)
+  ROOT %z0 = f32[4000]{0} broadcast(%x0), dimensions={0}
+}
+
+%apply (x1: f32[1000]) -> f32[4000] {
+  %x1 = f32[1000]{0} parameter(0)
+  %y1 = f32[1000]{0} fusion(%x1), kind=kLoop, calls=%fused_small
+  ROOT %z1 = f32[4000]{0} broadcast(%y1), dimensions={0}
+}
+
+ENTRY %main (lhs: bf16[64,128], rhs: bf16[128,256], stack: bf16[4,8,16], w: bf16[16,32], \
+flag: s32[], v: f32[1000]) -> ((bf16[64,256], s8[1024]), (s32[], bf16[4,8,16], bf16[16,32]), f32[4000]) {
+  %lhs = bf16[64,128]{1,0} parameter(0)
+  %rhs = bf16[128,256]{1,0} parameter(1)
+  %stack.1 = bf16[4,8,16]{2,1,0} parameter(2)
+  %w.1 = bf16[16,32]{1,0} parameter(3)
+  %flag = s32[] parameter(4)
+  %v = f32[1000]{0} parameter(5)
+  %gemm = (bf16[64,256]{1,0}, s8[1024]{0}) custom-call(%lhs, %rhs), custom_call_target="__cublas$lt$matmul", \
+backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %start = s32[] constant(0)
+  %init = (s32[], bf16[4,8,16], bf16[16,32]) tuple(%start, %stack.1, %w.1)
+  %loop.1 = (s32[], bf16[4,8,16], bf16[16,32]) while(%init), condition=%condition, body=%body, \
+backend_config={"known_trip_count":{"n":"4"}}
+  %guarded = f32[4000]{0} conditional(%flag, %v, %v), branch_computations={%skip, %apply}
+  ROOT %out = ((bf16[64,256], s8[1024]), (s32[], bf16[4,8,16], bf16[16,32]), f32[4000]) \
+tuple(%gemm, %loop.1, %guarded)
+}
+"""
+
+
+def by_op(found):
+    return sorted((kernel.kind, kernel.flops, kernel.bytes, kernel.executions) for kernel in found)
+
+
+def test_kernels_count_flops_bytes_and_trips():
+    found = roofline.kernels(_HLO, PEAK, BANDWIDTH)
+    assert by_op(found) == sorted([
+        # cuBLAS GEMM: 2 M N K FLOPs; operands and result, not its workspace.
+        ("matmul", 2 * 64 * 256 * 128, (64 * 128 + 128 * 256 + 64 * 256) * 2, 1),
+        # In the loop (4 trips): one layer sliced from the stack (its slice read,
+        # not the stack), a fused dot, and the layer written back into the stack
+        # in place (the update read and written, not the whole stack).
+        ("other", 0, 8 * 16 * 2 + 4 + 8 * 16 * 2, 4),
+        ("matmul", 2 * 8 * 32 * 16, (8 * 16 + 16 * 32 + 8 * 32) * 2, 4),
+        ("other", 0, 8 * 16 * 2 + 4 + 8 * 16 * 2, 4),
+        ("other", 0, 3 * 4, 4),  # the loop counter's add, a kernel of its own here
+        # Of the conditional's branches the slower, `apply`: its fusion and its
+        # broadcast (`skip` has the broadcast only).
+        ("other", 0, 1000 * 4 + 1000 * 4, 1), ("other", 0, 1000 * 4 + 4000 * 4, 1),
+    ])
+
+
+def test_the_step_bound_sums_each_kernels_roof():
+    bound = roofline.step_bound(_HLO, PEAK, BANDWIDTH)
+    found = roofline.kernels(_HLO, PEAK, BANDWIDTH)
+    expected = sum(max(k.flops / PEAK, k.bytes / BANDWIDTH) * k.executions for k in found)
+    assert bound["seconds"] == pytest.approx(expected)
+    assert bound["flops"] == 2 * 64 * 256 * 128 + 4 * 2 * 8 * 32 * 16
+    assert set(bound["by_kind"]) == {"matmul", "attention", "other"}
