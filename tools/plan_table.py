@@ -11,7 +11,8 @@ beside the simulated-device plan of the same step.
 With --gpu, docs/capacity_gpu_table.md: the device check's models and
 variants (clip_jax/benchmarks/accelerator.py) compiled by XLA's GPU compiler
 for one H100 (and the default variant for one H200): whether each compiles,
-its memory at a per-device batch, and the largest per-device batch that fits.
+its memory at a per-device batch, the largest per-device batch that fits, and
+the roofline's bound on its step time and MFU (clip_jax/roofline.py).
 
 Each row runs `python -m clip_jax.benchmark plan ... --largest-batch --json` in
 its own process (the simulated device count is fixed when JAX starts), so a
@@ -42,11 +43,12 @@ TPU_ROWS = (("ViT-B-16", 32, "xla", "none"), ("ViT-B-16", 32, "splash", "none"),
             ("ViT-B-16", 128, "xla", "full"), ("ViT-L-14", 8, "xla", "none"),
             ("ViT-L-14", 8, "splash", "none"), ("ViT-L-14", 32, "xla", "full"))
 
-# --gpu: (model, per-device batch) on one GPU, for each (attention, lean_backward)
-# of the device check on a GPU (the first is the platform's default, also
-# compiled for an H200); each also at twice the batch.
+# --gpu: (model, per-device batch) on one GPU, for each (attention, lean_backward,
+# layer_loop) of the device check on a GPU (the first is the platform's default,
+# also compiled for an H200); each also at twice the batch.
 GPU_MODELS = (("ViT-B-32", 256), ("ViT-B-16", 128), ("ViT-L-14", 32))
-GPU_VARIANTS = (("cudnn", "off"), ("xla", "off"), ("cudnn", "on"), ("xla", "on"))
+GPU_VARIANTS = (("cudnn", "off", "scan"), ("xla", "off", "scan"), ("cudnn", "on", "scan"),
+                ("xla", "on", "scan"), ("cudnn", "off", "unrolled"), ("cudnn", "on", "unrolled"))
 
 
 def plan_row(model, devices, mesh, remat, batch=GLOBAL_BATCH, extra=()):
@@ -151,36 +153,41 @@ def gpu_rows():
     as the device check runs them (stacked blocks in a lax.scan)."""
     rows = []
     for model, per_device in GPU_MODELS:
-        for index, (attention, lean) in enumerate(GPU_VARIANTS):
+        for index, (attention, lean, loop) in enumerate(GPU_VARIANTS):
             for chip in ("h100", "h200") if index == 0 else ("h100",):
                 settings = ("--set", f"model.attention={attention}", "--set",
                             f"model.lean_backward={lean}", "--set", "model.scan_layers=True",
-                            "--gpu", chip)
+                            "--set", f"model.layer_loop={loop}", "--gpu", chip)
                 row = plan_row(model, 1, "fsdp=1", "none", per_device, settings)
                 rows.append({**row, "chip": chip, "attention": attention, "lean_backward": lean,
-                             "per_chip": per_device})
+                             "layer_loop": loop, "per_chip": per_device})
                 print(json.dumps({k: rows[-1].get(k) for k in (
-                    "config", "chip", "attention", "lean_backward", "per_chip",
-                    "bytes_per_device", "largest_batch_per_device", "error", "seconds")}),
-                    flush=True)
+                    "config", "chip", "attention", "lean_backward", "layer_loop", "per_chip",
+                    "bytes_per_device", "largest_batch_per_device", "roofline", "error",
+                    "seconds")}), flush=True)
     return rows
 
 
 def gpu_markdown(rows, commit, machine):
     lines = [
-        "| model | GPU | attention | lean backward | batch/GPU | temporaries GiB | "
-        "total GiB | largest batch/GPU | plan s (two compiles) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | GPU | attention | lean backward | layer loop | batch/GPU | temporaries GiB | "
+        "total GiB | largest batch/GPU | roofline: step >= ms (matmul / attention / other) | "
+        "MFU <= |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         head = (f"| {row['config']} | {row['chip'].upper()} | {row['attention']} | "
-                f"{row['lean_backward']} | {row['per_chip']} |")
+                f"{row['lean_backward']} | {row['layer_loop']} | {row['per_chip']} |")
         if "error" in row:
-            lines.append(f"{head} not compiled: {row['error'][:160]} | | | |")
+            lines.append(f"{head} not compiled: {row['error'][:160]} | | | | |")
             continue
         largest = next(iter(row["largest_batch_per_device"].values()))
+        bound = row["roofline"]
+        kinds = " / ".join(f"{1e3 * s:.1f}" for s in bound["seconds_by_kind"].values())
         lines.append(f"{head} {gib(row['temp_bytes'])} | {gib(row['bytes_per_device'])} | "
-                     f"{'-' if largest is None else largest} | {row['seconds']:.0f} |")
+                     f"{'-' if largest is None else largest} | "
+                     f"{1e3 * bound['step_seconds_at_least']:.1f} ({kinds}) | "
+                     f"{100 * bound['mfu_at_most']:.0f}% |")
     return "\n".join(lines) + (f"\n\nCompiled at commit {commit} on {machine}, by "
                                f"{rows[0].get('cuda_plugin')}.\n")
 
