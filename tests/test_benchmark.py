@@ -150,10 +150,10 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
         assert profile["op_s_per_step"]["matmul"] > 0 and 0 < profile["busy_fraction"] <= 1.01
         assert profile["unattributed_fraction"] == 0
     assert sorted(path.name for path in (tmp_path / "traces").iterdir()) == [
-        "tiny_xla_lean-off_32.xplane.pb", "tiny_xla_lean-on_32.xplane.pb"]
+        "tiny_xla_lean-off_unrolled_32.xplane.pb", "tiny_xla_lean-on_unrolled_32.xplane.pb"]
     table = capsys.readouterr().out
-    assert "| tiny | xla | on | default | 32 |" in table
-    assert "| tiny | xla | off | default | 32 |" in table
+    assert "| tiny | xla | on | unrolled | default | 32 |" in table
+    assert "| tiny | xla | off | unrolled | default | 32 |" in table
 
 
 def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_failures(
@@ -175,8 +175,8 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
         model, batch = command[command.index("--config") + 1], int(
             command[command.index("--batch-size") + 1])
         flags = env.get("XLA_FLAGS", "").split()[-1]
-        call = (model, sets["model.attention"], sets["model.lean_backward"], batch,
-                flags if flags.startswith("--xla_gpu") else "")
+        call = (model, sets["model.attention"], sets["model.lean_backward"],
+                sets["model.layer_loop"], batch, flags if flags.startswith("--xla_gpu") else "")
         calls.append(call)
         assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
         if len(calls) > 2:  # what was measured so far is on disk
@@ -185,7 +185,7 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
             return 1, "", "Traceback ...\nclip_jax.benchmarks.train.DoesNotFit: needs 90 GiB\n"
         if call[1:3] == ("cudnn", "on"):
             return 1, "", "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed\n"
-        if call[4] == "--xla_gpu_enable_command_buffer=":
+        if call[5] == "--xla_gpu_enable_command_buffer=":
             return None, "", "step 1\n"
         if call[:3] == ("m2", "xla", "on"):
             return 0, "a library's notice\n", ""
@@ -196,21 +196,26 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     monkeypatch.setitem(accelerator_bench.TINY, "batches", {"m1": (256, 128), "m2": (128,)})
     benchmark.main(["accelerator", "--tiny", "--output", str(output)])
     triton_off = "--xla_gpu_enable_triton_gemm=false"
+    # Each model's variants: the defaults (a scan), the unrolled layer loop with
+    # lean backward on and off, then the other attention and backward forms.
+    variants = [("cudnn", "on", "unrolled"), ("cudnn", "off", "unrolled"),
+                ("xla", "off", "scan"), ("cudnn", "on", "scan"), ("xla", "on", "scan")]
     assert calls == [
-        ("m1", "cudnn", "off", 256, ""), ("m1", "cudnn", "off", 128, ""),
-        ("m1", "xla", "off", 128, ""), ("m1", "cudnn", "on", 128, ""), ("m1", "xla", "on", 128, ""),
-        ("m1", "cudnn", "off", 128, triton_off),
-        ("m1", "cudnn", "off", 128, "--xla_gpu_enable_command_buffer="),
-        ("m2", "cudnn", "off", 128, ""), ("m2", "xla", "off", 128, ""),
-        ("m2", "cudnn", "on", 128, ""), ("m2", "xla", "on", 128, "")]
+        ("m1", "cudnn", "off", "scan", 256, ""), ("m1", "cudnn", "off", "scan", 128, ""),
+        *[("m1", *variant, 128, "") for variant in variants],
+        ("m1", "cudnn", "off", "scan", 128, triton_off),
+        ("m1", "cudnn", "off", "scan", 128, "--xla_gpu_enable_command_buffer="),
+        ("m2", "cudnn", "off", "scan", 128, ""), *[("m2", *variant, 128, "") for variant in variants]]
     document = json.loads(output.read_text())
     assert document["platform"] == "gpu" and document["devices"] == 1
     rows = document["rows"]
     assert rows[0]["batches_not_fitting"] == [256] and rows[0]["batch_per_device"] == 128
-    assert rows[2]["error"] == "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed"
-    assert (rows[4]["flag_set"], rows[4]["flags"]) == ("cuBLAS GEMMs", f"XLA_FLAGS={triton_off}")
-    assert rows[5]["error"] == "no result within 600 s"
+    assert rows[1]["error"] == "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed"
+    assert rows[1]["layer_loop"] == "unrolled" and rows[2]["layer_loop"] == "unrolled"
+    assert (rows[6]["flag_set"], rows[6]["flags"]) == ("cuBLAS GEMMs", f"XLA_FLAGS={triton_off}")
+    assert rows[7]["error"] == "no result within 600 s"
     assert rows[-1]["error"] == "no JSON result; its output ends \"a library's notice\""
     table = accelerator_bench.table(rows)
-    assert "| m1 | cudnn | on | default | jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed |" in table
-    assert "| m1 | cudnn | off | cuBLAS GEMMs | 128 | 1.000 | 128.0 | 50.0% |" in table
+    assert ("| m1 | cudnn | on | unrolled | default | jax.errors.JaxRuntimeError: INTERNAL: "
+            "cuDNN failed |") in table
+    assert "| m1 | cudnn | off | scan | cuBLAS GEMMs | 128 | 1.000 | 128.0 | 50.0% |" in table

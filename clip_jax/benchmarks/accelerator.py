@@ -60,11 +60,20 @@ def attention_choices(platform):
 
 
 def variants(platform):
-    """(attention, lean_backward) pairs to measure, the platform's defaults first:
-    lean_backward=auto is off on accelerators and on on CPUs."""
+    """(attention, lean_backward, layer_loop) to measure, the platform's defaults
+    first: lean_backward=auto is off on accelerators and on on CPUs, layer_loop
+    auto a scan on accelerators and unrolled on CPUs. On GPUs the unrolled loop
+    comes right after the defaults: the roofline of the steps compiled for an
+    H100 (docs/capacity.md, "Compiled by the GPU compiler") bounds the scanned
+    ViT-B/16's MFU far below the unrolled one's, above all with lean backward."""
     default_lean = "on" if platform == "cpu" else "off"
     leans = (default_lean, "off" if default_lean == "on" else "on")
-    return [(attention, lean) for lean in leans for attention in attention_choices(platform)]
+    loop = "unrolled" if platform == "cpu" else "scan"
+    found = [(attention, lean, loop) for lean in leans for attention in attention_choices(platform)]
+    if platform == "gpu":
+        first = attention_choices(platform)[0]
+        found[1:1] = [(first, "on", "unrolled"), (first, default_lean, "unrolled")]
+    return found
 
 
 def flag_sets(platform, devices):
@@ -118,11 +127,13 @@ def run_child(command, env, timeout_s):
     return code, stdout, stderr
 
 
-def row_command(model, per_device, devices, attention, lean_backward, plan, trace_path):
+def row_command(model, per_device, devices, variant, plan, trace_path):
+    attention, lean_backward, layer_loop = variant
     return [sys.executable, "-m", "clip_jax.benchmark", "train", "--config", model,
             "--batch-size", str(per_device * devices), "--devices", str(devices),
             "--dtype", "bfloat16", "--set", f"model.attention={attention}",
             "--set", f"model.lean_backward={lean_backward}", "--set", "model.scan_layers=True",
+            "--set", f"model.layer_loop={layer_loop}",
             "--steps", str(plan["steps"]), "--warmup", str(plan["warmup"]),
             "--profile-steps", str(plan["profile_steps"]), "--json",
             *(["--trace", trace_path] if trace_path else [])]
@@ -133,21 +144,22 @@ def _out_of_memory(message):
             or "out of memory" in message.lower())
 
 
-def measure(model, attention, lean_backward, batches, devices, plan, flags=None, trace_dir=None,
-            timeout_s=600):
-    """The train benchmark's row at the first per-device batch of `batches` that
-    fits; {"skipped": why} when none does, {"error": why} when the step fails
-    for another reason. `flags`: (name, (variable, flags)) to run under."""
+def measure(model, variant, batches, devices, plan, flags=None, trace_dir=None, timeout_s=600):
+    """The train benchmark's row of `variant` (attention, lean_backward,
+    layer_loop) at the first per-device batch of `batches` that fits;
+    {"skipped": why} when none does, {"error": why} when the step fails for
+    another reason. `flags`: (name, (variable, flags)) to run under."""
+    attention, lean_backward, layer_loop = variant
     name, flag_set = flags or ("", None)
     label = {"model": model, "attention": attention, "lean_backward": lean_backward,
-             "flag_set": name, "flags": flag_set and f"{flag_set[0]}={flag_set[1]}"}
+             "layer_loop": layer_loop, "flag_set": name,
+             "flags": flag_set and f"{flag_set[0]}={flag_set[1]}"}
     tried = []
     for per_device in batches:
         trace_path = trace_dir and os.path.join(trace_dir, "_".join(filter(None, (
-            model, attention, f"lean-{lean_backward}", str(per_device),
+            model, attention, f"lean-{lean_backward}", layer_loop, str(per_device),
             name.replace(" ", "-")))) + ".xplane.pb")
-        command = row_command(model, per_device, devices, attention, lean_backward, plan,
-                              trace_path)
+        command = row_command(model, per_device, devices, variant, plan, trace_path)
         code, stdout, stderr = run_child(command, environment(flag_set), timeout_s)
         if code == 0:
             try:
@@ -172,12 +184,12 @@ def table(rows):
     """Markdown table of the rows: speed, MFU, and from the profile the share of
     the step in matmul and attention kernels, their FLOP/s against peak, and
     the device's idle share."""
-    lines = ["| model | attention | lean backward | XLA flags | batch / device | step s "
-             "| samples/s / device | MFU | matmul + attention kernels | their FLOP/s / peak "
-             "| device idle | peak GiB |", "|" + " --- |" * 12]
+    lines = ["| model | attention | lean backward | layer loop | XLA flags | batch / device "
+             "| step s | samples/s / device | MFU | matmul + attention kernels "
+             "| their FLOP/s / peak | device idle | peak GiB |", "|" + " --- |" * 13]
     for row in rows:
         head = (f"| {row['model']} | {row['attention']} | {row['lean_backward']} | "
-                f"{row.get('flag_set') or 'default'} |")
+                f"{row.get('layer_loop', '')} | {row.get('flag_set') or 'default'} |")
         if "skipped" in row or "error" in row:
             lines.append(f"{head} {row.get('skipped') or row['error']} |" + " |" * 7)
             continue
@@ -213,15 +225,15 @@ def probe(timeout_s=300):
 
 
 def measurements(platform, devices, batches_by_model):
-    """(model, attention, lean_backward, flags or None) in the order measured:
-    each model's variants, the first model's default variant under each flag set
-    right after its own."""
+    """(model, variant, flags or None) in the order measured: each model's
+    variants, the first model's default variant under each flag set right after
+    its own."""
     order = []
     for index, model in enumerate(batches_by_model):
-        pairs = variants(platform)
-        order += [(model, attention, lean, None) for attention, lean in pairs]
+        found = variants(platform)
+        order += [(model, variant, None) for variant in found]
         if index == 0:
-            order += [(model, *pairs[0], flags) for flags in flag_sets(platform, devices).items()]
+            order += [(model, found[0], flags) for flags in flag_sets(platform, devices).items()]
     return order
 
 
@@ -235,13 +247,15 @@ def run_accelerator(args):
     document = {**machine, "devices": devices, "rows": [], "not_measured_within_budget": [],
                 "seconds": 0.0}
     batches = dict(plan["batches"])
-    for model, attention, lean_backward, flags in measurements(platform, devices, batches):
-        name = f"{model} {attention} lean={lean_backward}" + (f" {flags[0]}" if flags else "")
+    for model, variant, flags in measurements(platform, devices, batches):
+        attention, lean_backward, layer_loop = variant
+        name = (f"{model} {attention} lean={lean_backward} {layer_loop}"
+                + (f" {flags[0]}" if flags else ""))
         if time.perf_counter() - started > args.budget_s:
             document["not_measured_within_budget"].append(name)
             continue
-        row = measure(model, attention, lean_backward, batches[model], devices, plan, flags,
-                      args.trace_dir, args.row_timeout_s)
+        row = measure(model, variant, batches[model], devices, plan, flags, args.trace_dir,
+                      args.row_timeout_s)
         # The model's other variants start at the batch its first one fitted.
         if "batch_per_device" in row and "error" not in row:
             batches[model] = batches[model][batches[model].index(row["batch_per_device"]):]
