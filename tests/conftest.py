@@ -1,5 +1,7 @@
 """Test set-up: 8 fake CPU devices, so sharding tests run on any machine."""
 
+import concurrent.futures
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -57,6 +59,18 @@ def small_config(**overrides):
         config.data.in_process = True
         config_overrides.apply(config, overrides)
     return config
+
+
+@pytest.fixture(scope="module")
+def compile_only_process():
+    """run(function, *args) in one spawned process per test module, returning
+    plain data: where the TPU and GPU compilers load (libtpu, the CUDA plugin),
+    they bring their profilers into the process, after which a CPU trace there
+    records no device events (the trainer's profile test, run later in the
+    same pytest worker, saw none)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        yield lambda function, *args: pool.submit(function, *args).result()
 
 
 @pytest.fixture

@@ -8,28 +8,16 @@ As for the TPU compiler (tests/test_tpu_topology.py), the compiling happens in
 one spawned process per module, whose functions return plain data: the plugin
 loads CUDA's libraries, its profiler's among them, into the process."""
 
-import concurrent.futures
-import contextlib
-import io
 import json
-import multiprocessing
 import re
 import sys
 
 import pytest
 
-from clip_jax import benchmark, capacity, gpu_target
-from tests.test_tpu_topology import _small_bf16_config
+from clip_jax import capacity, gpu_target
+from tests.test_tpu_topology import _small_bf16_config, plan_command_output
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="JAX's CUDA plugin is Linux's")
-
-
-@pytest.fixture(scope="module")
-def gpu_compiler():
-    """run(function, *args) in the module's GPU-compiling process."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        yield lambda function, *args: pool.submit(function, *args).result()
 
 
 def _on_gpu_devices():
@@ -38,8 +26,8 @@ def _on_gpu_devices():
             sorted(d.process_index for d in two_hosts), gpu_target.chip_name(two_hosts[0]))
 
 
-def test_devices_are_gpus_of_the_chip_eight_to_a_host(gpu_compiler):
-    one_host, hosts, chip = gpu_compiler(_on_gpu_devices)
+def test_devices_are_gpus_of_the_chip_eight_to_a_host(compile_only_process):
+    one_host, hosts, chip = compile_only_process(_on_gpu_devices)
     assert one_host == [("gpu", "H100")] * 8
     assert hosts == [0] * 8 + [1] * 8 and chip == "H200"
 
@@ -49,9 +37,9 @@ def test_devices_are_gpus_of_the_chip_eight_to_a_host(gpu_compiler):
     ("h100", 12, "GPU count 12: expected 1 to 8, or whole hosts of 8"),
     ("h100", 0, "GPU count 0: expected 1 to 8, or whole hosts of 8"),
 ])
-def test_a_bad_gpu_target_is_one_line(gpu_compiler, chip, count, message):
+def test_a_bad_gpu_target_is_one_line(compile_only_process, chip, count, message):
     with pytest.raises(ValueError) as raised:
-        gpu_compiler(gpu_target.devices, chip, count)
+        compile_only_process(gpu_target.devices, chip, count)
     assert str(raised.value) == message
 
 
@@ -70,11 +58,11 @@ def _on_gpu_plan(attention):
 
 
 @pytest.mark.parametrize("attention", ["cudnn", "auto"])
-def test_cudnn_attention_trains_in_the_h100_step(gpu_compiler, attention):
+def test_cudnn_attention_trains_in_the_h100_step(compile_only_process, attention):
     """cuDNN's fused attention, forward and backward, in the compiled train step
     (the image tower's odd sequence padded, the text tower's not); `auto` takes
     it when the step is compiled for a GPU."""
-    row, kernels = gpu_compiler(_on_gpu_plan, attention)
+    row, kernels = compile_only_process(_on_gpu_plan, attention)
     assert "__cudnn$fmhaSoftmax" in kernels and "__cudnn$fmhaSoftmaxBackward" in kernels
     assert row["compiled_for"] == "NVIDIA H100 80GB HBM3" and row["fits"] == {"H100": True}
     # FSDP over 4 GPUs gathers 3/4 of every bfloat16 parameter in the forward and
@@ -92,28 +80,22 @@ def test_cudnn_attention_trains_in_the_h100_step(gpu_compiler, attention):
     assert 0 < bound["mfu_at_most"] < 0.01
 
 
-def test_xla_attention_calls_no_cudnn_kernel(gpu_compiler):
-    _, kernels = gpu_compiler(_on_gpu_plan, "xla")
+def test_xla_attention_calls_no_cudnn_kernel(compile_only_process):
+    _, kernels = compile_only_process(_on_gpu_plan, "xla")
     assert not any(kernel.startswith("__cudnn$fmha") for kernel in kernels)
 
 
-def _on_gpu_plan_command(*argv):
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        benchmark.main(["plan", *argv])
-    return printed.getvalue()
-
-
-def test_plan_command_compiles_for_gpus(gpu_compiler):
-    row = json.loads(gpu_compiler(_on_gpu_plan_command, "--config", "tiny", "--gpu", "h200",
-                                  "--devices", "2", "--mesh", "fsdp=2", "--batch-size", "32",
-                                  "--dtype", "bfloat16", "--json"))
+def test_plan_command_compiles_for_gpus(compile_only_process):
+    row = json.loads(compile_only_process(
+        plan_command_output, "--config", "tiny", "--gpu", "h200", "--devices", "2", "--mesh",
+        "fsdp=2", "--batch-size", "32", "--dtype", "bfloat16", "--json"))
     assert row["compiled_for"] == "NVIDIA H200 141GB HBM3e" and row["devices"] == 2
     assert row["cuda_plugin"] == gpu_target.cuda_plugin_version() is not None
     assert row["fits"] == {"H200": True} and row["bytes_per_device"] > 0
 
 
-def test_plan_command_bad_gpu_count_is_one_line(gpu_compiler):
+def test_plan_command_bad_gpu_count_is_one_line(compile_only_process):
     with pytest.raises(SystemExit) as raised:
-        gpu_compiler(_on_gpu_plan_command, "--config", "tiny", "--gpu", "h100", "--devices", "9")
+        compile_only_process(plan_command_output, "--config", "tiny", "--gpu", "h100",
+                             "--devices", "9")
     assert str(raised.value) == "plan error: GPU count 9: expected 1 to 8, or whole hosts of 8"

@@ -4,17 +4,13 @@ compile-only v5e devices, one slice or two over DCN. Nothing runs; what is
 checked is what the chips' own compiler makes of the program: the real splash
 kernel, multi-slice placement, and the plan's bytes.
 
-The compiling happens in one spawned process per module (`tpu_compiler`):
-loading libtpu registers its profiler in the process that loads it, after
-which a CPU trace in that process records no device events (the trainer's
-profile test, run later in the same pytest worker, saw none). Each
-`_on_tpu_*` function runs there and returns plain data."""
+The compiling happens in one spawned process per module (conftest's
+`compile_only_process`: loading libtpu brings its profiler into the process).
+Each `_on_tpu_*` function runs there and returns plain data."""
 
-import concurrent.futures
 import contextlib
 import io
 import json
-import multiprocessing
 import sys
 
 import jax
@@ -32,22 +28,14 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="libtpu ships fo
 SLICE = "v5e:2x2"  # one host's 4 chips
 
 
-@pytest.fixture(scope="module")
-def tpu_compiler():
-    """run(function, *args) in the module's TPU-compiling process."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        yield lambda function, *args: pool.submit(function, *args).result()
-
-
 def _on_tpu_devices():
     one, two = tpu_topology.devices(SLICE), tpu_topology.devices(SLICE, slices=2)
     return ([(d.platform, tpu_topology.chip_name(d)) for d in one],
             [d.slice_index for d in two])
 
 
-def test_topology_devices_are_tpu_chips_with_slice_indices(tpu_compiler):
-    one_slice, slice_indices = tpu_compiler(_on_tpu_devices)
+def test_topology_devices_are_tpu_chips_with_slice_indices(compile_only_process):
+    one_slice, slice_indices = compile_only_process(_on_tpu_devices)
     assert one_slice == [("tpu", "TPU v5e")] * 4
     assert sorted(slice_indices) == [0] * 4 + [1] * 4
 
@@ -56,9 +44,9 @@ def test_topology_devices_are_tpu_chips_with_slice_indices(tpu_compiler):
     ("v5e-8", 1, "TPU topology 'v5e-8' (e.g. v5e:4x4, v5p:2x2x2 or v6e:2x2): "),
     (SLICE, 0, "TPU slices: expected at least 1, got 0"),
 ])
-def test_a_bad_topology_is_one_line(tpu_compiler, name, slices, message):
+def test_a_bad_topology_is_one_line(compile_only_process, name, slices, message):
     with pytest.raises(ValueError) as raised:
-        tpu_compiler(tpu_topology.devices, name, slices)
+        compile_only_process(tpu_topology.devices, name, slices)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 
@@ -73,9 +61,9 @@ def _on_tpu_two_slice_mesh():
     return placed, None
 
 
-def test_a_two_slice_mesh_puts_each_slice_on_the_inner_axes(tpu_compiler):
+def test_a_two_slice_mesh_puts_each_slice_on_the_inner_axes(compile_only_process):
     """dcn_data runs across the slices; fsdp within one slice's chips (ICI)."""
-    placed, refusal = tpu_compiler(_on_tpu_two_slice_mesh)
+    placed, refusal = compile_only_process(_on_tpu_two_slice_mesh)
     assert placed == [[0], [1]]
     assert "set config.mesh.dcn_data=2" in refusal
 
@@ -90,10 +78,10 @@ def _on_tpu_splash(tokens, causal):
 
 
 @pytest.mark.parametrize("tokens, causal", [(197, False), (77, True)])
-def test_splash_lowers_to_the_mosaic_kernel_for_tpu(tpu_compiler, tokens, causal):
+def test_splash_lowers_to_the_mosaic_kernel_for_tpu(compile_only_process, tokens, causal):
     """Traced on the CPU host, lowered for a TPU: the kernel itself (a Mosaic
     custom call), forward and backward, not the interpreter the CPU runs."""
-    text = tpu_compiler(_on_tpu_splash, tokens, causal)
+    text = compile_only_process(_on_tpu_splash, tokens, causal)
     assert text.count('custom_call_target="tpu_custom_call"') >= 2, "forward and backward"
     assert "splash" in text
 
@@ -116,8 +104,8 @@ def _on_tpu_slice_plan():
     return capacity.summarize(config, compiled, training), compiled.as_text()
 
 
-def test_the_tpu_plan_is_the_chips_own_program(tpu_compiler):
-    row, text = tpu_compiler(_on_tpu_slice_plan)
+def test_the_tpu_plan_is_the_chips_own_program(compile_only_process):
+    row, text = compile_only_process(_on_tpu_slice_plan)
     assert row["compiled_for"] == "TPU v5 lite" and row["fits"] == {"TPU v5e": True}
     assert "tpu_custom_call" in text  # splash's kernel, per device inside shard_map
     assert row["collective_bytes"]["all-gather"] > 0
@@ -132,10 +120,10 @@ def _on_tpu_two_slice_collectives():
     return hlo_stats.collectives(compiled.as_text(), 8)
 
 
-def test_two_slices_reduce_gradients_over_dcn_and_gather_within_a_slice(tpu_compiler):
+def test_two_slices_reduce_gradients_over_dcn_and_gather_within_a_slice(compile_only_process):
     """dcn_data=2 x fsdp=4: parameters are gathered among a slice's 4 chips only;
     between slices go sends over DCN, most of them the gradients' all-reduce."""
-    found = tpu_compiler(_on_tpu_two_slice_collectives)
+    found = compile_only_process(_on_tpu_two_slice_collectives)
     gathers = {c.group_size for c in found if c.kind == "all-gather" and c.bytes_moved}
     assert gathers == {4}
     over_dcn = [c for c in found if c.kind == hlo_stats.DCN_TRANSFER]
@@ -143,25 +131,26 @@ def test_two_slices_reduce_gradients_over_dcn_and_gather_within_a_slice(tpu_comp
     assert reduced > 0.9 * sum(c.bytes_moved for c in over_dcn)
 
 
-def _on_tpu_plan_command(*argv):
+def plan_command_output(*argv):
+    """What `benchmark plan ARGV` prints (run in the compiling process)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         benchmark.main(["plan", *argv])
     return printed.getvalue()
 
 
-def test_plan_command_compiles_for_a_tpu_topology(tpu_compiler):
-    row = json.loads(tpu_compiler(_on_tpu_plan_command, "--config", "tiny", "--tpu", SLICE,
-                                  "--mesh", "fsdp=4", "--batch-size", "32", "--dtype",
-                                  "bfloat16", "--json"))
+def test_plan_command_compiles_for_a_tpu_topology(compile_only_process):
+    row = json.loads(compile_only_process(
+        plan_command_output, "--config", "tiny", "--tpu", SLICE, "--mesh", "fsdp=4",
+        "--batch-size", "32", "--dtype", "bfloat16", "--json"))
     assert row["compiled_for"] == "TPU v5 lite" and row["devices"] == 4
     assert row["libtpu"] == tpu_topology.libtpu_version() is not None
     assert row["fits"] == {"TPU v5e": True} and row["bytes_per_device"] > 0
 
 
-def test_plan_command_bad_topology_is_one_line(tpu_compiler):
+def test_plan_command_bad_topology_is_one_line(compile_only_process):
     with pytest.raises(SystemExit) as raised:
-        tpu_compiler(_on_tpu_plan_command, "--config", "tiny", "--tpu", "v9z:2x2")
+        compile_only_process(plan_command_output, "--config", "tiny", "--tpu", "v9z:2x2")
     assert str(raised.value).startswith("plan error: TPU topology 'v9z:2x2'")
     assert "\n" not in str(raised.value)
 
@@ -176,9 +165,9 @@ def _on_tpu_oversized_step():
     capacity.compile_train_step(config, tpu_topology.devices(SLICE)[:1])
 
 
-def test_a_step_the_chip_cannot_hold_is_the_compilers_one_line_answer(tpu_compiler):
+def test_a_step_the_chip_cannot_hold_is_the_compilers_one_line_answer(compile_only_process):
     with pytest.raises(capacity.DoesNotFit) as raised:
-        tpu_compiler(_on_tpu_oversized_step)
+        compile_only_process(_on_tpu_oversized_step)
     message = str(raised.value)
     assert message.startswith("TPU v5 lite: ") and "exceeds available HBM" in message
     assert "\n" not in message
