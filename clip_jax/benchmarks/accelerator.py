@@ -17,8 +17,10 @@ accelerator backend itself.
 Each model's first variant (the platform's defaults) takes the largest
 per-device batch of its short list that fits; its other variants run at that
 batch, so that their rows compare like for like (a variant that does not fit
-there goes down the list, and its row says so). ViT-B/16, the model the MFU goal
-is set on, goes first, then its default variant under each flag set. A batch
+there goes down the list, and its row says so). Every model's first two
+variants run first (ViT-B/16's, the model the MFU goal is set on, before the
+others'), then B/16's default variant under each flag set, then the rest: a
+budget running out stops what is least needed. A batch
 is skipped when XLA's memory analysis puts it over the device's memory or the
 step runs out of memory; a variant that fails otherwise (a kernel the platform
 lacks) is a row with its error, and the check goes on. Each measurement also
@@ -225,16 +227,15 @@ def probe(timeout_s=300):
 
 
 def measurements(platform, devices, batches_by_model):
-    """(model, variant, flags or None) in the order measured: each model's
-    variants, the first model's default variant under each flag set right after
-    its own."""
-    order = []
-    for index, model in enumerate(batches_by_model):
-        found = variants(platform)
-        order += [(model, variant, None) for variant in found]
-        if index == 0:
-            order += [(model, found[0], flags) for flags in flag_sets(platform, devices).items()]
-    return order
+    """(model, variant, flags or None) in the order measured, so that a budget
+    running out leaves the most worth knowing: every model's first two variants
+    (its defaults, which find its batch, and the next), then the first model's
+    default variant under each flag set, then every model's other variants."""
+    found = variants(platform)
+    models = list(batches_by_model)
+    return ([(model, variant, None) for model in models for variant in found[:2]]
+            + [(models[0], found[0], flags) for flags in flag_sets(platform, devices).items()]
+            + [(model, variant, None) for model in models for variant in found[2:]])
 
 
 def run_accelerator(args):
