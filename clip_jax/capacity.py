@@ -179,7 +179,8 @@ def summarize(config, compiled, training):
         for x in jax.tree.leaves(teacher.variables))
     total = memory["bytes_per_device"] + teacher_bytes
     num_devices = mesh.devices.size
-    found = hlo_stats.collectives(compiled.as_text(), num_devices)
+    hlo_text = compiled.as_text()  # seconds for a large model: read once
+    found = hlo_stats.collectives(hlo_text, num_devices)
     by_kind = hlo_stats.bytes_by_kind(found)
     locked = tuple(tower for tower in ("image", "text") if config[f"lock_{tower}"])
     model_flops = flops.train_step_flops(
@@ -206,7 +207,7 @@ def summarize(config, compiled, training):
         # A TPU compiler refuses a step its chip cannot hold (DoesNotFit): compiled, it fits.
         "fits": {name: device.platform == "tpu" or total <= gib * 2**30
                  for name, gib in accelerators(device).items()},
-        "roofline": gpu_roofline(compiled.as_text(), device, model_flops / num_devices),
+        "roofline": gpu_roofline(hlo_text, device, model_flops / num_devices),
         "largest_collectives": [
             {"kind": c.kind, "bytes": int(c.bytes_moved), "executions": c.executions,
              "group_size": c.group_size, "op": c.op_name}

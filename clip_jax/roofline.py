@@ -96,42 +96,33 @@ def _fusion_bytes(instruction, by_name, computations):
     computation only slices it, and its result, less a buffer it updates in
     place (only the update is written)."""
     called = re.search(r"calls=%([^\s,]+)", instruction.attributes)
-    body = computations.get(called.group(1), ()) if called else ()
-    parameters = {int(re.match(r"\s*(\d+)", i.attributes).group(1)): i for i in body
-                  if i.opcode == "parameter"}
+    body = {i.name: i for i in computations.get(called.group(1), ())} if called else {}
+    parameters = {int(re.match(r"\s*(\d+)", i.attributes).group(1)): i
+                  for i in body.values() if i.opcode == "parameter"}
     users = {}
-    for inner in body:
+    for inner in body.values():
         for operand in inner.operands():
             users.setdefault(operand, []).append(inner)
-    in_place = set()
-    for inner in body:
-        if inner.opcode == "dynamic-update-slice":
-            buffer = inner.operands()[0]
-            if buffer in {p.name for p in parameters.values()}:
-                in_place.add(buffer)
-    total = 0.0
+    # Buffers (fusion parameters) updated in place -> the update written into each.
+    in_place = {inner.operands()[0]: body.get(inner.operands()[1]) for inner in body.values()
+                if inner.opcode == "dynamic-update-slice" and inner.operands()[0] in body
+                and body[inner.operands()[0]].opcode == "parameter"}
+    moved = _array_bytes(hlo_stats.array_shapes(instruction.type_text))
+    for buffer, update in in_place.items():
+        moved -= _array_bytes(hlo_stats.array_shapes(body[buffer].type_text))
+        moved += _array_bytes(hlo_stats.array_shapes(update.type_text)) if update else 0
+    moved = max(moved, 0)
     for index, operand in enumerate(instruction.operands()):
-        source = by_name.get(operand)
-        if source is None:
-            continue
-        parameter = parameters.get(index)
+        source, parameter = by_name.get(operand), parameters.get(index)
+        if source is None or (parameter is not None and parameter.name in in_place):
+            continue  # a buffer written in place: its update counted above
         uses = users.get(parameter.name, []) if parameter is not None else []
-        if parameter is not None and parameter.name in in_place:
-            continue  # written in place: the update counts, below
         if uses and all(use.opcode in _SLICES and use.operands()[0] == parameter.name
                         for use in uses):
-            total += sum(_array_bytes(hlo_stats.array_shapes(use.type_text)) for use in uses)
+            moved += sum(_array_bytes(hlo_stats.array_shapes(use.type_text)) for use in uses)
         else:
-            total += _array_bytes(hlo_stats.array_shapes(source.type_text))
-    written = _array_bytes(hlo_stats.array_shapes(instruction.type_text))
-    for inner in body:
-        if inner.opcode == "dynamic-update-slice" and inner.operands()[0] in in_place:
-            buffer = next(p for p in parameters.values() if p.name == inner.operands()[0])
-            update = {i.name: i for i in body}.get(inner.operands()[1])
-            written -= _array_bytes(hlo_stats.array_shapes(buffer.type_text))
-            written += (_array_bytes(hlo_stats.array_shapes(update.type_text))
-                        if update is not None else 0)
-    return total + max(written, 0)
+            moved += _array_bytes(hlo_stats.array_shapes(source.type_text))
+    return moved
 
 
 def _kernel(instruction, by_name, computations, executions):
