@@ -7,10 +7,12 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from clip_jax import checkpoint, convert
+from clip_jax import checkpoint, convert, train_step
 from clip_jax import variables as variables_lib
 from clip_jax import train as train_lib
 from clip_jax.train_step import setup_training
@@ -317,6 +319,28 @@ def test_a_non_finite_step_is_skipped_and_counted():
     metrics = jax.device_get(metrics)
     assert np.isfinite(metrics["loss"])
     assert (metrics["skipped_steps"], metrics["bad_steps_in_a_row"]) == (1, 0)
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_accelerators_selected_update_equals_the_cpus_cond(finite):
+    """GPUs and TPUs guard the update with a select (train_step._update_selected),
+    which this CPU never lowers in a train step: it must keep or update exactly as
+    the cond does."""
+    optimizer = optax.adamw(1e-2, weight_decay=0.1)
+    params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4)}
+    opt_state = optimizer.init(params)
+    grads = jax.tree.map(lambda leaf: jnp.sin(leaf) + 0.5, params)
+
+    def apply_update(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    args = (apply_update, grads, opt_state, params, jnp.asarray(finite))
+    selected = jax.jit(train_step._update_selected, static_argnums=0)(*args)
+    under_cond = jax.jit(train_step._update_under_cond, static_argnums=0)(*args)
+    jax.tree.map(np.testing.assert_array_equal, selected, under_cond)
+    changed = not np.array_equal(selected[0]["w"], params["w"])
+    assert changed == finite
 
 
 def test_too_many_bad_steps_in_a_row_stop_with_a_diagnostic_and_a_checkpoint(
