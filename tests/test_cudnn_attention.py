@@ -4,11 +4,14 @@ a GPU; here jax.nn.dot_product_attention's XLA implementation computes the
 padded call, so what is checked is the padding and its mask (the compiled
 kernel for an H100 is in tests/test_gpu_target.py)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clip_jax.models import transformer
 from clip_jax.models.cudnn_attention import cudnn_attention
 from tests.test_splash import assert_equals_xla_attention, qkv
 
@@ -43,3 +46,48 @@ def test_padded_cross_attention_keeps_the_key_mask():
     # The mask matters: the first example attends to 150 keys, not 197.
     unmasked = jax.nn.dot_product_attention(query, key, value)
     assert not np.allclose(out[0], unmasked[0], atol=1e-3)
+
+
+def _towers(attention, scan_layers, layer_loop, causal):
+    return transformer.Transformer(layers=3, heads=2, causal=causal, activation="gelu",
+                                   scan_layers=scan_layers, layer_loop=layer_loop,
+                                   attention=attention)
+
+
+@pytest.mark.parametrize("scan_layers, layer_loop", [(True, "scan"), (True, "unrolled"),
+                                                     (False, "auto")])
+@pytest.mark.parametrize("tokens, causal, pooled, masked", [
+    (197, False, True, False),   # ViT-B/16: pooled class token
+    (197, False, False, False),  # every token out
+    (77, True, True, True),      # the text tower: causal, pooled at EOT, a key mask
+])
+def test_a_tower_pads_once_and_changes_no_value_or_gradient(
+        monkeypatch, scan_layers, layer_loop, tokens, causal, pooled, masked):
+    """A Transformer running cuDNN on an odd token count pads its stream once:
+    every layer's call gets an even count with the last key marked as padding,
+    and the tower's outputs and gradients equal XLA attention's."""
+    calls = []
+
+    def spied(query, key, value, mask=None, causal=False, padded_keys=0):
+        calls.append((query.shape[1], key.shape[1], padded_keys))
+        return cudnn_attention(query, key, value, mask=mask, causal=causal,
+                               padded_keys=padded_keys, implementation="xla")
+
+    monkeypatch.setattr(transformer, "cudnn_attention", spied)
+    x = jax.random.normal(jax.random.key(0), (2, tokens, 32))
+    pool = jnp.array([0, tokens - 3]) if pooled else None
+    mask = (jnp.arange(tokens)[None] < jnp.array([[tokens], [tokens - 2]])) if masked else None
+    reference = _towers("xla", scan_layers, layer_loop, causal)
+    params = reference.init(jax.random.key(1), x)
+
+    def loss_and_grads(attention):
+        model = _towers(attention, scan_layers, layer_loop, causal)
+        loss = lambda params, x: jnp.sum(jnp.sin(model.apply(params, x, pool, mask)))  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    (loss, grads), (expected_loss, expected_grads) = loss_and_grads("cudnn"), loss_and_grads("xla")
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-4),
+                 grads, expected_grads)
+    full_blocks = 2 if pooled else 3
+    assert calls == [(tokens + 1, tokens + 1, 1)] * (1 if layer_loop == "scan" else full_blocks)

@@ -12,6 +12,12 @@ key is hidden by cuDNN's own padding mask (the real length of every sequence,
 key_value_seq_lengths), and the padded query's row is dropped. One token adds
 under 1% of the attention's work and keeps the kernel's mask-free path.
 
+Padding and slicing in every layer costs whole passes over the queries, keys,
+values and outputs (1.7 ms of a ViT-B/16 H100 step's 33.8 ms roofline bound,
+docs/capacity.md), so a Transformer that runs cuDNN pads its token stream once
+before its blocks instead and tells each layer how many trailing keys are
+padding (`padded_keys`); the layer's call then needs no padding of its own.
+
 JAX's batching rule for the padded call reshapes the sequence lengths to the
 vmapped batch and fails when they are not batched, so under jax.vmap (the
 stacked blocks' initialisation, models/transformer.py) the caller uses XLA's
@@ -26,15 +32,17 @@ def _pad_tokens(x, extra):
     return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
 
-def cudnn_attention(query, key, value, mask=None, causal=False, implementation="cudnn"):
+def cudnn_attention(query, key, value, mask=None, causal=False, padded_keys=0,
+                    implementation="cudnn"):
     """Softmax attention of query [B, T, N, H] over key and value [B, S, N, H]
     -> [B, T, N, H], as jax.nn.dot_product_attention computes it; `mask` bool,
-    broadcastable to [B, N, T, S], hides the keys where False. `implementation`
-    is jax.nn.dot_product_attention's (tests pass "xla" to check the padding on
-    a machine without cuDNN)."""
+    broadcastable to [B, N, T, S], hides the keys where False; the last
+    `padded_keys` keys are padding, hidden by cuDNN's padding mask.
+    `implementation` is jax.nn.dot_product_attention's (tests pass "xla" to check
+    the padding on a machine without cuDNN)."""
     tokens, sources = query.shape[1], key.shape[1]
     extra_queries, extra_keys = tokens % 2, sources % 2
-    if not (extra_queries or extra_keys):
+    if not (extra_queries or extra_keys or padded_keys):
         return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=causal,
                                             implementation=implementation)
     query = _pad_tokens(query, extra_queries)
@@ -42,7 +50,7 @@ def cudnn_attention(query, key, value, mask=None, causal=False, implementation="
     if mask is not None:
         mask = jnp.broadcast_to(mask, (*mask.shape[:2], tokens, sources))
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, extra_queries), (0, extra_keys)))
-    real_keys = jnp.full((query.shape[0],), sources, jnp.int32)
+    real_keys = jnp.full((query.shape[0],), sources - padded_keys, jnp.int32)
     attended = jax.nn.dot_product_attention(
         query, key, value, mask=mask, is_causal=causal, key_value_seq_lengths=real_keys,
         implementation=implementation)

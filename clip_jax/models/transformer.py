@@ -257,7 +257,8 @@ class Attention(nn.Module):
     `attention` (ATTENTION_IMPLEMENTATIONS) computes the full-sequence attention;
     the single pooled query, and any masked attention, use XLA's computation
     (models/lean_attention.py), which takes a per-row mask (splash's padding is
-    per sequence length, not per example)."""
+    per sequence length, not per example). `padded_tokens`: x's last tokens are
+    padding its keys must hide (cuDNN's; see Transformer)."""
 
     heads: int
     causal: bool
@@ -265,6 +266,7 @@ class Attention(nn.Module):
     out_std: float
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    padded_tokens: int = 0
 
     @nn.compact
     def __call__(self, x, query_positions=None, context=None, key_mask=None):
@@ -291,7 +293,9 @@ class Attention(nn.Module):
             if implementation == "splash" and mask is None:
                 attended = splash_attention(query, key, value, causal=self.causal)
             elif implementation == "cudnn":
-                attended = cudnn_attention(query, key, value, mask=mask, causal=self.causal)
+                attended = cudnn_attention(
+                    query, key, value, mask=mask, causal=self.causal,
+                    padded_keys=self.padded_tokens if context is None else 0)
             else:
                 attended = attention(query, key, value, mask=mask, is_causal=self.causal)
         else:
@@ -356,7 +360,8 @@ class ResidualBlock(nn.Module):
 
     `cross_attention`: the block attends to `context` [B, S, D] (normalised by its
     own `ln_1_kv`), as OpenCLIP's cross-attention blocks in CoCa's decoder do;
-    `key_mask` bool [B, S]: the keys (of x, or of the context) attended to."""
+    `key_mask` bool [B, S]: the keys (of x, or of the context) attended to;
+    `padded_tokens`: x's last tokens are padding (Attention)."""
 
     heads: int
     layers: int  # depth of the whole stack, for the residual-branch init scale
@@ -366,6 +371,7 @@ class ResidualBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
     cross_attention: bool = False
+    padded_tokens: int = 0
 
     @nn.compact
     def __call__(self, x, query_positions=None, key_mask=None, context=None):
@@ -380,7 +386,7 @@ class ResidualBlock(nn.Module):
         if self.cross_attention:
             context = constrain(LayerNorm(name="ln_1_kv")(context), TOKENS)
         attended = Attention(self.heads, self.causal, attn_std, proj_std, self.dtype,
-                             self.attention, name="attn")(
+                             self.attention, self.padded_tokens, name="attn")(
             LayerNorm(name="ln_1")(x), query_positions, context, key_mask)
         x = (x if query_positions is None else take_tokens(x, query_positions)) + attended
         h = Dense(hidden, fc_std, ("embed", "mlp"), self.dtype, name="c_fc")(
@@ -454,21 +460,28 @@ class Transformer(nn.Module):
                              "models.transformer.unstack_layers converts the parameters)")
         unrolled = self.scan_layers and unrolled_layer_loop(self.layer_loop)
         block_class = remat_block(self.remat, self.scan_layers and not unrolled)
+        tokens, stream_mask = x.shape[1], key_mask
+        padded = self._cudnn_padding(tokens)
+        if padded:
+            x = jnp.pad(x, ((0, 0), (0, padded), (0, 0)))
+            stream_mask = None if key_mask is None else jnp.pad(key_mask, ((0, 0), (0, padded)))
         block_args = (self.heads, self.layers, self.causal, self.activation, self.mlp_ratio,
                       self.dtype, self.attention)
         full_blocks = self.layers if pool_positions is None else self.layers - 1
         if not self.scan_layers:
             for i in range(full_blocks):
-                x = block_class(*block_args, name=f"resblocks_{i}")(x, None, key_mask)
+                x = block_class(*block_args, padded_tokens=padded, name=f"resblocks_{i}")(
+                    x, None, stream_mask)
             if pool_positions is None:
-                return x
+                return x[:, :tokens]
+            # The pooled query runs XLA's attention over the real tokens only.
             return block_class(*block_args, name=f"resblocks_{full_blocks}")(
-                x, pool_positions, key_mask)[:, 0]
+                x[:, :tokens], pool_positions, key_mask)[:, 0]
 
         # The blocks' parameters, stacked, are one parameter of this module (the
         # layout nn.scan would give), so that the pooled last block can apply the
         # last slice outside the loop.
-        block = block_class(*block_args, parent=None)
+        block = block_class(*block_args, padded_tokens=padded, parent=None)
 
         def init_stacked(rng):
             with unconstrained():
@@ -481,17 +494,29 @@ class Transformer(nn.Module):
         if unrolled:
             for i in range(full_blocks):
                 x = block.apply({"params": jax.tree.map(lambda p: p[i], stacked)}, x, None,
-                                key_mask)
+                                stream_mask)
         else:
             looped = stacked if pool_positions is None else jax.tree.map(lambda p: p[:-1], stacked)
             x, _ = jax.lax.scan(
-                lambda carry, params: (block.apply({"params": params}, carry, None, key_mask),
+                lambda carry, params: (block.apply({"params": params}, carry, None, stream_mask),
                                        None),
                 x, looped)
+        x = x[:, :tokens]
         if pool_positions is None:
             return x
         last = jax.tree.map(lambda p: p[-1], stacked)
-        return block.apply({"params": last}, x, pool_positions, key_mask)[:, 0]
+        return block.clone(padded_tokens=0).apply({"params": last}, x, pool_positions,
+                                                  key_mask)[:, 0]
+
+    def _cudnn_padding(self, tokens):
+        """1 where the blocks run cuDNN's attention on an odd number of tokens:
+        the stream is then padded by one token before the first block and sliced
+        after the last, once, instead of in every layer (models/cudnn_attention.py).
+        The padded token's keys are hidden and its rows are never read, so every
+        real token's value and gradient is unchanged."""
+        cudnn = attention_implementation(self.attention, self.dtype) == "cudnn"
+        return int(tokens % 2 == 1 and cudnn and not self.is_initializing()
+                   and not decoding(self))
 
 
 def stack_layers(transformer_params):
