@@ -244,8 +244,8 @@ def with_backward_modes(fn, model_config):
 def _update_under_cond(apply_update, grads, opt_state, params, finite):
     """(params, opt_state) updated when `finite`, else unchanged, under a cond:
     XLA:CPU does not fuse a select into the update, and selecting would read and
-    write the parameters and both moments once more (0.39 s of a 8.1 s ViT-B/32
-    step at batch 32, docs/efficiency.md)."""
+    write the parameters and both moments once more (0.39 s of an 8.1 s ViT-B/32
+    step at batch 32, docs/capacity.md)."""
     return jax.lax.cond(finite, apply_update, lambda _, opt_state, params: (params, opt_state),
                         grads, opt_state, params)
 
