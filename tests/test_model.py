@@ -216,8 +216,9 @@ def test_the_attention_setting_reaches_every_tower(monkeypatch):
     config = small_config(**{"model.attention": "auto"})
     model = CLIP(config.model)
     model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8), jnp.int32))
-    # Every block but each tower's pooled last one: 1 image + 1 text here.
-    assert seen == ["auto"] * 2
+    # Each tower's check for cuDNN's padding, and every block but each tower's
+    # pooled last one: 1 image + 1 text here.
+    assert seen == ["auto"] * 4
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
