@@ -250,13 +250,17 @@ def _update_under_cond(apply_update, grads, opt_state, params, finite):
                         grads, opt_state, params)
 
 
+def _kept_if_not(finite, new, old):
+    """Tree `new` where `finite`, else `old`, leaf by leaf."""
+    return jax.tree.map(lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf), new, old)
+
+
 def _update_selected(apply_update, grads, opt_state, params, finite):
     """The same by a select, which GPU and TPU compilers fuse into the update's
     one elementwise pass: under a cond of donated state they copy the parameters
     and moments out of the cond's buffers into the outputs instead (1.5 ms of a
     ViT-B/16 H100 step at 128 by the roofline, docs/capacity.md)."""
-    return jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                        apply_update(grads, opt_state, params), (params, opt_state))
+    return _kept_if_not(finite, apply_update(grads, opt_state, params), (params, opt_state))
 
 
 def make_train_step(compute_grads, optimizer, schedule):
@@ -279,7 +283,6 @@ def make_train_step(compute_grads, optimizer, schedule):
                       for name, subtree in grads.items()}
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(
             jnp.isfinite(jnp.stack(list(grad_norms.values()))))
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         params, opt_state = jax.lax.platform_dependent(
             grads, state.opt_state, state.params, finite,
             cpu=functools.partial(_update_under_cond, apply_update),
@@ -287,7 +290,7 @@ def make_train_step(compute_grads, optimizer, schedule):
         bad = (~finite).astype(jnp.int32)
         new_state = TrainState(
             step=state.step + 1, params=params, opt_state=opt_state,
-            model_state=keep(dict(model_state), dict(state.model_state)),
+            model_state=_kept_if_not(finite, dict(model_state), dict(state.model_state)),
             skipped_steps=state.skipped_steps + bad,
             bad_steps_in_a_row=(state.bad_steps_in_a_row + bad) * bad)
         metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step), **grad_norms,
