@@ -8,15 +8,21 @@ import tempfile
 
 from clip_jax import cpu_devices
 
-# Compiling dominates the suite on 2 cores, and LLVM's optimisation of XLA:CPU's
-# generated code is most of it: the tests build the code at -O0 (the trainer
-# processes they start inherit the flag). The HLO, the partitioning and so what
-# each program computes are XLA's own either way; tests/test_train_step.py and
-# tests/test_microbatches.py ran in 149 s at -O0 against 322 s at the default
-# (2-core x86_64 VM, c8dc5df). Benchmarks never run under this file.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-        os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]))
+# Compiling dominates the suite on 2 cores, so the tests make XLA:CPU's code
+# generation cheap (the trainer processes they start inherit the flags). The HLO,
+# the partitioning and so what each program computes are XLA's own either way:
+# - LLVM builds the code at -O0: tests/test_train_step.py and
+#   tests/test_microbatches.py ran in 149 s at -O0 against 322 s at the default
+#   (2-core x86_64 VM, c8dc5df);
+# - fusions go through XLA's elemental IR emitters, not its MLIR fusion emitters:
+#   compiling the tiny train step at three batch sizes took 6.2-6.5 s of CPU
+#   against 12.5-14.9 s (same VM, jaxlib 0.10.2, which setup.cfg pins: a jaxlib
+#   without the flag would refuse it at start-up).
+# Benchmarks never run under this file.
+_FAST_CODEGEN_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+_existing_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [_existing_flags, *(
+    flag for flag in _FAST_CODEGEN_FLAGS if flag.split("=")[0] not in _existing_flags)]))
 # Before JAX starts its backend; a process that chose its own device count (the
 # multi-host workers) keeps it.
 cpu_devices.request(8)
