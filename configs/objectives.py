@@ -34,7 +34,7 @@ CAPTIONS = {"alt_text": "synthetic_shapes_alt_text:train", "templates": "synthet
 # data's 90-odd tokens instead of 49,408 (clip_jax/output_vocab.py), and zero-shot
 # top-1 as the only eval, with CLIP's single default prompt for every objective.
 _STUDY = {
-    "total_steps": 1200,  # the tiny run's; the four runs: 15 min 9 s on 2 cores (measured)
+    "total_steps": 1200,  # the tiny run's; the measured study: docs/objectives.md
     "eval_every": 100,
     "checkpoint_every": 0,  # the final checkpoint only
     "model.text.context_length": 24,
