@@ -14,7 +14,7 @@ from clip_jax.models import output_classes
 from clip_jax.models import tokens as token_layout
 from clip_jax.models.image_towers import embed_images, image_tower
 from clip_jax.models.partitioning import BATCH, POOLED, VOCAB, constrain
-from clip_jax.models.transformer import embed_tokens, normal, zeros
+from clip_jax.models.transformer import TOKEN_TABLE, embed_tokens, normal, zeros
 
 
 class BagOfWordsText(nn.Module):
@@ -28,7 +28,7 @@ class BagOfWordsText(nn.Module):
 
     @nn.compact
     def __call__(self, tokens):
-        token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
+        token_embedding = self.param("token_embedding", normal(0.02, TOKEN_TABLE),
                                      (self.vocab_size, self.width))
         words = token_layout.word_mask(tokens).astype(jnp.float32)  # [B, L]
         summed = constrain(jnp.einsum("bl,bld->bd", words, embed_tokens(token_embedding, tokens)),

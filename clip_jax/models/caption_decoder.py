@@ -24,7 +24,8 @@ import ml_collections
 from clip_jax.models import output_classes
 from clip_jax.models.image_towers import embed_images, image_tower
 from clip_jax.models.partitioning import BATCH, LENGTH, TOKENS, VOCAB, constrain
-from clip_jax.models.transformer import LayerNorm, Transformer, embed_tokens, normal, zeros
+from clip_jax.models.transformer import (TOKEN_TABLE, LayerNorm, Transformer, embed_tokens,
+                                        normal, zeros)
 
 
 class CaptionDecoder(nn.Module):
@@ -52,7 +53,7 @@ class CaptionDecoder(nn.Module):
         if length > self.context_length:
             raise ValueError(f"tokens of shape {tokens.shape} exceed "
                              f"context_length={self.context_length}")
-        token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
+        token_embedding = self.param("token_embedding", normal(0.02, TOKEN_TABLE),
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length, self.width))

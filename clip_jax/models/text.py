@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.partitioning import POOLED, TOKENS, constrain
-from clip_jax.models.transformer import LayerNorm, Transformer, decoding, embed_tokens, normal
+from clip_jax.models.transformer import (TOKEN_TABLE, LayerNorm, Transformer, decoding,
+                                        embed_tokens, normal)
 
 # config.model.text.cls_mask: where CoCa's padding mask sits (TextTransformer).
 CLS_MASKS = ("legacy", "correct")
@@ -56,7 +57,7 @@ class TextTransformer(nn.Module):
                              f"context_length={self.context_length}")
         if self.embed_cls:
             return self._class_token_pooled(tokens, return_tokens)
-        token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
+        token_embedding = self.param("token_embedding", normal(0.02, TOKEN_TABLE),
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length, self.width))
@@ -98,7 +99,7 @@ class TextTransformer(nn.Module):
         if self.cls_mask not in CLS_MASKS:
             raise ValueError(f"config.model.text.cls_mask={self.cls_mask!r} is unknown; "
                              f"choose one of {', '.join(CLS_MASKS)}")
-        token_embedding = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
+        token_embedding = self.param("token_embedding", normal(0.02, TOKEN_TABLE),
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length + 1, self.width))

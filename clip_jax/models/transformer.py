@@ -202,9 +202,13 @@ class LayerNorm(nn.Module):
         return lean_ops.layer_norm(x, scale, bias, self.epsilon)
 
 
+TOKEN_TABLE = ("vocab", "embed")  # the logical axes of every token embedding table
+
+
+@jax.custom_vjp
 def embed_tokens(table, tokens):
-    """Rows of table [V, D] (params `("vocab", "embed")`) at tokens [B, L] ->
-    [B, L, D], split over the batch like every activation.
+    """Rows of table [V, D] (params `TOKEN_TABLE`) at tokens [B, L] -> [B, L, D],
+    split over the batch like every activation.
 
     The table is first gathered whole over `embed`, as FSDP gathers a layer's
     weights. Left alone, XLA looks every device's tokens up in its own slice of
@@ -213,6 +217,85 @@ def embed_tokens(table, tokens):
     embeddings on every device instead.
     """
     return constrain(constrain(table, ("vocab", EMBED))[tokens], TOKENS)
+
+
+def _embed_tokens_fwd(table, tokens):
+    return embed_tokens(table, tokens), (table, tokens)
+
+
+def _embed_tokens_bwd(residuals, rows_grad):
+    """The table's gradient reduced straight into the table's own split.
+
+    Autodiff pins it to the forward's gathered split first, so XLA summed every
+    device's scatter into the whole table on each (an all-reduce of V x D) and
+    then kept its slice. Left to choose without that pin, XLA gathers the row
+    gradients of every batch shard instead, an activation of the global batch.
+    Where FSDP splits the table, each device here scatters its own rows into a
+    whole-table partial sum, which is reduce-scattered onto the table's split
+    (half the bytes of the all-reduce, none of them growing with the batch).
+    """
+    table, tokens = residuals
+    mesh = jax.sharding.get_abstract_mesh()
+    table_spec = nn.logical_to_mesh_axes(TOKEN_TABLE)
+    rows_spec = nn.logical_to_mesh_axes(TOKENS)
+    if not _reduce_scatters(mesh, table_spec, rows_spec, table.shape, tokens.shape[0]):
+        # What autodiff does: the gathered table's gradient, then the table's split.
+        whole = constrain(_scattered(tokens, rows_grad, table.shape), ("vocab", EMBED))
+        return constrain(whole, TOKEN_TABLE).astype(table.dtype), None
+    batch = rows_spec[0]
+    reduce = functools.partial(_reduced_onto, shape=table.shape, table_spec=tuple(table_spec),
+                               batch_axes=_axis_names(batch))
+    table_grad = jax.shard_map(reduce, mesh=mesh, in_specs=(jax.P(batch), jax.P(batch)),
+                               out_specs=jax.P(*table_spec))(tokens, rows_grad)
+    return table_grad.astype(table.dtype), None
+
+
+def _reduce_scatters(mesh, table_spec, rows_spec, table_shape, rows):
+    """Whether a batch axis of more than one device splits the table too (FSDP),
+    with every split even: otherwise there is nothing to scatter, and XLA's own
+    partial sums (one device, data parallelism) can accumulate GradCache's
+    micro-batches in place."""
+    if mesh.empty or table_spec is None or rows_spec is None:
+        return False
+    def size(entry):
+        return math.prod(mesh.shape[axis] for axis in _axis_names(entry))
+    batch = _axis_names(rows_spec[0])
+    splits_table = any(axis in batch and mesh.shape[axis] > 1
+                       for entry in table_spec for axis in _axis_names(entry))
+    return (splits_table and rows % size(rows_spec[0]) == 0
+            and all(dim % size(entry) == 0 for dim, entry in zip(table_shape, table_spec)))
+
+
+def _axis_names(entry):
+    """A PartitionSpec entry (None, an axis, or a tuple of axes) -> tuple of axes."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _scattered(tokens, rows_grad, shape):
+    """[V, D]: rows_grad [..., D] summed into the rows `tokens` [...] name."""
+    return jnp.zeros(shape, rows_grad.dtype).at[tokens].add(rows_grad)
+
+
+def _reduced_onto(tokens, rows_grad, *, shape, table_spec, batch_axes):
+    """This device's block of the table gradient (split as `table_spec`) from
+    its own batch rows: a reduce-scatter over the batch axes that split the
+    table, a plain slice over axes the rows are not split on (they are equal
+    there), a sum over the batch axes that do not split it."""
+    grad = _scattered(tokens, rows_grad, shape)
+    pending = list(batch_axes)
+    for dim, entry in enumerate(table_spec):
+        for axis in _axis_names(entry):  # major to minor, as PartitionSpec splits
+            if axis in pending:
+                grad = jax.lax.psum_scatter(grad, axis, scatter_dimension=dim, tiled=True)
+                pending.remove(axis)
+            else:
+                size = grad.shape[dim] // jax.lax.axis_size(axis)
+                grad = jax.lax.dynamic_slice_in_dim(grad, jax.lax.axis_index(axis) * size, size,
+                                                    axis=dim)
+    return jax.lax.psum(grad, tuple(pending)) if pending else grad
+
+
+embed_tokens.defvjp(_embed_tokens_fwd, _embed_tokens_bwd)
 
 
 def take_tokens(x, positions):
