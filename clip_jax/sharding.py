@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from clip_jax.models.partitioning import spec_axes
 from clip_jax.sharding_rules import BATCH_AXES, MESH_AXES
 
 
@@ -101,7 +102,7 @@ def logical_shardings(boxed_tree, mesh, rules):
             shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
         shape = (leaf.value if is_box(leaf) else leaf).shape
         for dim, (size, entry) in enumerate(zip(shape, shard.spec)):
-            axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+            axes = spec_axes(entry)
             ways = math.prod(mesh.shape[axis] for axis in axes)
             if size % ways:
                 name = "/".join(str(getattr(k, "key", k)) for k in path)

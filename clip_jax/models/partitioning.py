@@ -37,6 +37,11 @@ POOLED = (BATCH, EMBED)  # [B, D]: one vector per example
 FEATURE_MAP = (BATCH, None, None, EMBED)  # [B, H, W, C]: convolutional features
 
 
+def spec_axes(entry):
+    """A PartitionSpec entry (None, a mesh axis, or a tuple of them) -> tuple of axes."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def constrain(x, names):
     """x, its sharding pinned to the mesh axes the active rules give `names`
     (one per dimension, None: replicated); x itself outside

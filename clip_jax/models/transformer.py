@@ -22,7 +22,7 @@ from clip_jax.models import lean_ops, weight_grads
 from clip_jax.models.cudnn_attention import cudnn_attention
 from clip_jax.models.lean_attention import attention
 from clip_jax.models.partitioning import (EMBED, HIDDEN, PER_HEAD, TOKENS, compute_weight,
-                                          constrain, unconstrained)
+                                          constrain, spec_axes, unconstrained)
 from clip_jax.models.splash import splash_attention
 
 # Logical name of the leading axis of scanned (stacked) block parameters.
@@ -205,6 +205,10 @@ class LayerNorm(nn.Module):
 TOKEN_TABLE = ("vocab", "embed")  # the logical axes of every token embedding table
 
 
+def _rows(table, tokens):
+    return constrain(constrain(table, ("vocab", EMBED))[tokens], TOKENS)
+
+
 @jax.custom_vjp
 def embed_tokens(table, tokens):
     """Rows of table [V, D] (params `TOKEN_TABLE`) at tokens [B, L] -> [B, L, D],
@@ -216,11 +220,11 @@ def embed_tokens(table, tokens):
     cannot reach the batch split from there and replicates the whole batch's
     embeddings on every device instead.
     """
-    return constrain(constrain(table, ("vocab", EMBED))[tokens], TOKENS)
+    return _rows(table, tokens)
 
 
 def _embed_tokens_fwd(table, tokens):
-    return embed_tokens(table, tokens), (table, tokens)
+    return _rows(table, tokens), (table, tokens)
 
 
 def _embed_tokens_bwd(residuals, rows_grad):
@@ -244,7 +248,7 @@ def _embed_tokens_bwd(residuals, rows_grad):
         return constrain(whole, TOKEN_TABLE).astype(table.dtype), None
     batch = rows_spec[0]
     reduce = functools.partial(_reduced_onto, shape=table.shape, table_spec=tuple(table_spec),
-                               batch_axes=_axis_names(batch))
+                               batch_axes=spec_axes(batch))
     table_grad = jax.shard_map(reduce, mesh=mesh, in_specs=(jax.P(batch), jax.P(batch)),
                                out_specs=jax.P(*table_spec))(tokens, rows_grad)
     return table_grad.astype(table.dtype), None
@@ -258,17 +262,12 @@ def _reduce_scatters(mesh, table_spec, rows_spec, table_shape, rows):
     if mesh.empty or table_spec is None or rows_spec is None:
         return False
     def size(entry):
-        return math.prod(mesh.shape[axis] for axis in _axis_names(entry))
-    batch = _axis_names(rows_spec[0])
+        return math.prod(mesh.shape[axis] for axis in spec_axes(entry))
+    batch = spec_axes(rows_spec[0])
     splits_table = any(axis in batch and mesh.shape[axis] > 1
-                       for entry in table_spec for axis in _axis_names(entry))
+                       for entry in table_spec for axis in spec_axes(entry))
     return (splits_table and rows % size(rows_spec[0]) == 0
             and all(dim % size(entry) == 0 for dim, entry in zip(table_shape, table_spec)))
-
-
-def _axis_names(entry):
-    """A PartitionSpec entry (None, an axis, or a tuple of axes) -> tuple of axes."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _scattered(tokens, rows_grad, shape):
@@ -284,7 +283,7 @@ def _reduced_onto(tokens, rows_grad, *, shape, table_spec, batch_axes):
     grad = _scattered(tokens, rows_grad, shape)
     pending = list(batch_axes)
     for dim, entry in enumerate(table_spec):
-        for axis in _axis_names(entry):  # major to minor, as PartitionSpec splits
+        for axis in spec_axes(entry):  # major to minor, as PartitionSpec splits
             if axis in pending:
                 grad = jax.lax.psum_scatter(grad, axis, scatter_dimension=dim, tiled=True)
                 pending.remove(axis)
