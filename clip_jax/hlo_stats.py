@@ -325,6 +325,11 @@ def bytes_by_kind(found):
     return {kind: int(total) for kind, total in totals.items()}
 
 
+# A fusion, or the start of one the GPU compiler runs asynchronously (newer XLA
+# runs a scanned layer's stacking of its activations so; its fusion-done launches
+# nothing).
+FUSION_OPS = ("fusion", "fusion-start")
+
 # What an instruction spends device time on, as op_profile reports it.
 OP_KINDS = ("matmul", "attention", "fusion", "collective", "data movement", "other")
 _MATMUL_OPS = ("dot", "convolution")
@@ -354,7 +359,7 @@ def _kind(instruction, computations):
         if any(word in described for word in _ATTENTION_TARGETS):
             return "attention"
         return "matmul" if any(word in target for word in _MATMUL_TARGETS) else "other"
-    if opcode == "fusion":
+    if opcode in FUSION_OPS:
         called = re.search(r"calls=%([^\s,]+)", instruction.attributes)
         inner = computations.get(called.group(1), ()) if called else ()
         kinds = {_kind(i, computations) for i in inner if i.opcode not in ("parameter",)}
@@ -375,7 +380,7 @@ def instruction_kinds(hlo_text):
         """Its op_name, or a fusion's from the fused op that gives it its kind
         (else its root)."""
         op_name = _OP_NAME.search(instruction.attributes)
-        if op_name or instruction.opcode != "fusion":
+        if op_name or instruction.opcode not in FUSION_OPS:
             return op_name.group(1) if op_name else ""
         called = re.search(r"calls=%([^\s,]+)", instruction.attributes)
         inner = computations.get(called.group(1), ()) if called else ()

@@ -32,7 +32,8 @@ from clip_jax import hlo_stats
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
               "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
               "add-dependency", "domain", "send", "send-done", "recv", "recv-done",
-              "copy-start", "copy-done", "async-start", "async-update", "async-done"}
+              "copy-start", "copy-done", "async-start", "async-update", "async-done",
+              "fusion-done"}
 _SLICES = ("dynamic-slice", "slice")
 _CUDNN_ATTENTION = re.compile(r'custom_call_target="__cudnn\$fmha[^"]*"')
 _GEMM = re.compile(r'custom_call_target="__cublas\$[^"]*"')
@@ -91,6 +92,17 @@ def _fusion_flops(name, computations):
     return total
 
 
+def _result_shapes(instruction, by_name):
+    """[(dtype, dims)] of what a fusion writes. An asynchronous start's type holds
+    its operands, then its results, then a context word: the results."""
+    shapes = hlo_stats.array_shapes(instruction.type_text)
+    if instruction.opcode != "fusion-start":
+        return shapes
+    operand_shapes = sum(len(hlo_stats.array_shapes(by_name[name].type_text))
+                         for name in instruction.operands() if name in by_name)
+    return shapes[operand_shapes:-1]
+
+
 def _fusion_bytes(instruction, by_name, computations):
     """Bytes a fusion reads and writes: each operand whole unless the fused
     computation only slices it, and its result, less a buffer it updates in
@@ -107,7 +119,7 @@ def _fusion_bytes(instruction, by_name, computations):
     in_place = {inner.operands()[0]: body.get(inner.operands()[1]) for inner in body.values()
                 if inner.opcode == "dynamic-update-slice" and inner.operands()[0] in body
                 and body[inner.operands()[0]].opcode == "parameter"}
-    moved = _array_bytes(hlo_stats.array_shapes(instruction.type_text))
+    moved = _array_bytes(_result_shapes(instruction, by_name))
     for buffer, update in in_place.items():
         moved -= _array_bytes(hlo_stats.array_shapes(body[buffer].type_text))
         moved += _array_bytes(hlo_stats.array_shapes(update.type_text)) if update else 0
@@ -139,7 +151,7 @@ def _kernel(instruction, by_name, computations, executions):
             written = [shape for shape in result if shape[0] != "u8"]  # not the workspace
             return Kernel("attention", _attention_flops(instruction, by_name),
                           operands_bytes + _array_bytes(written), executions, op_name)
-    if instruction.opcode == "fusion":
+    if instruction.opcode in hlo_stats.FUSION_OPS:
         called = re.search(r"calls=%([^\s,]+)", instruction.attributes)
         flops = _fusion_flops(called.group(1), computations) if called else 0.0
         return Kernel("matmul" if flops else "other", flops,

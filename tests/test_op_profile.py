@@ -46,6 +46,26 @@ ENTRY %main () -> f32[] {
     assert kinds["custom-call.3"][0] == "attention"
 
 
+def test_an_asynchronous_fusion_has_the_kind_of_what_it_fuses():
+    hlo = """HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%fused_dot (a: bf16[8,16], b: bf16[16,32]) -> bf16[8,32] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %b = bf16[16,32]{1,0} parameter(1)
+  ROOT %product = bf16[8,32]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/mlp/dot_general"}
+}
+
+ENTRY %main () -> f32[] {
+  %x = bf16[8,16]{1,0} parameter(0)
+  %w = bf16[16,32]{1,0} parameter(1)
+  %start = ((bf16[8,16]{1,0}, bf16[16,32]{1,0}), bf16[8,32]{1,0}, u32[]) fusion-start(%x, %w), kind=kCustom, calls=%fused_dot
+  %done = bf16[8,32]{1,0} fusion-done(%start)
+  ROOT %c = f32[] constant(0)
+}
+"""  # noqa: E501  (HLO text as XLA prints it)
+    assert hlo_stats.instruction_kinds(hlo)["start"] == ("matmul", "jit(step)/mlp/dot_general")
+
+
 @pytest.mark.parametrize("name, kind", [
     ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "matmul"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),

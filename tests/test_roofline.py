@@ -113,6 +113,22 @@ def test_kernels_count_flops_bytes_and_trips():
     ])
 
 
+# Newer XLA runs the stacking fusion asynchronously: a start whose type holds its
+# operands, its result and a context word, and a done that launches nothing.
+_ASYNC_STACKING = _HLO.replace(
+    "  %stacked.1 = bf16[4,8,16]{2,1,0} fusion(%stack, %i, %layer.1), kind=kLoop, "
+    "calls=%fused_stack\n",
+    "  %stacking = ((bf16[4,8,16]{2,1,0}, s32[], bf16[8,16]{1,0}), bf16[4,8,16]{2,1,0}, u32[]) "
+    "fusion-start(%stack, %i, %layer.1), kind=kLoop, calls=%fused_stack\n"
+    "  %stacked.1 = bf16[4,8,16]{2,1,0} fusion-done(%stacking)\n")
+
+
+def test_an_asynchronous_fusion_counts_as_the_fusion_it_runs():
+    assert "fusion-start" in _ASYNC_STACKING
+    assert by_op(roofline.kernels(_ASYNC_STACKING, PEAK, BANDWIDTH)) == by_op(
+        roofline.kernels(_HLO, PEAK, BANDWIDTH))
+
+
 def test_the_step_bound_sums_each_kernels_roof():
     bound = roofline.step_bound(_HLO, PEAK, BANDWIDTH)
     found = roofline.kernels(_HLO, PEAK, BANDWIDTH)
