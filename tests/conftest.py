@@ -99,6 +99,20 @@ def shrunk_data_dir(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_basetemp(tmp_path_factory):
+    """Points tempfile and TMPDIR (which the trainer processes inherit) into
+    pytest's own rotated base directory: libraries leave empty temporary
+    directories behind (TFDS's DatasetInfo.initialize_from_bucket makes one per
+    builder of an unprepared dataset and never removes it, Beam one per
+    pipeline), about 30 a run, which would otherwise collect in /tmp."""
+    directory = str(tmp_path_factory.mktemp("tmpdir"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", directory)
+        patch.setattr(tempfile, "tempdir", directory)
+        yield directory
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_COMPILATION_CACHE is not None:
         shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
