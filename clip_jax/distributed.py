@@ -3,7 +3,9 @@
 flags and the jax.distributed.initialize call they drive."""
 
 import jax
+import numpy as np
 from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def define_distributed_flags():
@@ -43,3 +45,37 @@ def initialize_distributed(coordinator_address, num_processes, process_id, auto=
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+    if cpu_collectives == "gloo" and jax.process_count() > 1 and jax.default_backend() == "cpu":
+        widen_gloo_send_buffers()
+
+
+# Bytes each device reduce-scatters at start-up: gloo's first message is half of
+# them, above the kernel's cap on a requested send buffer (net.core.wmem_max,
+# 208 KiB by default).
+_WIDENING_BYTES = 4 * 2**20
+
+
+def widen_gloo_send_buffers():
+    """One reduce-scatter over all devices, of 4 MiB per device, so that gloo
+    sizes its connections' send buffers for megabytes rather than bytes.
+
+    gloo's TCP pair sets a connection's SO_SNDBUF to the first message it sends
+    through its buffer-bound path, which XLA:CPU's reduce-scatter takes, and
+    setting SO_SNDBUF switches off Linux's autotuning of that buffer for good. A
+    train step's first reduce-scatter is the contrastive loss's, a few hundred
+    bytes, so the buffer stayed at the kernel's minimum (4.5 KiB) and every
+    later collective on the connection moved one 64 KiB loopback segment per
+    delayed ACK (about 40 ms): the tiny train step took 6.5 s on 2 processes x 2
+    CPU devices, 0.33-0.67 s after this (docs/benchmarks.md). A larger first
+    message is the one lever outside gloo. Collectives over a sub-group of the
+    devices have connections of their own, which this leaves as they are."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    count = mesh.devices.size
+    columns = max(_WIDENING_BYTES // (4 * count), 1)
+    spec = PartitionSpec("devices")
+    scatter = jax.jit(jax.shard_map(
+        lambda rows: jax.lax.psum_scatter(rows, "devices", scatter_dimension=0, tiled=True),
+        mesh=mesh, in_specs=spec, out_specs=spec))
+    local = np.zeros((count * jax.local_device_count(), columns), np.float32)
+    jax.block_until_ready(scatter(jax.make_array_from_process_local_data(
+        NamedSharding(mesh, spec), local)))

@@ -1,9 +1,15 @@
 """Two processes on localhost (gloo collectives) train like one process."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from tests.trainer_process import distributed_flags, free_port, launch_trainer, read_metrics
+from clip_jax import cpu_devices
+from tests.trainer_process import (REPO, distributed_flags, free_port, launch_trainer,
+                                   read_metrics)
 
 pytestmark = pytest.mark.slow
 COMPARED = ("train/loss", "train/grad_norm", "train/logit_scale")
@@ -47,3 +53,53 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, shrunk_data_dir)
     assert "retrieval/synthetic_shapes/image_to_text_r1" in evals_1
     for name in evals_1:
         np.testing.assert_allclose(evals_2[name], evals_1[name], atol=1e-6, err_msg=name)
+
+
+# One process of a 2-process run on 2 CPU devices each: joins as the trainer
+# does, reduce-scatters a few hundred bytes as a train step's loss does first,
+# then prints the smallest send buffer of its TCP connections.
+_SEND_BUFFERS = """
+import socket, sys, os
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from clip_jax.distributed import initialize_distributed
+initialize_distributed(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+spec = PartitionSpec("devices")
+scatter = jax.jit(jax.shard_map(lambda x: jax.lax.psum_scatter(x, "devices", tiled=True),
+                                mesh=mesh, in_specs=spec, out_specs=spec))
+tiny = np.ones((2 * 4, 16), np.float32)
+jax.block_until_ready(scatter(jax.make_array_from_process_local_data(NamedSharding(mesh, spec), tiny)))
+sizes = []
+for name in os.listdir("/proc/self/fd"):
+    try:
+        sock = socket.socket(fileno=int(name))
+    except OSError:
+        continue
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        sizes.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+    sock.detach()
+print("send buffers", min(sizes), len(sizes))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_gloo_connections_keep_send_buffers_wider_than_the_default():
+    """After start-up, a tiny reduce-scatter leaves no gloo connection's send
+    buffer below TCP's default (16 KiB): gloo sizes a connection's buffer to the
+    first message it reduce-scatters and Linux then stops growing it, so a
+    connection whose first was a few hundred bytes stayed at the kernel's
+    minimum and moved megabytes one delayed ACK at a time
+    (clip_jax/distributed.widen_gloo_send_buffers)."""
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS=cpu_devices.xla_flags(2, os.environ.get("XLA_FLAGS", "")),
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    processes = [subprocess.Popen([sys.executable, "-c", _SEND_BUFFERS, str(port), str(rank)],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    logs = [process.communicate(timeout=300)[0] for process in processes]
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+        smallest, count = map(int, log.split("send buffers")[-1].split())
+        assert count >= 3  # the coordinator's connection and gloo's to the 3 other devices
+        assert smallest >= 16384, log[-2000:]
