@@ -105,10 +105,18 @@ def compiler_options():
     return {"xla_gpu_enable_triton_gemm": False} if release < (0, 11) else {}
 
 
+# Memory bytes/s by the lowercase device_kind's name, first match: a compile-only
+# device's kind is CHIPS's, an attached GPU's the CUDA name of its board (the
+# SXM H100 "NVIDIA H100 80GB HBM3", the H200 "NVIDIA H200"); the PCIe and NVL
+# H100s' figures are NVIDIA's H100 datasheet's.
+_BANDWIDTH_BY_KIND = (("h100 pcie", 2.0e12), ("h100 nvl", 3.9e12), ("h100", CHIPS["h100"][2]),
+                      ("h200", CHIPS["h200"][2]))
+
+
 def memory_bandwidth(device):
-    """Memory bytes/s of a GPU device's chip (CHIPS), else None."""
-    return next((figures[2] for figures in CHIPS.values()
-                 if figures[0] == getattr(device, "device_kind", "")), None)
+    """Memory bytes/s of a GPU device's chip, compile-only or attached, else None."""
+    kind = getattr(device, "device_kind", "").lower()
+    return next((bandwidth for name, bandwidth in _BANDWIDTH_BY_KIND if name in kind), None)
 
 
 def chip_name(device):

@@ -149,6 +149,7 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
         profile = row["profile"]
         assert profile["op_s_per_step"]["matmul"] > 0 and 0 < profile["busy_fraction"] <= 1.01
         assert profile["unattributed_fraction"] == 0
+        assert row["roofline"] is None  # a GPU's only
     assert sorted(path.name for path in (tmp_path / "traces").iterdir()) == [
         "tiny_xla_lean-off_unrolled_32.xplane.pb", "tiny_xla_lean-on_unrolled_32.xplane.pb"]
     table = capsys.readouterr().out
@@ -190,7 +191,9 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
         if call[:3] == ("m2", "xla", "on"):
             return 0, "a library's notice\n", ""
         return 0, json.dumps({"step_time_s": 1.0, "samples_per_sec_per_device": float(batch),
-                              "mfu": 0.5, "peak_memory_bytes": 2**30}), ""
+                              "mfu": 0.5, "peak_memory_bytes": 2**30,
+                              "roofline": {"step_seconds_at_least": 0.625,
+                                           "mfu_at_most": 0.8}}), ""
 
     monkeypatch.setattr(accelerator_bench, "run_child", fake_child)
     monkeypatch.setitem(accelerator_bench.TINY, "batches", {"m1": (256, 128), "m2": (128,)})
@@ -221,4 +224,5 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     table = accelerator_bench.table(rows)
     assert ("| m1 | cudnn | on | unrolled | default | jax.errors.JaxRuntimeError: INTERNAL: "
             "cuDNN failed |") in table
-    assert "| m1 | cudnn | off | scan | cuBLAS GEMMs | 128 | 1.000 | 128.0 | 50.0% |" in table
+    assert ("| m1 | cudnn | off | scan | cuBLAS GEMMs | 128 | 1.000 | 0.625 | 128.0 | 50.0% |"
+            in table)

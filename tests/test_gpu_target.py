@@ -99,3 +99,17 @@ def test_plan_command_bad_gpu_count_is_one_line(compile_only_process):
         compile_only_process(plan_command_output, "--config", "tiny", "--gpu", "h100",
                              "--devices", "9")
     assert str(raised.value) == "plan error: GPU count 9: expected 1 to 8, or whole hosts of 8"
+
+
+@pytest.mark.parametrize("kind, bandwidth", [
+    ("NVIDIA H100 80GB HBM3", gpu_target.CHIPS["h100"][2]),  # compile-only, and the SXM board
+    ("NVIDIA H200", gpu_target.CHIPS["h200"][2]),  # an attached H200's CUDA name
+    ("NVIDIA H200 141GB HBM3e", gpu_target.CHIPS["h200"][2]),
+    ("NVIDIA H100 PCIe", 2.0e12), ("NVIDIA H100 NVL", 3.9e12),
+    ("NVIDIA A100-SXM4-80GB", None), ("cpu", None)])
+def test_memory_bandwidth_knows_attached_boards_by_their_cuda_names(kind, bandwidth):
+    """The device check's roofline on an attached GPU reads its bandwidth by the
+    board's CUDA name, which is not the compile-only device's for an H200."""
+    class Device:
+        device_kind = kind
+    assert gpu_target.memory_bandwidth(Device()) == bandwidth

@@ -26,7 +26,9 @@ step runs out of memory; a variant that fails otherwise (a kernel the platform
 lacks) is a row with its error, and the check goes on. Each measurement also
 traces a few steps (clip_jax/op_profile.py): the table gives the share of the
 step in matmul and attention kernels, how close to peak they run, and how long
-the device idles.
+the device idles. On GPUs a row also has the roofline's lower bound on the step
+it compiled (clip_jax/roofline.py): the gap between it and the measured step is
+what the profile has to explain.
 
 The JSON document is rewritten after every row, so a check stopped early keeps
 what it measured; no measurement starts after --budget-s seconds.
@@ -183,17 +185,19 @@ def _percent(fraction):
 
 
 def table(rows):
-    """Markdown table of the rows: speed, MFU, and from the profile the share of
+    """Markdown table of the rows: speed, on GPUs the roofline's lower bound on
+    the same program's step (clip_jax/roofline.py), MFU, and from the profile the share of
     the step in matmul and attention kernels, their FLOP/s against peak, and
     the device's idle share."""
     lines = ["| model | attention | lean backward | layer loop | XLA flags | batch / device "
-             "| step s | samples/s / device | MFU | matmul + attention kernels "
-             "| their FLOP/s / peak | device idle | peak GiB |", "|" + " --- |" * 13]
+             "| step s | roofline: step >= s | samples/s / device | MFU "
+             "| matmul + attention kernels | their FLOP/s / peak | device idle | peak GiB |",
+             "|" + " --- |" * 14]
     for row in rows:
         head = (f"| {row['model']} | {row['attention']} | {row['lean_backward']} | "
                 f"{row.get('layer_loop', '')} | {row.get('flag_set') or 'default'} |")
         if "skipped" in row or "error" in row:
-            lines.append(f"{head} {row.get('skipped') or row['error']} |" + " |" * 7)
+            lines.append(f"{head} {row.get('skipped') or row['error']} |" + " |" * 8)
             continue
         profile = row.get("profile") or {}
         share = idle = None
@@ -202,7 +206,9 @@ def table(rows):
             share = (kinds["matmul"] + kinds["attention"]) / profile["wall_s_per_step"]
             idle = max(0.0, 1 - profile["busy_fraction"])
         mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        lines.append(f"{head} {row['batch_per_device']} | {row['step_time_s']:.3f} | "
+        bound = row.get("roofline")
+        bound = f"{bound['step_seconds_at_least']:.3f}" if bound else ""
+        lines.append(f"{head} {row['batch_per_device']} | {row['step_time_s']:.3f} | {bound} | "
                      f"{row['samples_per_sec_per_device']:.1f} | {mfu} | {_percent(share)} | "
                      f"{_percent(profile.get('kernel_flops_fraction'))} | {_percent(idle)} | "
                      f"{row['peak_memory_bytes'] / 2**30:.2f} |")

@@ -112,6 +112,10 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, 
     else:
         peak_memory, memory_source = planned_bytes, "memory_analysis"
     measured = phases.first_phase_model(config)
+    # On a GPU, the roofline's lower bound on this very program's step: what the
+    # measured step time is to be compared with (None on other devices).
+    bound = capacity.gpu_roofline(compiled.as_text(), devices[0], model_flops / num_devices) \
+        if devices[0].platform == "gpu" else None
     row = {"benchmark": "train", "device_kind": kind, "devices": num_devices,
            "global_batch": config.batch_size, "dtype": config.model.dtype,
            "image_size": measured.image.image_size,
@@ -126,7 +130,8 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, 
            "peak_flops_per_device": peak,
            "mfu": None if peak is None else achieved / (peak * num_devices),
            "peak_memory_bytes": int(peak_memory), "peak_memory_source": memory_source,
-           "loss": float(metrics["loss"]), "huge_pages": huge_pages.requested()}
+           "loss": float(metrics["loss"]), "huge_pages": huge_pages.requested(),
+           "roofline": bound}
     if profile_steps:
         row["profile"] = _profile(compiled, run, profile_steps, trace_path,
                                   model_flops / num_devices, peak)
@@ -202,7 +207,10 @@ def run_train(args):
           f"  MFU                {mfu}\n"
           f"  peak memory        {row['peak_memory_bytes'] / 2**30:10.2f} GiB  "
           f"(per device, {row['peak_memory_source']})\n"
-          f"  final loss         {row['loss']:10.4f}\n"
+          + (f"  roofline bound     {row['roofline']['step_seconds_at_least']:10.3f} s  "
+             f"(this program's kernels at peak FLOP/s or memory bandwidth: MFU at most "
+             f"{100 * row['roofline']['mfu_at_most']:.0f}%)\n" if row["roofline"] else "")
+          + f"  final loss         {row['loss']:10.4f}\n"
           f"  host pages         {'transparent huge pages' if row['huge_pages'] else '4 KiB'} "
           f"(clip_jax/huge_pages.py)", flush=True)
     if "profile" in row:
