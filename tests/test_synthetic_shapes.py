@@ -2,6 +2,7 @@
 that images and captions agree."""
 
 import collections
+import tempfile
 
 import numpy as np
 import pytest
@@ -151,11 +152,15 @@ def test_position_and_size_words_are_true():
 
 
 def test_first_use_says_what_it_prepares_without_tfds_download_wording(tmp_path, capfd):
+    scratch = tmp_path / "tempdir"
+    scratch.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(builtin_datasets.SyntheticShapes, "train_examples", TRAIN)
         patch.setattr(builtin_datasets.SyntheticShapes, "test_examples", TEST)
-        builder = pipeline.prepared_builder("synthetic_shapes", str(tmp_path))
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        builder = pipeline.prepared_builder("synthetic_shapes", str(tmp_path / "data"))
     out, err = capfd.readouterr()
     assert builder.is_prepared()
+    assert list(scratch.iterdir()) == []  # no temporary directory left behind
     assert f"preparing the built-in dataset synthetic_shapes ({TRAIN} + {TEST} images" in out
     assert "ownload" not in out + err and "Variant folder" not in out + err

@@ -56,7 +56,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         print(f"{self.name} ready in {self.data_dir}", flush=True)
 
     def _info(self):
-        return self.dataset_info_from_configs(
+        info = self.dataset_info_from_configs(
             description=(f"Procedurally drawn coloured shapes with {self.captions_description}: "
                          f"{len(COLOURS)} colours x {len(SHAPES)} shapes = {len(CLASS_NAMES)} "
                          "classes (label: '<colour> <shape>' of the main object), for CLIP "
@@ -69,6 +69,11 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
             }),
             supervised_keys=None,
         )
+        # Never in TFDS's GCS bucket, and asking makes an empty temporary
+        # directory that TFDS never removes: one per builder made before the
+        # dataset is prepared (DatasetInfo.initialize_from_bucket).
+        info.initialize_from_bucket = lambda: None
+        return info
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
