@@ -104,8 +104,9 @@ def _temporary_files_under_basetemp(tmp_path_factory):
     """Points tempfile and TMPDIR (which the trainer processes inherit) into
     pytest's own rotated base directory: libraries leave empty temporary
     directories behind (TFDS's DatasetInfo.initialize_from_bucket makes one per
-    builder of an unprepared dataset and never removes it, Beam one per
-    pipeline), about 30 a run, which would otherwise collect in /tmp."""
+    builder of an unprepared dataset other than the built-in ones, such as those
+    `clip_jax.data.prepare` stores, and never removes it; Beam one per
+    pipeline), about 20 a run, which would otherwise collect in /tmp."""
     directory = str(tmp_path_factory.mktemp("tmpdir"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TMPDIR", directory)
