@@ -112,10 +112,12 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, 
     else:
         peak_memory, memory_source = planned_bytes, "memory_analysis"
     measured = phases.first_phase_model(config)
+    on_gpu = devices[0].platform == "gpu"
+    hlo_text = compiled.as_text() if on_gpu or profile_steps else None  # seconds for a large model
     # On a GPU, the roofline's lower bound on this very program's step: what the
     # measured step time is to be compared with (None on other devices).
-    bound = capacity.gpu_roofline(compiled.as_text(), devices[0], model_flops / num_devices) \
-        if devices[0].platform == "gpu" else None
+    bound = capacity.gpu_roofline(hlo_text, devices[0], model_flops / num_devices) \
+        if on_gpu else None
     row = {"benchmark": "train", "device_kind": kind, "devices": num_devices,
            "global_batch": config.batch_size, "dtype": config.model.dtype,
            "image_size": measured.image.image_size,
@@ -133,22 +135,22 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, 
            "loss": float(metrics["loss"]), "huge_pages": huge_pages.requested(),
            "roofline": bound}
     if profile_steps:
-        row["profile"] = _profile(compiled, run, profile_steps, trace_path,
+        row["profile"] = _profile(hlo_text, run, profile_steps, trace_path,
                                   model_flops / num_devices, peak)
     return row
 
 
-def _profile(compiled, run, steps, trace_path, model_flops_per_device, peak):
-    """op_profile's summary of `steps` traced steps, or {"error": why} when the
-    profiler fails (a missing CUPTI, say): the timing row stands either way."""
+def _profile(hlo_text, run, steps, trace_path, model_flops_per_device, peak):
+    """op_profile's summary of `steps` traced steps of the program `hlo_text`, or
+    {"error": why} when the profiler fails (a missing CUPTI, say): the timing
+    row stands either way."""
     try:
         with op_profile.traced(trace_path) as trace:
             started = time.perf_counter()
             run(steps)
             wall = time.perf_counter() - started
-        text = compiled.as_text()
-        summary = op_profile.summarize(op_profile.device_events(trace[0]), text, steps, wall,
-                                       op_profile.module_name(text))
+        summary = op_profile.summarize(op_profile.device_events(trace[0]), hlo_text, steps,
+                                       wall, op_profile.module_name(hlo_text))
     except Exception as error:  # noqa: BLE001  (the profiler raises its own error types)
         return {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"}
     summary["kernel_flops_fraction"] = op_profile.kernel_flops_fraction(
