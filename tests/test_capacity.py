@@ -124,15 +124,15 @@ def test_no_activation_of_vit_b16_holds_the_global_batch(mesh):
 @pytest.mark.parametrize("mesh", [FSDP, DATA_FSDP], ids=["fsdp=8", "data=2,fsdp=4"])
 def test_the_token_tables_gradient_is_reduce_scattered_not_summed_whole(mesh):
     """Each device scatters its own captions' rows into a partial table, which is
-    reduce-scattered onto the table's fsdp split: no all-reduce carries the whole
-    49,408 x 512 float32 table (autodiff's pin to the gathered table made one,
-    twice the bytes), and no activation gathers every shard's rows."""
+    reduce-scattered in bfloat16 onto the table's fsdp split: no all-reduce
+    carries the whole 49,408 x 512 table (autodiff's pin to the gathered table
+    made one, twice the bytes), and no activation gathers every shard's rows."""
     config = vit_b16(dict(mesh))
     vocab, width, fsdp = config.model.text.vocab_size, config.model.text.width, dict(mesh)["fsdp"]
     _, text, _ = compiled_plan("vit_b16", mesh)
-    table_grads = [(c.group_size, c.bytes_moved) for c in hlo_stats.collectives(text, 8)
+    table_grads = [(c.group_size, c.dtypes, c.bytes_moved) for c in hlo_stats.collectives(text, 8)
                    if c.kind == "reduce-scatter" and "encode_text/text/shard_map" in c.op_name]
-    assert table_grads == [(fsdp, 4 * vocab * width * (fsdp - 1) // fsdp)]
+    assert table_grads == [(fsdp, ("bf16",), 2 * vocab * width * (fsdp - 1) // fsdp)]
     all_reduced = [match.group(1) for match in re.finditer(
         r"^\s*(?:ROOT )?%\S+ = (.*?) all-reduce(?:-start)?\(", text, re.MULTILINE)]
     assert not [types for types in all_reduced if f"[{vocab},{width}]" in types]

@@ -47,14 +47,31 @@ def _kernels(text):
     return sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
 
 
+def _token_table_collectives(text, vocab, width):
+    """{kind: element types} of the all-gathers and reduce-scatters that move
+    the whole [vocab, width] token table (as a result or as an operand; the GPU
+    compiler may hold it transposed)."""
+    moved = {}
+    whole = rf"\b(\w+)\[(?:{vocab},{width}|{width},{vocab})\]"
+    for match in re.finditer(r"^\s*%\S+ = (.*?) (all-gather|reduce-scatter)(?:-start)?\(", text,
+                             re.MULTILINE):
+        for dtype in re.findall(whole, match.group(1)):
+            moved.setdefault(match.group(2), set()).add(dtype)
+    return moved
+
+
 def _on_gpu_plan(attention):
     """The test model's bf16 train step (5 image tokens, 8 text tokens), FSDP
-    over 4 H100s, with config.model.attention=`attention`."""
+    over 4 H100s, with config.model.attention=`attention`: (plan row, kernels,
+    the token table's collectives)."""
     config = _small_bf16_config(fsdp=4)
     with config.unlocked():
         config.model.attention = attention
     compiled, training = capacity.compile_train_step(config, gpu_target.devices("h100", 4))
-    return capacity.summarize(config, compiled, training), _kernels(compiled.as_text())
+    text = compiled.as_text()
+    table = _token_table_collectives(text, config.model.text.vocab_size,
+                                     config.model.text.width)
+    return capacity.summarize(config, compiled, training), _kernels(text), table
 
 
 @pytest.mark.parametrize("attention", ["cudnn", "auto"])
@@ -62,13 +79,14 @@ def test_cudnn_attention_trains_in_the_h100_step(compile_only_process, attention
     """cuDNN's fused attention, forward and backward, in the compiled train step
     (the image tower's odd sequence padded, the text tower's not); `auto` takes
     it when the step is compiled for a GPU."""
-    row, kernels = compile_only_process(_on_gpu_plan, attention)
+    row, kernels, _ = compile_only_process(_on_gpu_plan, attention)
     assert "__cudnn$fmhaSoftmax" in kernels and "__cudnn$fmhaSoftmaxBackward" in kernels
     assert row["compiled_for"] == "NVIDIA H100 80GB HBM3" and row["fits"] == {"H100": True}
-    # FSDP over 4 GPUs gathers 3/4 of every bfloat16 parameter in the forward and
-    # again in the backward: 3x the bytes of the float32 shard each GPU holds
-    # (every array of the GPU compiler's combined gathers counted).
-    assert row["collective_bytes"]["all-gather"] > 2 * row["param_bytes"]
+    # FSDP over 4 GPUs gathers 3/4 of every bfloat16 parameter, the token table's
+    # (most of this model) in the forward only, the blocks' again in the
+    # backward: over 1.5x the bytes of the float32 shard each GPU holds (every
+    # array of the GPU compiler's combined gathers counted).
+    assert row["collective_bytes"]["all-gather"] > 1.5 * row["param_bytes"]
     assert row["collective_bytes"]["reduce-scatter"] > 0
     assert 0 < row["temp_bytes"] < row["bytes_per_device"]
     # The roofline reads the GEMMs' and cuDNN's FLOPs from the compiled kernels:
@@ -81,8 +99,17 @@ def test_cudnn_attention_trains_in_the_h100_step(compile_only_process, attention
 
 
 def test_xla_attention_calls_no_cudnn_kernel(compile_only_process):
-    _, kernels = compile_only_process(_on_gpu_plan, "xla")
+    _, kernels, _ = compile_only_process(_on_gpu_plan, "xla")
     assert not any(kernel.startswith("__cudnn$fmha") for kernel in kernels)
+
+
+def test_the_token_table_moves_in_the_compute_dtype(compile_only_process):
+    """Under FSDP the text tower's token table is gathered, and its gradient
+    reduce-scattered, in bfloat16 like every other weight of a bf16 step: half
+    the bytes of its float32 parameter. (XLA:CPU gathers float32 whatever the
+    program says, so this is the GPU compiler's program.)"""
+    _, _, table = compile_only_process(_on_gpu_plan, "xla")
+    assert table == {"all-gather": {"bf16"}, "reduce-scatter": {"bf16"}}
 
 
 def test_plan_command_compiles_for_gpus(compile_only_process):

@@ -31,8 +31,8 @@ class BagOfWordsText(nn.Module):
         token_embedding = self.param("token_embedding", normal(0.02, TOKEN_TABLE),
                                      (self.vocab_size, self.width))
         words = token_layout.word_mask(tokens).astype(jnp.float32)  # [B, L]
-        summed = constrain(jnp.einsum("bl,bld->bd", words, embed_tokens(token_embedding, tokens)),
-                           POOLED)
+        rows = embed_tokens(token_embedding, tokens, jnp.float32)  # [B, L, D]
+        summed = constrain(jnp.einsum("bl,bld->bd", words, rows), POOLED)
         mean = summed / jnp.maximum(words.sum(axis=-1, keepdims=True), 1.0)  # [B, D]
         projection = self.param("text_projection", normal(self.width ** -0.5, ("embed", "joint")),
                                 (self.width, self.embed_dim))

@@ -61,7 +61,7 @@ class CaptionDecoder(nn.Module):
                           kernel_init=normal(image_embeddings.shape[-1] ** -0.5,
                                              ("joint", "embed")),
                           bias_init=zeros(("embed",)))(image_embeddings)  # [B, D]
-        words = embed_tokens(token_embedding, tokens) + positions[:length]  # [B, T, D]
+        words = embed_tokens(token_embedding, tokens, self.dtype) + positions[:length]  # [B, T, D]
         x = constrain(jnp.concatenate([prefix[:, None], words], axis=1).astype(self.dtype),
                       TOKENS)  # [B, 1+T, D]
         x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,

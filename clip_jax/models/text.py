@@ -61,7 +61,7 @@ class TextTransformer(nn.Module):
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length, self.width))
-        x = constrain((embed_tokens(token_embedding, tokens) + positions[:length]).astype(
+        x = constrain((embed_tokens(token_embedding, tokens, self.dtype) + positions[:length]).astype(
             self.dtype),
                       TOKENS)  # [B, L, D]
         end_positions = jnp.argmax(tokens, axis=-1)  # [B]
@@ -87,7 +87,7 @@ class TextTransformer(nn.Module):
         rows = jax.lax.dynamic_slice_in_dim(positions, start, tokens.shape[1])
         if ready:
             position.value = start + tokens.shape[1]
-        x = (embed_tokens(token_embedding, tokens) + rows).astype(self.dtype)
+        x = (embed_tokens(token_embedding, tokens, self.dtype) + rows).astype(self.dtype)
         outputs = Transformer(
             self.layers, self.heads, causal=True, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
@@ -108,7 +108,7 @@ class TextTransformer(nn.Module):
         tokens = jnp.pad(tokens, ((0, 0), (0, self.context_length - tokens.shape[1])))
         class_embedding = self.param("cls_emb", normal(0.01, ("embed",)), (self.width,))
         batch = tokens.shape[0]
-        x = jnp.concatenate([embed_tokens(token_embedding, tokens),
+        x = jnp.concatenate([embed_tokens(token_embedding, tokens, self.dtype),
                              jnp.broadcast_to(class_embedding, (batch, 1, self.width))], axis=1)
         x = constrain((x + positions).astype(self.dtype), TOKENS)  # [B, L+1, D]
         present, always = tokens != 0, jnp.ones((batch, 1), bool)

@@ -209,78 +209,89 @@ def _rows(table, tokens):
     return constrain(constrain(table, ("vocab", EMBED))[tokens], TOKENS)
 
 
-@jax.custom_vjp
-def embed_tokens(table, tokens):
-    """Rows of table [V, D] (params `TOKEN_TABLE`) at tokens [B, L] -> [B, L, D],
-    split over the batch like every activation.
+def embed_tokens(table, tokens, dtype):
+    """Rows of table [V, D] (params `TOKEN_TABLE`) at tokens [B, L] -> [B, L, D]
+    in `dtype`, split over the batch like every activation.
 
-    The table is first gathered whole over `embed`, as FSDP gathers a layer's
-    weights. Left alone, XLA looks every device's tokens up in its own slice of
-    the width and exchanges the rows; on a mesh that also has a `data` axis it
-    cannot reach the batch split from there and replicates the whole batch's
-    embeddings on every device instead.
+    The table is cast to `dtype`, the tower's compute dtype, and then gathered
+    whole over `embed`, as FSDP gathers a layer's weights in the dtype its
+    matmuls read them: in bfloat16 the table's gather and its gradient's
+    reduction move half the bytes of float32's. Left alone, XLA looks every
+    device's tokens up in its own slice of the width and exchanges the rows; on
+    a mesh that also has a `data` axis it cannot reach the batch split from
+    there and replicates the whole batch's embeddings on every device instead.
     """
+    return _embedded(table.astype(dtype), tokens)
+
+
+@jax.custom_vjp
+def _embedded(table, tokens):
     return _rows(table, tokens)
 
 
-def _embed_tokens_fwd(table, tokens):
+def _embedded_fwd(table, tokens):
     return _rows(table, tokens), (table, tokens)
 
 
-def _embed_tokens_bwd(residuals, rows_grad):
-    """The table's gradient reduced straight into the table's own split.
+def _embedded_bwd(residuals, rows_grad):
+    """The table's gradient reduced straight into the table's own split, in
+    the dtype a kernel's gradient is reduced in (config.model.grad_reduce_dtype,
+    models/weight_grads.py: the compute dtype by default).
 
     Autodiff pins it to the forward's gathered split first, so XLA summed every
     device's scatter into the whole table on each (an all-reduce of V x D) and
     then kept its slice. Left to choose without that pin, XLA gathers the row
     gradients of every batch shard instead, an activation of the global batch.
-    Where FSDP splits the table, each device here scatters its own rows into a
-    whole-table partial sum, which is reduce-scattered onto the table's split
-    (half the bytes of the all-reduce, none of them growing with the batch).
+    Here each device scatters its own rows into a whole-table partial sum, in
+    float32, and casts it to the reduction's dtype: where FSDP splits the table
+    the sum is reduce-scattered onto the table's split (half the bytes of the
+    all-reduce, none of them growing with the batch), under data parallelism
+    all-reduced. (XLA reduces a partial sum before any cast, so autodiff's form
+    all-reduced data parallelism's float32 sum.)
     """
     table, tokens = residuals
+    wire = weight_grads.kernel_grad_dtype() or table.dtype
     mesh = jax.sharding.get_abstract_mesh()
     table_spec = nn.logical_to_mesh_axes(TOKEN_TABLE)
     rows_spec = nn.logical_to_mesh_axes(TOKENS)
-    if not _reduce_scatters(mesh, table_spec, rows_spec, table.shape, tokens.shape[0]):
+    if not _reduces_per_device(mesh, table_spec, rows_spec, table.shape, tokens.shape[0]):
         # What autodiff does: the gathered table's gradient, then the table's split.
-        whole = constrain(_scattered(tokens, rows_grad, table.shape), ("vocab", EMBED))
+        whole = constrain(_scattered(tokens, rows_grad, table.shape, wire), ("vocab", EMBED))
         return constrain(whole, TOKEN_TABLE).astype(table.dtype), None
     batch = rows_spec[0]
-    reduce = functools.partial(_reduced_onto, shape=table.shape, table_spec=tuple(table_spec),
-                               batch_axes=spec_axes(batch))
+    reduce = functools.partial(_reduced_onto, shape=table.shape, dtype=wire,
+                               table_spec=tuple(table_spec), batch_axes=spec_axes(batch))
     table_grad = jax.shard_map(reduce, mesh=mesh, in_specs=(jax.P(batch), jax.P(batch)),
                                out_specs=jax.P(*table_spec))(tokens, rows_grad)
     return table_grad.astype(table.dtype), None
 
 
-def _reduce_scatters(mesh, table_spec, rows_spec, table_shape, rows):
-    """Whether a batch axis of more than one device splits the table too (FSDP),
-    with every split even: otherwise there is nothing to scatter, and XLA's own
-    partial sums (one device, data parallelism) can accumulate GradCache's
-    micro-batches in place."""
+def _reduces_per_device(mesh, table_spec, rows_spec, table_shape, rows):
+    """Whether the rows are split over more than one device, with every split
+    even: otherwise there is nothing to reduce (one device) or the table's
+    split is uneven, and autodiff's form serves."""
     if mesh.empty or table_spec is None or rows_spec is None:
         return False
     def size(entry):
         return math.prod(mesh.shape[axis] for axis in spec_axes(entry))
-    batch = spec_axes(rows_spec[0])
-    splits_table = any(axis in batch and mesh.shape[axis] > 1
-                       for entry in table_spec for axis in spec_axes(entry))
-    return (splits_table and rows % size(rows_spec[0]) == 0
+    return (size(rows_spec[0]) > 1 and rows % size(rows_spec[0]) == 0
             and all(dim % size(entry) == 0 for dim, entry in zip(table_shape, table_spec)))
 
 
-def _scattered(tokens, rows_grad, shape):
-    """[V, D]: rows_grad [..., D] summed into the rows `tokens` [...] name."""
-    return jnp.zeros(shape, rows_grad.dtype).at[tokens].add(rows_grad)
+def _scattered(tokens, rows_grad, shape, dtype):
+    """[V, D] in `dtype`: rows_grad [..., D] summed into the rows `tokens` [...]
+    name. The sum is float32's: a frequent token's rows are many, and bfloat16
+    would round after each."""
+    summed = jnp.zeros(shape, jnp.float32).at[tokens].add(rows_grad.astype(jnp.float32))
+    return summed.astype(dtype)
 
 
-def _reduced_onto(tokens, rows_grad, *, shape, table_spec, batch_axes):
+def _reduced_onto(tokens, rows_grad, *, shape, dtype, table_spec, batch_axes):
     """This device's block of the table gradient (split as `table_spec`) from
     its own batch rows: a reduce-scatter over the batch axes that split the
     table, a plain slice over axes the rows are not split on (they are equal
     there), a sum over the batch axes that do not split it."""
-    grad = _scattered(tokens, rows_grad, shape)
+    grad = _scattered(tokens, rows_grad, shape, dtype)
     pending = list(batch_axes)
     for dim, entry in enumerate(table_spec):
         for axis in spec_axes(entry):  # major to minor, as PartitionSpec splits
@@ -294,7 +305,7 @@ def _reduced_onto(tokens, rows_grad, *, shape, table_spec, batch_axes):
     return jax.lax.psum(grad, tuple(pending)) if pending else grad
 
 
-embed_tokens.defvjp(_embed_tokens_fwd, _embed_tokens_bwd)
+_embedded.defvjp(_embedded_fwd, _embedded_bwd)
 
 
 def take_tokens(x, positions):

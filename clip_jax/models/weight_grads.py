@@ -16,7 +16,9 @@ program; with float32 compute the two are the same.
 
 The mode is read when a model is traced, like models/lean_ops.py's, and covers
 the kernels that go through models.transformer.dense_matmul (every dense layer
-of the towers, attention's projections and the ViT patch embedding). ResNet's
+of the towers, attention's projections and the ViT patch embedding) and the
+token tables (models.transformer.embed_tokens, gathered in the compute dtype,
+their gradients reduced in the mode's). ResNet's
 convolutions keep their compute-dtype gradients: JAX's convolution transpose
 takes no accumulation dtype without upcasting its inputs.
 """
