@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from clip_jax import capacity, gpu_target
+from clip_jax import capacity, gpu_target, hlo_stats
 from tests.test_tpu_topology import _small_bf16_config, plan_command_output
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="JAX's CUDA plugin is Linux's")
@@ -140,3 +140,26 @@ def test_memory_bandwidth_knows_attached_boards_by_their_cuda_names(kind, bandwi
     class Device:
         device_kind = kind
     assert gpu_target.memory_bandwidth(Device()) == bandwidth
+
+
+def _gradcache_per_microbatch_share(scan_layers):
+    """The share of the all-reduced bytes that the test model's bf16 GradCache
+    step (4 micro-batches) on 8 data-parallel H100s reduces once per
+    micro-batch, not once per step."""
+    config = _small_bf16_config(data=8)
+    with config.unlocked():
+        config.microbatches = 4
+        config.model.scan_layers = scan_layers
+    compiled, _ = capacity.compile_train_step(config, gpu_target.devices("h100", 8))
+    reduced = [c for c in hlo_stats.collectives(compiled.as_text(), 8) if c.kind == "all-reduce"]
+    return (sum(c.bytes_moved for c in reduced if c.executions == 4)
+            / sum(c.bytes_moved for c in reduced))
+
+
+def test_gradcache_reduces_data_parallel_gradients_once_only_with_unstacked_blocks(
+        compile_only_process):
+    """docs/scaling.md's advice: with one array per layer XLA moves the
+    gradients' all-reduce after the micro-batch loop; with stacked blocks it
+    reduces each micro-batch's block gradients inside it."""
+    assert compile_only_process(_gradcache_per_microbatch_share, False) < 0.01
+    assert compile_only_process(_gradcache_per_microbatch_share, True) > 0.1
