@@ -12,7 +12,6 @@ not penalised for their length.
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from clip_jax import image_ops
 from clip_jax.models import tokens as token_layout
@@ -24,13 +23,26 @@ from clip_jax.objectives.bow_predict import output_classes
 PROMPTS_AT_ONCE = 8
 
 
+def _cross_entropy(logits, labels):
+    """-log softmax(logits)[label] over the last axis, as optax's
+    softmax_cross_entropy_with_integer_labels computes it, but with the label's
+    logit picked by a masked sum over the vocabulary instead of a gather. XLA's
+    SPMD partitioner aborts on that gather when the vocabulary is split over
+    `tensor` inside a shard_map manual over the batch's replica axes (CoCa under
+    GradCache: train_step._summed_over_replicas); the masked sum is a reduction
+    that it splits like the normaliser's."""
+    vocab = jnp.arange(logits.shape[-1])
+    label_logits = jnp.sum(jnp.where(vocab == labels[..., None], logits, 0), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - label_logits
+
+
 def token_cross_entropy(logits, tokens, classes):
-    """(cross-entropy [B, L-1] of each next token, bool mask [B, L-1] of the
-    predicted ones) from logits [B, L, V] (logits[:, j] predict token j+1) and
-    tokens [B, L]; `classes` maps token ids to output classes."""
+    """(cross-entropy [B, L-1] of each next token, its target class [B, L-1],
+    bool mask [B, L-1] of the predicted ones) from logits [B, L-1, V]
+    (logits[:, j] predict token j+1) and tokens [B, L]; `classes` maps token
+    ids to output classes."""
     targets = classes[tokens[:, 1:]]
-    return (optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets),
-            token_layout.next_token_mask(tokens))
+    return _cross_entropy(logits, targets), targets, token_layout.next_token_mask(tokens)
 
 
 def batch_loss(model, mesh, config):
@@ -44,9 +56,10 @@ def batch_loss(model, mesh, config):
             {"params": params, **model_state}, image_ops.normalize(batch["images"]), tokens,
             train=True, patch_keep=batch.get("patch_keep"),
             mutable=list(model_state))  # [B, L, V]
-        cross_entropy, predicted = token_cross_entropy(logits, tokens, classes)
+        logits = logits[:, :-1]  # the last position predicts nothing
+        cross_entropy, targets, predicted = token_cross_entropy(logits, tokens, classes)
         count = jnp.maximum(predicted.sum(), 1)
-        hits = jnp.argmax(logits[:, :-1], axis=-1) == classes[tokens[:, 1:]]
+        hits = jnp.argmax(logits, axis=-1) == targets
         return {"loss": jnp.sum(cross_entropy * predicted) / count,
                 "token_top1": jnp.sum(hits & predicted) / count}, model_state
 
@@ -66,7 +79,7 @@ def prompt_scorer(model):
         def score(prompt):  # [T] -> [N]
             rows = jnp.broadcast_to(prompt, (embeddings.shape[0], prompt.shape[0]))
             logits = model.apply(variables, embeddings, rows, method=model.decode)
-            cross_entropy, predicted = token_cross_entropy(logits, rows, classes)
+            cross_entropy, _, predicted = token_cross_entropy(logits[:, :-1], rows, classes)
             return -jnp.sum(cross_entropy * predicted, axis=-1) / jnp.maximum(
                 predicted.sum(axis=-1), 1)
 

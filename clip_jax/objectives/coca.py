@@ -12,13 +12,13 @@ contrastive embeddings, as for CLIP.
 """
 
 import jax.numpy as jnp
-import optax
 
 from clip_jax import image_ops, losses, sharding
 from clip_jax.models import tokens as token_layout
 from clip_jax.models.coca import CoCa
 from clip_jax.objectives.base import ExampleLoss, Objective
 from clip_jax.objectives.bow_predict import output_classes
+from clip_jax.objectives.caption_lm import token_cross_entropy
 from clip_jax.objectives.contrastive import with_logit_params
 
 
@@ -52,9 +52,8 @@ def example_loss(model, config):
         (image, text, _, _, logits), model_state = model.apply(
             {"params": params, **model_state}, image_ops.normalize(batch["images"]), tokens,
             train=True, patch_keep=batch.get("patch_keep"), mutable=list(model_state))
-        targets = classes[tokens[:, 1:]]  # logits [B, L-1, V] predict tokens 1..L-1
-        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        predicted = token_layout.next_token_mask(tokens)
+        # logits [B, L-1, V] predict tokens 1..L-1
+        cross_entropy, targets, predicted = token_cross_entropy(logits, tokens, classes)
         hits = jnp.argmax(logits, axis=-1) == targets
         sums = {"caption_loss": jnp.sum(cross_entropy * predicted),
                 "caption_token_top1": jnp.sum(hits & predicted)}
