@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax.models.partitioning import spec_axes
+from clip_jax.models.partitioning import ACTIVATION_AXES, BATCH as ACTIVATION_BATCH, spec_axes
 from clip_jax.sharding_rules import BATCH_AXES, MESH_AXES
 
 
@@ -75,6 +75,26 @@ def make_mesh(mesh_config, devices=None):
 def data_parallel_size(mesh):
     """How many ways the batch is split."""
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def replica_axes(mesh, rules):
+    """The batch axes (of more than one device) that split no parameter under
+    `rules`: the devices along them hold equal parameters, data parallelism's
+    replicas (dcn_data and data by default; fsdp splits the weights)."""
+    batch = dict(rules).get(ACTIVATION_BATCH)
+    parameter_axes = {axis for name, entry in rules if name not in ACTIVATION_AXES
+                      for axis in spec_axes(entry)}
+    return tuple(axis for axis in spec_axes(batch)
+                 if mesh.shape[axis] > 1 and axis not in parameter_axes)
+
+
+def rules_without(rules, axes):
+    """`rules` with `axes` dropped from every entry: the rules inside a
+    shard_map that is manual over `axes`."""
+    def kept(entry):
+        remaining = tuple(axis for axis in spec_axes(entry) if axis not in axes)
+        return remaining if len(remaining) > 1 else remaining[0] if remaining else None
+    return tuple((name, kept(entry)) for name, entry in rules)
 
 
 def batch_sharding(mesh):

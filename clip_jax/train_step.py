@@ -118,7 +118,49 @@ def _merge_microbatches(x, mesh):
     return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
 
 
-def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None):
+def _reduced_in(grad, reduce_dtype):
+    """The dtype a summed gradient crosses devices in: `reduce_dtype` for
+    matrices (kernels, token and position tables: the gradients a k=1 step
+    reduces as its dots emit them), float32 for vectors and scalars."""
+    return reduce_dtype if grad.ndim >= 2 else grad.dtype
+
+
+def _summed_over_replicas(backward, mesh, replica_axes, rules, reduce_dtype):
+    """backward(params, microbatches, embedding_grads) -> (grads, sums), run by
+    each data-parallel replica on its own rows and summed over the replicas
+    once, after the micro-batch loop.
+
+    Left to the partitioner, the replicas' block gradients of stacked layers
+    (model.scan_layers) are all-reduced inside the loop, once per micro-batch
+    (k times the bytes of a k=1 step, docs/scaling.md). Here the loop runs
+    under shard_map, manual over `replica_axes` (batch axes that split no
+    parameter: the replicas hold equal parameters) and automatic over the rest
+    (FSDP still gathers and reduce-scatters per micro-batch, inherent to
+    GradCache): each replica accumulates its own float32 partial sums and they
+    are all-reduced once, matrices in `reduce_dtype`. Activation constraints
+    inside follow `rules` less the manual axes.
+    """
+    if not replica_axes:
+        return backward
+    local_rules = sharding.rules_without(rules, replica_axes)
+
+    def local(params, microbatches, embedding_grads):
+        with nn.logical_axis_rules(local_rules):
+            grads, sums = backward(params, microbatches, embedding_grads)
+        grads = jax.tree.map(
+            lambda grad: jax.lax.psum(grad.astype(_reduced_in(grad, reduce_dtype)),
+                                      replica_axes).astype(grad.dtype), grads)
+        return grads, jax.lax.psum(sums, replica_axes)
+
+    rows = jax.P(None, replica_axes)  # [k, B/k, ...]: each replica's own rows
+    # Unchecked: Pallas kernels inside (splash attention) declare no varying
+    # axes. The outputs are psums, equal on every replica.
+    return jax.shard_map(local, mesh=mesh, in_specs=(jax.P(), rows, rows),
+                         out_specs=jax.P(), axis_names=set(replica_axes), check_vma=False)
+
+
+def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None, *,
+                     replica_axes=(), rules=(), reduce_dtype=jnp.float32):
     """grads(state, batch) -> (grads, metrics, model_state) with GradCache (Gao et al.
     2021): activations of one micro-batch at a time, the loss over the global batch.
 
@@ -129,9 +171,14 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None):
        embedding gradient, and sum the parameter gradients.
     An objective's `example_loss` (CoCa's captioning: a sum over examples) is
     computed in step 3's forward pass, its gradient pulled back with the
-    embeddings'. The gradients equal the full-batch ones. BatchNorm (ResNet) normalises with
-    per-micro-batch statistics and updates its running averages once per
-    micro-batch, in order: inherent to GradCache, not equal to k=1.
+    embeddings'. Step 3 runs per data-parallel replica (`replica_axes`) and is
+    summed over them once (`_summed_over_replicas`, which `rules` and
+    `reduce_dtype` serve). The gradients equal the full-batch ones.
+
+    BatchNorm (ResNet) normalises with per-micro-batch statistics and updates
+    its running averages once per micro-batch, in order: inherent to GradCache,
+    not equal to k=1. Its statistics span the replicas, so models with running
+    statistics run step 3 on the global view.
     """
 
     def embed(params, model_state, microbatch):
@@ -170,44 +217,50 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None):
 
         embedding_grads = tuple(_split_microbatches(g, num_microbatches, mesh)
                                 for g in (image_grads, text_grads))  # [k, B/k, E] each
-        if example_loss is None:
-            def accumulate(grads, inputs):
-                microbatch, embedding_grads = inputs
-                # The running statistics this forward would write are already updated.
-                _, pullback = jax.vjp(
-                    lambda params: embed(params, state.model_state, microbatch)[0], state.params)
-                (microbatch_grads,) = pullback(embedding_grads)
-                return jax.tree.map(jnp.add, grads, microbatch_grads), None
 
-            grads, _ = jax.lax.scan(accumulate, grads, (microbatches, embedding_grads))
-            return grads, metrics, model_state
+        def backward(params, microbatches, embedding_grads):
+            """(parameter gradients, example-loss sums) over the micro-batches."""
+            if example_loss is None:
+                def accumulate(grads, inputs):
+                    microbatch, embedding_grads = inputs
+                    # The running statistics this forward would write are already updated.
+                    _, pullback = jax.vjp(
+                        lambda params: embed(params, state.model_state, microbatch)[0], params)
+                    (microbatch_grads,) = pullback(embedding_grads)
+                    return jax.tree.map(jnp.add, grads, microbatch_grads), None
 
-        count = example_loss.count(batch)
-
-        def accumulate_with_example_loss(carry, inputs):
-            grads, sums = carry
-            microbatch, embedding_grads = inputs
-
-            def forward(params):
-                embeddings, microbatch_sums, _ = example_loss.forward(
-                    params, state.model_state, microbatch)
-                term = example_loss.weight * microbatch_sums[example_loss.key] / count
-                return (embeddings, term), microbatch_sums
-
-            _, pullback, microbatch_sums = jax.vjp(forward, state.params, has_aux=True)
-            (microbatch_grads,) = pullback((embedding_grads, jnp.ones((), jnp.float32)))
-            return (jax.tree.map(jnp.add, grads, microbatch_grads),
-                    jax.tree.map(jnp.add, sums, microbatch_sums)), None
-
-        zero_sums = jax.tree.map(
-            lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
-            jax.eval_shape(lambda: example_loss.forward(
-                state.params, state.model_state,
-                jax.tree.map(lambda x: x[0], microbatches))[1]))
-        (grads, sums), _ = jax.lax.scan(accumulate_with_example_loss, (grads, zero_sums),
+                grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
                                         (microbatches, embedding_grads))
-        means, term = example_loss.metrics(sums, count)
-        metrics.update(means, loss=metrics["loss"] + term)
+                return grads, {}
+
+            def accumulate_with_example_loss(grads, inputs):
+                microbatch, embedding_grads = inputs
+
+                def forward(params):
+                    embeddings, microbatch_sums, _ = example_loss.forward(
+                        params, state.model_state, microbatch)
+                    term = example_loss.weight * microbatch_sums[example_loss.key] / count
+                    return (embeddings, term), microbatch_sums
+
+                (_, term), pullback, microbatch_sums = jax.vjp(forward, params, has_aux=True)
+                (microbatch_grads,) = pullback((embedding_grads, jnp.ones_like(term)))
+                return jax.tree.map(jnp.add, grads, microbatch_grads), microbatch_sums
+
+            grads, microbatch_sums = jax.lax.scan(
+                accumulate_with_example_loss, jax.tree.map(jnp.zeros_like, params),
+                (microbatches, embedding_grads))
+            return grads, jax.tree.map(lambda sums: jnp.sum(sums, axis=0), microbatch_sums)
+
+        count = example_loss.count(batch) if example_loss is not None else None
+        # BatchNorm's statistics are the micro-batch's, over every replica.
+        replicas = () if state.model_state else replica_axes
+        backward_grads, sums = _summed_over_replicas(
+            backward, mesh, replicas, rules, reduce_dtype)(
+                state.params, microbatches, embedding_grads)
+        grads = jax.tree.map(jnp.add, grads, backward_grads)
+        if example_loss is not None:
+            means, term = example_loss.metrics(sums, count)
+            metrics.update(means, loss=metrics["loss"] + term)
         return grads, metrics, model_state
 
     return grads
@@ -310,8 +363,12 @@ def gradients(objective, model, mesh, config, teacher_scale=None):
     if config.microbatches == 1:
         return _full_batch_grads(objective.batch_loss(model, mesh, config, **distilling))
     example_loss = objective.example_loss and objective.example_loss(model, config)
+    reduce_dtype = (jnp.float32 if config.model.get("grad_reduce_dtype") == "float32"
+                    else jnp.dtype(config.model.dtype))
     return _gradcache_grads(model, objective.embedding_loss(mesh, config, **distilling),
-                            config.microbatches, mesh, example_loss)
+                            config.microbatches, mesh, example_loss,
+                            replica_axes=sharding.replica_axes(mesh, config.sharding_rules),
+                            rules=config.sharding_rules, reduce_dtype=reduce_dtype)
 
 
 def jit_train_step(step, shardings, mesh, batch_keys=("images", "tokens")):

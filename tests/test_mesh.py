@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from clip_jax import sharding
+from clip_jax.sharding_rules import DEFAULT_RULES
 from tests.test_train_step import run_on_one_and_eight
 
 
@@ -57,3 +58,29 @@ def test_dcn_data_meshes_equal_one_device(mesh):
         np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  params_8, params_1)
+
+
+@pytest.mark.parametrize("mesh, rules, replicas", [
+    (dict(dcn_data=2, data=4), DEFAULT_RULES, ("dcn_data", "data")),
+    (dict(data=2, fsdp=2, tensor=2), DEFAULT_RULES, ("data",)),
+    (dict(fsdp=8), DEFAULT_RULES, ()),  # FSDP splits the weights: no replicas
+    (dict(data=1, fsdp=8), DEFAULT_RULES, ()),
+    # Rules that split the weights' embed over data too leave no replica axis.
+    (dict(data=2, fsdp=4), (("embed", ("data", "fsdp")), *DEFAULT_RULES[1:]), ()),
+])
+def test_replica_axes_are_batch_axes_that_split_no_parameter(mesh, rules, replicas):
+    sizes = {"dcn_data": 1, "data": 1, "fsdp": 1, "tensor": 1, **mesh}
+    devices = np.array(jax.devices()).reshape(tuple(sizes.values()))
+    assert sharding.replica_axes(jax.sharding.Mesh(devices, tuple(sizes)), rules) == replicas
+
+
+def test_rules_without_manual_axes_keep_the_others():
+    rules = (("embed", "fsdp"), ("activation_batch", ("dcn_data", "data", "fsdp")),
+             ("activation_mlp", "tensor"), ("kv", None))
+    assert sharding.rules_without(rules, ("dcn_data", "data")) == (
+        ("embed", "fsdp"), ("activation_batch", "fsdp"), ("activation_mlp", "tensor"),
+        ("kv", None))
+    assert sharding.rules_without(rules, ("fsdp",))[1] == ("activation_batch",
+                                                           ("dcn_data", "data"))
+    assert sharding.rules_without(rules, ("data", "fsdp"))[:2] == (
+        ("embed", None), ("activation_batch", "dcn_data"))

@@ -116,11 +116,12 @@ def test_patch_dropout_on_8_devices_equals_one_device():
 
 
 def test_patch_dropout_under_gradcache_equals_one_microbatch():
-    """Scanned blocks with remat, as the zoo presets train."""
+    """Scanned blocks with remat, as the zoo presets train; the k=4 step on 8
+    data-parallel replicas, each summing its own micro-batches' gradients."""
     settings = {"batch_size": 32, "model.scan_layers": True, "model.remat": "full"}
     one = run_steps(dropout_config(0.75, **settings), jax.devices()[:1], 1, "sgd")
-    four = run_steps(dropout_config(0.75, microbatches=4, **settings), jax.devices()[:1], 1,
-                     "sgd")
+    four = run_steps(dropout_config(0.75, microbatches=4, **{"mesh.data": 8}, **settings),
+                     jax.devices(), 1, "sgd")
     np.testing.assert_allclose(four[1][0]["loss"], one[1][0]["loss"], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  four[0], one[0])
