@@ -33,7 +33,7 @@ STEPS = {"total_steps": 3}
 def test_trainer_on_two_processes_matches_one_process(tmp_path, shrunk_data_dir):
     """The real CLI: 2 processes x 4 CPU devices (gloo) log the same per-step
     losses, gradient norms and temperatures as 1 process x 8 devices: same global
-    batches, same gradients, same updates."""
+    batches, same gradients, same updates; with GradCache's 2 micro-batches too."""
     data_dir = shrunk_data_dir
     single, multi = tmp_path / "one_process", tmp_path / "two_processes"
     losses_1, _ = train_losses([launch_trainer(single, data_dir, 8, config=STEPS)], single)
@@ -53,6 +53,17 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, shrunk_data_dir)
     assert "retrieval/synthetic_shapes/image_to_text_r1" in evals_1
     for name in evals_1:
         np.testing.assert_allclose(evals_2[name], evals_1[name], atol=1e-6, err_msg=name)
+    # GradCache's replicas span the processes: each sums its 2 micro-batches'
+    # gradients, reduced over all 8 devices once.
+    gradcache = tmp_path / "two_processes_gradcache"
+    port = free_port()
+    processes = [launch_trainer(gradcache, data_dir, 4, distributed_flags(port, i),
+                                config={**STEPS, "microbatches": 2}) for i in range(2)]
+    losses_k2, _ = train_losses(processes, gradcache)
+    assert sorted(losses_k2) == [1, 2, 3]
+    for step in losses_1:
+        np.testing.assert_allclose(losses_k2[step], losses_1[step], rtol=1e-5,
+                                   err_msg=f"step {step}, 2 micro-batches: {COMPARED}")
 
 
 # One process of a 2-process run on 2 CPU devices each: joins as the trainer
