@@ -263,6 +263,11 @@ def _embedded_bwd(residuals, rows_grad):
                                table_spec=tuple(table_spec), batch_axes=spec_axes(batch))
     table_grad = jax.shard_map(reduce, mesh=mesh, in_specs=(jax.P(batch), jax.P(batch)),
                                out_specs=jax.P(*table_spec))(tokens, rows_grad)
+    # The TPU compiler (libtpu 0.0.42.1) aborts on a reduce-scatter inside a loop
+    # whose result is converted before it is summed (GradCache's micro-batch loop
+    # under FSDP: its while-loop all-reduce code motion, a RET_CHECK); behind the
+    # barrier it leaves the reduction where it is, as GPUs do.
+    table_grad = jax.lax.optimization_barrier(table_grad)
     return table_grad.astype(table.dtype), None
 
 
