@@ -20,9 +20,11 @@ from tests.conftest import small_config
 HEAD_DIM = 64
 
 
-def qkv(tokens, heads=2, batch=2, head_dim=HEAD_DIM, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    return [jax.random.normal(k, (batch, tokens, heads, head_dim), jnp.float32) for k in keys]
+def qkv(tokens, heads=2, batch=2, head_dim=HEAD_DIM, seed=0, keys=None):
+    """Queries of `tokens`, keys and values of `keys` (default: `tokens`) tokens."""
+    rngs = jax.random.split(jax.random.key(seed), 3)
+    return [jax.random.normal(rng, (batch, length, heads, head_dim), jnp.float32)
+            for rng, length in zip(rngs, (tokens, keys or tokens, keys or tokens))]
 
 
 def loss_and_grads(attention, query, key, value):
@@ -32,10 +34,11 @@ def loss_and_grads(attention, query, key, value):
                                       argnums=(0, 1, 2)))(query, key, value)
 
 
-def assert_equals_xla_attention(attention, tokens, causal, atol, grad_atol):
+def assert_equals_xla_attention(attention, tokens, causal, atol, grad_atol, keys=None):
     """attention(q, k, v) gives jax.nn.dot_product_attention's values (within
-    atol) and gradients (within grad_atol) on `tokens`-long sequences."""
-    query, key, value = qkv(tokens)
+    atol) and gradients (within grad_atol) on `tokens`-long sequences (of
+    queries; keys and values `keys` long, default the same)."""
+    query, key, value = qkv(tokens, keys=keys)
     out = jax.jit(attention)(query, key, value)
     expected = jax.nn.dot_product_attention(query, key, value, is_causal=causal)
     assert out.shape == expected.shape == (2, tokens, 2, HEAD_DIM)
@@ -63,12 +66,24 @@ def test_splash_equals_xla_attention_with_padding(tokens, causal):
                                 tokens, causal, atol=2e-5, grad_atol=1e-4)
 
 
+@pytest.mark.parametrize("queries, keys", [
+    (76, 197),  # CoCa's decoder: caption positions reading ViT-B/16's image tokens
+    (256, 50),  # CoCa's attention pool: 256 queries over ViT-B/32's tokens
+    (1, 257),
+])
+def test_splash_cross_attention_pads_queries_and_keys_apart(queries, keys):
+    assert_equals_xla_attention(splash_attention, queries, False, atol=2e-5, grad_atol=1e-4,
+                                keys=keys)
+
+
 def test_padding_and_blocks():
     assert [padded_length(t) for t in (50, 128, 197, 257, 577)] == [128, 128, 256, 384, 640]
     assert [block_size(p) for p in (128, 256, 384, 512, 640, 1024)] == [128, 256, 128, 512, 128, 512]
-    mask = attention_mask(3, 4, causal=False)
+    mask = attention_mask(3, 4, 4, causal=False)
     assert mask[:, :3].all() and not mask[:, 3].any()  # padded key: never attended
-    causal = attention_mask(3, 4, causal=True)
+    cross = attention_mask(3, 2, 4, causal=False)
+    assert cross.shape == (2, 4) and cross[:, :3].all() and not cross[:, 3].any()
+    causal = attention_mask(3, 4, 4, causal=True)
     np.testing.assert_array_equal(causal[:3, :3], np.tril(np.ones((3, 3), bool)))
     assert not causal[:, 3].any()
 

@@ -1,15 +1,15 @@
 """Splash attention (config.model.attention="splash"): the Pallas TPU
 flash-attention kernel that ships with JAX (jax.experimental.pallas.ops.tpu.
 splash_attention), wrapped to take and give what jax.nn.dot_product_attention
-does: [B, T, N, H] queries, keys and values, scaled by H ** -0.5, optionally
-causal.
+does: [B, T, N, H] queries and [B, S, N, H] keys and values (S = T but for
+cross-attention), scaled by H ** -0.5, optionally causal.
 
 The kernel is used, not rewritten; this module only adapts shapes to it:
 - it attends one example's [N, T, H] at a time (vmapped over the batch) and
   expects the queries already scaled;
-- its blocks are multiples of 128 tokens, so the sequence is padded to one and
-  the padded keys are masked out (padded queries attend to the real keys and
-  their rows are dropped), and the head dim is zero-padded to a multiple of 128,
+- its blocks are multiples of 128 tokens, so queries and keys are padded to
+  one each and the padded keys are masked out (padded queries attend to the
+  real keys and their rows are dropped), and the head dim is zero-padded to a multiple of 128,
   TPU's lane width, which changes no dot product;
 - Mosaic kernels are opaque to XLA's partitioner, so on a mesh the kernel runs
   per device inside shard_map, over the batch and head axes the activation
@@ -47,42 +47,47 @@ def block_size(padded):
     return next(block for block in BLOCKS if padded % block == 0)
 
 
-def attention_mask(tokens, padded, causal):
-    """[padded, padded] bool, True where a query may attend to a key: the real
-    keys only (and not later ones if causal)."""
-    query, key = np.arange(padded)[:, None], np.arange(padded)[None, :]
-    allowed = np.broadcast_to(key < tokens, (padded, padded))
+def attention_mask(keys, padded_queries, padded_keys, causal):
+    """[padded_queries, padded_keys] bool, True where a query may attend to a
+    key: the `keys` real ones only (and not later ones if causal)."""
+    query, key = np.arange(padded_queries)[:, None], np.arange(padded_keys)[None, :]
+    allowed = np.broadcast_to(key < keys, (padded_queries, padded_keys))
     return allowed & (key <= query) if causal else allowed
 
 
-def _kernel(tokens, heads, causal, interpret):
-    """The kernel for one sequence length; made at each trace, not cached, as it
-    holds arrays of the trace it was made in."""
-    padded = padded_length(tokens)
-    block = block_size(padded)
-    mask = splash_attention_mask.NumpyMask(attention_mask(tokens, padded, causal))
+def _kernel(queries, keys, heads, causal, interpret):
+    """The kernel for one pair of sequence lengths; made at each trace, not
+    cached, as it holds arrays of the trace it was made in."""
+    padded_queries, padded_keys = padded_length(queries), padded_length(keys)
+    block_q, block_kv = block_size(padded_queries), block_size(padded_keys)
+    mask = splash_attention_mask.NumpyMask(
+        attention_mask(keys, padded_queries, padded_keys, causal))
     sizes = splash_attention_kernel.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block,
-        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        block_q_dq=block, block_kv_dq=block)
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv)
     return splash_attention_kernel.make_splash_mha_single_device(
         splash_attention_mask.MultiHeadMask([mask] * heads), block_sizes=sizes,
         interpret=interpret)
 
 
 def _local_attention(query, key, value, causal, interpret):
-    """Splash attention of [B, T, N, H] arrays held on one device."""
-    tokens, heads, head_dim = query.shape[1:]
-    padded, padded_dim = padded_length(tokens), _round_up(head_dim, LANES)
+    """Splash attention of [B, T, N, H] queries and [B, S, N, H] keys and values
+    held on one device."""
+    queries, heads, head_dim = query.shape[1:]
+    keys = key.shape[1]
+    padded_dim = _round_up(head_dim, LANES)
 
     def to_kernel(x):  # [B, T, N, H] -> [B, N, T_padded, H_padded]
-        x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0), (0, padded_dim - head_dim)))
+        tokens = x.shape[1]
+        x = jnp.pad(x, ((0, 0), (0, padded_length(tokens) - tokens), (0, 0),
+                        (0, padded_dim - head_dim)))
         return jnp.swapaxes(x, 1, 2)
 
     query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
-    kernel = _kernel(tokens, heads, causal, interpret)
+    kernel = _kernel(queries, keys, heads, causal, interpret)
     attended = jax.vmap(kernel)(to_kernel(query), to_kernel(key), to_kernel(value))
-    return jnp.swapaxes(attended, 1, 2)[:, :tokens, :, :head_dim]
+    return jnp.swapaxes(attended, 1, 2)[:, :queries, :, :head_dim]
 
 
 def _per_platform(query, key, value, causal):
@@ -97,7 +102,7 @@ def _per_platform(query, key, value, causal):
 
 
 def splash_attention(query, key, value, causal=False):
-    """[B, T, N, H] queries, keys, values -> [B, T, N, H], as
+    """[B, T, N, H] queries, [B, S, N, H] keys and values -> [B, T, N, H], as
     jax.nn.dot_product_attention(query, key, value, is_causal=causal)."""
     local = functools.partial(_per_platform, causal=causal)
     mesh = jax.sharding.get_abstract_mesh()
