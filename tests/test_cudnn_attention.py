@@ -6,13 +6,17 @@ kernel for an H100 is in tests/test_gpu_target.py)."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from clip_jax import sharding
 from clip_jax.models import transformer
 from clip_jax.models.cudnn_attention import cudnn_attention
+from clip_jax.sharding_rules import DEFAULT_RULES, MESH_AXES
 from tests.test_splash import assert_equals_xla_attention, qkv
 
 
@@ -46,6 +50,44 @@ def test_padded_cross_attention_keeps_the_key_mask():
     # The mask matters: the first example attends to 150 keys, not 197.
     unmasked = jax.nn.dot_product_attention(query, key, value)
     assert not np.allclose(out[0], unmasked[0], atol=1e-3)
+
+
+def test_inside_a_partly_manual_mesh_it_runs_per_device(monkeypatch):
+    """Under shard_map manual over `data` (GradCache's replicas) the kernel runs
+    in a nested shard_map over fsdp and tensor, split over the batch and head
+    axes: values and gradients as on the whole arrays, with a per-example key
+    mask."""
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    nested = []
+    real_shard_map = jax.shard_map
+    monkeypatch.setattr(jax, "shard_map", lambda *a, **k: nested.append(k) or real_shard_map(
+        *a, **k))
+    query = qkv(77, batch=8)[0]
+    key, value = qkv(197, batch=8, seed=1)[1:]
+    mask = (jnp.arange(197)[None, :] < jnp.arange(150, 198, 6)[:, None])[:, None, None, :]
+    rules = sharding.rules_without(DEFAULT_RULES, ("data",))
+
+    def per_replica(query, key, value, mask):
+        with nn.logical_axis_rules(rules):
+            return padded_xla(query, key, value, mask=mask)
+
+    def loss(query, key, value):
+        attended = real_shard_map(per_replica, mesh=mesh, in_specs=jax.P("data"),
+                                  out_specs=jax.P("data"), axis_names={"data"},
+                                  check_vma=False)(query, key, value, mask)
+        return jnp.sum(attended * jnp.cos(attended)), attended
+
+    with jax.set_mesh(mesh):
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+            query, key, value)
+    assert nested and nested[0]["axis_names"] == set(MESH_AXES) - {"data"}
+    expected = jax.nn.dot_product_attention(query, key, value, mask=mask)
+    np.testing.assert_allclose(out, expected, atol=2e-6, rtol=2e-6)
+    expected_grads = jax.grad(lambda q, k, v: jnp.sum(
+        (a := jax.nn.dot_product_attention(q, k, v, mask=mask)) * jnp.cos(a)),
+        argnums=(0, 1, 2))(query, key, value)
+    for grad, expected_grad in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
 def _towers(attention, scan_layers, layer_loop, causal):

@@ -142,29 +142,35 @@ def test_memory_bandwidth_knows_attached_boards_by_their_cuda_names(kind, bandwi
     assert gpu_target.memory_bandwidth(Device()) == bandwidth
 
 
-def _gradcache_all_reduces(scan_layers, microbatches):
-    """(bytes all-reduced per step, their share reduced once per micro-batch) in
-    the test model's bf16 step on 8 data-parallel H100s."""
+def _gradcache_all_reduces(scan_layers, attention, microbatches):
+    """(bytes all-reduced per step, their share reduced once per micro-batch,
+    kernels) of the test model's bf16 step on 8 data-parallel H100s."""
     config = _small_bf16_config(data=8)
     with config.unlocked():
         config.microbatches = microbatches
         config.model.scan_layers = scan_layers
+        config.model.attention = attention
     compiled, _ = capacity.compile_train_step(config, gpu_target.devices("h100", 8))
-    reduced = [c for c in hlo_stats.collectives(compiled.as_text(), 8) if c.kind == "all-reduce"]
+    text = compiled.as_text()
+    reduced = [c for c in hlo_stats.collectives(text, 8) if c.kind == "all-reduce"]
     total = sum(c.bytes_moved for c in reduced)
     looped = sum(c.bytes_moved for c in reduced
                  if microbatches > 1 and c.executions == microbatches)
-    return total, looped / total
+    return total, looped / total, _kernels(text)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers, attention", [(False, "xla"), (True, "cudnn")])
 def test_gradcache_reduces_data_parallel_gradients_once_per_step(compile_only_process,
-                                                                 scan_layers):
+                                                                 scan_layers, attention):
     """Each replica sums its micro-batches' gradients and they are all-reduced
     once, after the loop: left to the partitioner, stacked blocks were
     all-reduced once per micro-batch (docs/scaling.md), 4x k=1's bytes here.
-    The reduction carries what k=1's does: matrices in bf16."""
-    full_batch, _ = compile_only_process(_gradcache_all_reduces, scan_layers, 1)
-    gradcache, per_microbatch = compile_only_process(_gradcache_all_reduces, scan_layers, 4)
+    The reduction carries what k=1's does: matrices in bf16. cuDNN's kernel
+    runs per device inside the replicas' loop (its own partitioning fails on a
+    partly manual mesh)."""
+    full_batch, _, _ = compile_only_process(_gradcache_all_reduces, scan_layers, attention, 1)
+    gradcache, per_microbatch, kernels = compile_only_process(
+        _gradcache_all_reduces, scan_layers, attention, 4)
     assert per_microbatch < 0.01
     assert gradcache == pytest.approx(full_batch, rel=0.05)
+    assert ("__cudnn$fmhaSoftmaxBackward" in kernels) == (attention == "cudnn")

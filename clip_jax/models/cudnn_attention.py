@@ -22,10 +22,19 @@ JAX's batching rule for the padded call reshapes the sequence lengths to the
 vmapped batch and fails when they are not batched, so under jax.vmap (the
 stacked blocks' initialisation, models/transformer.py) the caller uses XLA's
 attention instead.
+
+JAX partitions the kernel with custom_partitioning, which fails on a mesh that
+is manual over some axes and automatic over others (GradCache's backward pass
+runs per data-parallel replica, train_step._summed_over_replicas). There the
+kernel runs per device inside a nested shard_map over the remaining axes,
+split over the batch and head axes the activation rules give the queries.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from clip_jax.models.partitioning import PER_HEAD
 
 
 def _pad_tokens(x, extra):
@@ -40,6 +49,23 @@ def cudnn_attention(query, key, value, mask=None, causal=False, padded_keys=0,
     `padded_keys` keys are padding, hidden by cuDNN's padding mask.
     `implementation` is jax.nn.dot_product_attention's (tests pass "xla" to check
     the padding on a machine without cuDNN)."""
+    def attend(query, key, value, mask):
+        return _padded_attention(query, key, value, mask, causal, padded_keys, implementation)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.manual_axes or not mesh.auto_axes:
+        return attend(query, key, value, mask)
+    batch, _, heads, _ = nn.logical_to_mesh_axes(PER_HEAD) or (None,) * 4
+    spec = jax.P(batch, None, heads, None)
+    mask_spec = None if mask is None else jax.P(batch if mask.shape[0] > 1 else None,
+                                                heads if mask.shape[1] > 1 else None)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, mask_spec),
+                         out_specs=spec, axis_names=set(mesh.auto_axes),
+                         check_vma=False)(query, key, value, mask)
+
+
+def _padded_attention(query, key, value, mask, causal, padded_keys, implementation):
+    """cudnn_attention on arrays the kernel's own partitioning places."""
     tokens, sources = query.shape[1], key.shape[1]
     extra_queries, extra_keys = tokens % 2, sources % 2
     if not (extra_queries or extra_keys or padded_keys):
