@@ -11,6 +11,8 @@ Each `_on_tpu_*` function runs there and returns plain data."""
 import contextlib
 import io
 import json
+import os
+import subprocess
 import sys
 
 import jax
@@ -22,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clip_jax import benchmark, capacity, hlo_stats, sharding, tpu_topology
 from clip_jax.models.splash import splash_attention
 from tests.conftest import small_config
+from tests.trainer_process import REPO
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="libtpu ships for Linux only")
 
@@ -186,3 +189,14 @@ def test_a_step_the_chip_cannot_hold_is_the_compilers_one_line_answer(compile_on
     message = str(raised.value)
     assert message.startswith("TPU v5 lite: ") and "exceeds available HBM" in message
     assert "\n" not in message
+
+
+def test_compile_matrix_reports_each_case_and_the_count():
+    """tools/compile_matrix.py compiles each case in its own process and says
+    how many compiled (its first case here: softmax, data=4, XLA's attention)."""
+    child = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compile_matrix.py"),
+                            "--tpu", SLICE, "--limit", "1"],
+                           cwd=REPO, capture_output=True, text=True, check=False)
+    assert child.returncode == 0, child.stdout + child.stderr[-2000:]
+    lines = child.stdout.splitlines()
+    assert lines[0].startswith("ok   softmax    data=4") and lines[-1] == "1 of 1 compiled"
