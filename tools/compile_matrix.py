@@ -10,7 +10,7 @@ cross-attention, cuDNN's partitioning on a partly manual mesh).
     python tools/compile_matrix.py --tpu v5e:2x2 [--limit N]
     python tools/compile_matrix.py --gpu h100 [--limit N]
 
-Exits 1 if any case fails to compile. 56 cases, 10-20 s each on 2 CPU cores.
+Exits 1 if any case fails to compile (56 cases; times in docs/benchmarks.md).
 """
 
 import argparse
