@@ -30,11 +30,10 @@ kernel runs per device inside a nested shard_map over the remaining axes,
 split over the batch and head axes the activation rules give the queries.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.partitioning import PER_HEAD
+from clip_jax.models.partitioning import per_device_attention_spec
 
 
 def _pad_tokens(x, extra):
@@ -55,10 +54,9 @@ def cudnn_attention(query, key, value, mask=None, causal=False, padded_keys=0,
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not mesh.manual_axes or not mesh.auto_axes:
         return attend(query, key, value, mask)
-    batch, _, heads, _ = nn.logical_to_mesh_axes(PER_HEAD) or (None,) * 4
-    spec = jax.P(batch, None, heads, None)
-    mask_spec = None if mask is None else jax.P(batch if mask.shape[0] > 1 else None,
-                                                heads if mask.shape[1] > 1 else None)
+    spec = per_device_attention_spec() or jax.P(None, None, None, None)
+    mask_spec = None if mask is None else jax.P(spec[0] if mask.shape[0] > 1 else None,
+                                                spec[2] if mask.shape[1] > 1 else None)
     return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, mask_spec),
                          out_specs=spec, axis_names=set(mesh.auto_axes),
                          check_vma=False)(query, key, value, mask)

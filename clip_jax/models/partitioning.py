@@ -17,6 +17,7 @@ parameters'. The names mean nothing until a function is traced under
 import contextlib
 
 import flax.linen as nn
+import jax
 
 BATCH = "activation_batch"
 LENGTH = "activation_length"  # tokens of a sequence (patches, caption positions)
@@ -47,6 +48,18 @@ def constrain(x, names):
     (one per dimension, None: replicated); x itself outside
     `sharding.activation_sharding`."""
     return nn.with_logical_constraint(x, names)
+
+
+def per_device_attention_spec():
+    """The PartitionSpec of a [B, T, N, H] attention operand for a kernel run
+    per device under shard_map (Mosaic's splash, cuDNN's on a partly manual
+    mesh): its batch and heads split as the active rules split them, each
+    sequence and head dim whole. None outside `sharding.activation_sharding` or
+    when the rules split none of its axes."""
+    spec = nn.logical_to_mesh_axes(PER_HEAD)
+    if spec is None or all(axis is None for axis in spec):
+        return None
+    return jax.P(spec[0], None, spec[2], None)
 
 
 def compute_weight(weight, names, dtype):

@@ -20,14 +20,13 @@ for tests on CPU only.
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask
 
-from clip_jax.models.partitioning import PER_HEAD
+from clip_jax.models.partitioning import per_device_attention_spec
 
 LANES = 128  # the kernel's block sizes are multiples of this; so is TPU's lane width
 BLOCKS = (512, 256, 128)  # tokens per block tried, largest first
@@ -106,9 +105,8 @@ def splash_attention(query, key, value, causal=False):
     jax.nn.dot_product_attention(query, key, value, is_causal=causal)."""
     local = functools.partial(_per_platform, causal=causal)
     mesh = jax.sharding.get_abstract_mesh()
-    spec = nn.logical_to_mesh_axes(PER_HEAD)
-    if mesh.empty or spec is None or all(axis is None for axis in spec):
+    spec = per_device_attention_spec()
+    if mesh.empty or spec is None:
         return local(query, key, value)
-    spec = jax.P(spec[0], None, spec[2], None)  # whole sequences and heads per device
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                          check_vma=False)(query, key, value)
