@@ -15,7 +15,8 @@ launch gaps and collectives (the device check's profile splits that).
 What a kernel touches is read as XLA's GPU cost model reads it, simplified: a
 fusion parameter used only through (dynamic) slices is read as those slices,
 and a fusion that updates a slice of a buffer in place (a scanned layer
-writing its activations into the stack) writes that slice, not the buffer.
+writing its activations into the stack) writes that slice, not the buffer,
+also where it reaches the buffer through a bitcast (a free change of layout).
 Collectives are left out (clip_jax/hlo_stats.py counts them); so is the GEMM
 workspace. XLA keeps no cost analysis for a program compiled without a GPU,
 so this reads the HLO itself, with the parser of hlo_stats.
@@ -103,6 +104,25 @@ def _result_shapes(instruction, by_name):
     return shapes[operand_shapes:-1]
 
 
+def _past_bitcasts(name, body):
+    """The instruction `name` stands for in a fused computation, past bitcasts."""
+    node = body.get(name)
+    while node is not None and node.opcode == "bitcast":
+        node = body.get(next(iter(node.operands()), None))
+    return node
+
+
+def _uses_past_bitcasts(name, users):
+    """[(operand name, user)] of `name`, a bitcast's users standing for the bitcast's."""
+    found = []
+    for user in users.get(name, []):
+        if user.opcode == "bitcast":
+            found.extend(_uses_past_bitcasts(user.name, users))
+        else:
+            found.append((name, user))
+    return found
+
+
 def _fusion_bytes(instruction, by_name, computations):
     """Bytes a fusion reads and writes: each operand whole unless the fused
     computation only slices it, and its result, less a buffer it updates in
@@ -115,10 +135,13 @@ def _fusion_bytes(instruction, by_name, computations):
     for inner in body.values():
         for operand in inner.operands():
             users.setdefault(operand, []).append(inner)
-    # Buffers (fusion parameters) updated in place -> the update written into each.
-    in_place = {inner.operands()[0]: body.get(inner.operands()[1]) for inner in body.values()
-                if inner.opcode == "dynamic-update-slice" and inner.operands()[0] in body
-                and body[inner.operands()[0]].opcode == "parameter"}
+    # Buffers (fusion parameters, seen through bitcasts: a layout change of the
+    # stack) updated in place -> the update written into each.
+    in_place = {}
+    for inner in body.values():
+        buffer = _past_bitcasts(next(iter(inner.operands()), None), body)
+        if inner.opcode == "dynamic-update-slice" and buffer and buffer.opcode == "parameter":
+            in_place[buffer.name] = body.get(inner.operands()[1])
     moved = _array_bytes(_result_shapes(instruction, by_name))
     for buffer, update in in_place.items():
         moved -= _array_bytes(hlo_stats.array_shapes(body[buffer].type_text))
@@ -128,10 +151,10 @@ def _fusion_bytes(instruction, by_name, computations):
         source, parameter = by_name.get(operand), parameters.get(index)
         if source is None or (parameter is not None and parameter.name in in_place):
             continue  # a buffer written in place: its update counted above
-        uses = users.get(parameter.name, []) if parameter is not None else []
-        if uses and all(use.opcode in _SLICES and use.operands()[0] == parameter.name
-                        for use in uses):
-            moved += sum(_array_bytes(hlo_stats.array_shapes(use.type_text)) for use in uses)
+        uses = _uses_past_bitcasts(parameter.name, users) if parameter is not None else []
+        if uses and all(use.opcode in _SLICES and sliced == use.operands()[0]
+                        for sliced, use in uses):
+            moved += sum(_array_bytes(hlo_stats.array_shapes(use.type_text)) for _, use in uses)
         else:
             moved += _array_bytes(hlo_stats.array_shapes(source.type_text))
     return moved

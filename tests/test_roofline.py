@@ -129,6 +129,26 @@ def test_an_asynchronous_fusion_counts_as_the_fusion_it_runs():
         roofline.kernels(_HLO, PEAK, BANDWIDTH))
 
 
+# The GPU compiler often reaches a scan's stack through a bitcast that changes
+# its layout (a free view): stacking into it and slicing from it are still
+# in place and sliced.
+_STACK_THROUGH_BITCASTS = _HLO.replace(
+    "  ROOT %stacked = bf16[4,8,16]{2,1,0} dynamic-update-slice(%p0, %one, %p1, %zero, %zero)",
+    "  %p0_view = bf16[4,8,16]{2,1,0} bitcast(%p0)\n"
+    "  ROOT %stacked = bf16[4,8,16]{2,1,0} dynamic-update-slice(%p0_view, %one, %p1, %zero, %zero)",
+).replace(
+    "  %sliced = bf16[1,8,16]{2,1,0} dynamic-slice(%q0, ",
+    "  %q0_view = bf16[4,8,16]{1,2,0} bitcast(%q0)\n"
+    "  %sliced = bf16[1,8,16]{2,1,0} dynamic-slice(%q0_view, ")
+
+
+def test_a_stack_seen_through_a_bitcast_is_still_updated_in_place_and_sliced():
+    assert _STACK_THROUGH_BITCASTS.count("bitcast(%p0)") == 1
+    assert _STACK_THROUGH_BITCASTS.count("bitcast(%q0)") == 1
+    assert by_op(roofline.kernels(_STACK_THROUGH_BITCASTS, PEAK, BANDWIDTH)) == by_op(
+        roofline.kernels(_HLO, PEAK, BANDWIDTH))
+
+
 def test_the_step_bound_sums_each_kernels_roof():
     bound = roofline.step_bound(_HLO, PEAK, BANDWIDTH)
     found = roofline.kernels(_HLO, PEAK, BANDWIDTH)
