@@ -107,6 +107,20 @@ def test_lean_layer_norm_and_gelu_equal_autodiff(dtype):
                                        weights, tolerance)
 
 
+def test_lean_layer_norm_keeps_its_input_in_its_own_dtype_for_the_backward_pass():
+    """Under bfloat16 the lean LayerNorm's residuals are its bfloat16 input and
+    per-row float32 statistics: no float32 array of the input's size (autodiff's
+    keeps several), which in a scanned tower is a float32 stack per LayerNorm."""
+    from clip_jax.models import lean_ops  # noqa: PLC0415
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16), jnp.bfloat16)
+    _, backward = jax.vjp(lambda *a: lean_ops.lean_layer_norm(*a, 1e-5), x, jnp.ones(16),
+                          jnp.zeros(16))
+    kept = sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(backward))
+    assert kept == [((3, 5, 1), "float32"), ((3, 5, 1), "float32"),
+                    ((3, 5, 16), "bfloat16"), ((16,), "float32")]
+
+
 def _assert_equal_values_and_gradients(ours, reference, args, weights, tolerance):
     """ours(*args) equals reference(*args), and so do the gradients of their
     `weights`-weighted sums w.r.t. every arg, in dtype and shape too."""

@@ -6,8 +6,9 @@ the input's size for a LayerNorm (x - mean, its square, the normalised x, the
 output) and four of the MLP's hidden size for the erf GELU (-x/sqrt(2), erfc,
 exp(-x^2/2), the output). In a scanned tower each saved array is a stack the
 forward loop writes layer by layer, so their size is memory traffic every
-step. Here the LayerNorm keeps its normalised input and 1/std, the GELU its
-input; the backward recomputes the rest (elementwise). Values are autodiff's
+step. Here the LayerNorm keeps its input (in its own dtype: bfloat16 under
+bfloat16 compute) with its mean and 1/std, the GELU its input; the backward
+recomputes the rest (elementwise). Values are autodiff's
 up to float rounding (tests/test_model.py).
 
 By default they apply on CPU only, where they were measured (ViT-B/32 train
@@ -46,12 +47,22 @@ def forced_backward():
     return None if mode == "auto" else mode == "on"
 
 
-def _normalise(x, epsilon):
-    """float32 (x - mean) / std over the last axis, and 1 / std [..., 1]."""
+def _moments(x, epsilon):
+    """float32 mean and 1 / std over the last axis, each [..., 1]."""
     x32 = x.astype(jnp.float32)
-    centred = x32 - x32.mean(axis=-1, keepdims=True)
-    inverse_std = jax.lax.rsqrt(jnp.square(centred).mean(axis=-1, keepdims=True) + epsilon)
-    return centred * inverse_std, inverse_std
+    mean = x32.mean(axis=-1, keepdims=True)
+    inverse_std = jax.lax.rsqrt(jnp.square(x32 - mean).mean(axis=-1, keepdims=True) + epsilon)
+    return mean, inverse_std
+
+
+def _normalised(x, mean, inverse_std):
+    """float32 (x - mean) / std, from _moments."""
+    return (x.astype(jnp.float32) - mean) * inverse_std
+
+
+def _normalise(x, epsilon):
+    """float32 (x - mean) / std over the last axis."""
+    return _normalised(x, *_moments(x, epsilon))
 
 
 def hand_written_backward():
@@ -65,8 +76,7 @@ def layer_norm(x, scale, bias, epsilon):
     the lean backward pass on CPU, autodiff's elsewhere."""
     if hand_written_backward():
         return lean_layer_norm(x, scale, bias, epsilon)
-    normalised, _ = _normalise(x, epsilon)
-    return (normalised * scale + bias).astype(x.dtype)
+    return (_normalise(x, epsilon) * scale + bias).astype(x.dtype)
 
 
 def gelu(x):
@@ -77,19 +87,23 @@ def gelu(x):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lean_layer_norm(x, scale, bias, epsilon):
     """layer_norm with the hand-written backward pass (on any backend)."""
-    normalised, _ = _normalise(x, epsilon)
-    return (normalised * scale + bias).astype(x.dtype)
+    return (_normalise(x, epsilon) * scale + bias).astype(x.dtype)
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon):
-    normalised, inverse_std = _normalise(x, epsilon)
-    output = (normalised * scale + bias).astype(x.dtype)
-    return output, (normalised, inverse_std, scale)
+    # The backward pass recomputes the normalised input from x (kept in its own
+    # dtype, and often kept anyway: a block's input is the residual stream)
+    # rather than keeping it in float32: under bfloat16 compute a third of the
+    # bytes saved, written and read back.
+    mean, inverse_std = _moments(x, epsilon)
+    output = (_normalised(x, mean, inverse_std) * scale + bias).astype(x.dtype)
+    return output, (x, mean, inverse_std, scale)
 
 
 def _layer_norm_bwd(epsilon, residuals, grad):
     del epsilon
-    normalised, inverse_std, scale = residuals
+    x, mean, inverse_std, scale = residuals
+    normalised = _normalised(x, mean, inverse_std)
     grad32 = grad.astype(jnp.float32)  # grad has the output's dtype, x's
     leading = tuple(range(grad.ndim - 1))
     scaled = grad32 * scale
