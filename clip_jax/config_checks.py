@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax import losses, objectives, overrides, phases, sharding
+from clip_jax.train_step import GRADCACHE_WEIGHTS
 from clip_jax import teacher as teacher_lib
 from clip_jax.data.spec import parse_train
 from clip_jax.evals import specs
@@ -93,6 +94,13 @@ def check_config(config, num_devices, platform=None):
     _require(config.batch_size % (microbatches * data_parallel) == 0,
              f"config.batch_size={config.batch_size} is not divisible by config.microbatches x "
              f"data-parallel size = {microbatches} x {data_parallel}")
+    gradcache_weights = config.get("gradcache_weights", "sharded")
+    _require(gradcache_weights in GRADCACHE_WEIGHTS,
+             f"config.gradcache_weights={gradcache_weights!r} is unknown; "
+             f"choose one of {', '.join(GRADCACHE_WEIGHTS)}")
+    _require(gradcache_weights == "sharded" or config.model.image.kind == "vit",
+             f"config.gradcache_weights={gradcache_weights!r}: a ResNet tower's BatchNorm "
+             "statistics span every device, so its micro-batches run on sharded weights")
     _check_objective(config)
 
     _require(config.loss.kind in losses.LOSSES,

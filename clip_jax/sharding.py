@@ -88,13 +88,30 @@ def replica_axes(mesh, rules):
                  if mesh.shape[axis] > 1 and axis not in parameter_axes)
 
 
-def rules_without(rules, axes):
-    """`rules` with `axes` dropped from every entry: the rules inside a
-    shard_map that is manual over `axes`."""
+def weight_batch_axes(mesh, rules):
+    """The batch axes (of more than one device) that also split parameters under
+    `rules`: FSDP's (fsdp by default); the other batch axes are replica_axes."""
+    replicas = replica_axes(mesh, rules)
+    batch = dict(rules).get(ACTIVATION_BATCH)
+    return tuple(axis for axis in spec_axes(batch)
+                 if mesh.shape[axis] > 1 and axis not in replicas)
+
+
+def spec_without(spec, axes):
+    """PartitionSpec `spec` with `axes` dropped from every entry."""
     def kept(entry):
         remaining = tuple(axis for axis in spec_axes(entry) if axis not in axes)
         return remaining if len(remaining) > 1 else remaining[0] if remaining else None
-    return tuple((name, kept(entry)) for name, entry in rules)
+    return P(*(kept(entry) for entry in spec))
+
+
+def rules_without(rules, axes, weights_only=False):
+    """`rules` with `axes` dropped from every entry: the rules inside a
+    shard_map that is manual over `axes`; `weights_only`: from the parameters'
+    names only, activations keeping their split (computing with weights
+    gathered over `axes`)."""
+    return tuple((name, entry if weights_only and name in ACTIVATION_AXES
+                  else spec_without(P(entry), axes)[0]) for name, entry in rules)
 
 
 def batch_sharding(mesh):

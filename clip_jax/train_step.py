@@ -4,6 +4,7 @@
 the mesh with explicit in/out shardings and donates the old state.
 """
 
+import contextlib
 import functools
 from typing import Any
 
@@ -18,6 +19,7 @@ from clip_jax import teacher as teacher_lib
 from clip_jax import variables as variables_lib
 from clip_jax.models import lean_ops, weight_grads
 from clip_jax.models.clip import TOWER_PARAMS
+from clip_jax.models.partitioning import spec_axes
 from clip_jax.objectives.contrastive import TEACHER_INPUTS, teacher_inputs, with_logit_params
 
 
@@ -125,42 +127,70 @@ def _reduced_in(grad, reduce_dtype):
     return reduce_dtype if grad.ndim >= 2 else grad.dtype
 
 
-def _summed_over_replicas(backward, mesh, replica_axes, rules, reduce_dtype):
+# config.gradcache_weights: FSDP's weights in GradCache's micro-batch passes.
+GRADCACHE_WEIGHTS = ("sharded", "gathered")
+
+
+def _reduced_once(backward, mesh, replica_axes, rules, reduce_dtype, gathered_axes=(),
+                  param_shardings=None):
     """backward(params, microbatches, embedding_grads) -> (grads, sums), run by
     each data-parallel replica on its own rows and summed over the replicas
-    once, after the micro-batch loop.
+    once, after the micro-batch loop (and over FSDP's devices, with
+    `gathered_axes`).
 
     Left to the partitioner, the replicas' block gradients of stacked layers
     (model.scan_layers) are all-reduced inside the loop, once per micro-batch
     (k times the bytes of a k=1 step, docs/scaling.md). Here the loop runs
     under shard_map, manual over `replica_axes` (batch axes that split no
-    parameter: the replicas hold equal parameters) and automatic over the rest
-    (FSDP still gathers and reduce-scatters per micro-batch, inherent to
-    GradCache): each replica accumulates its own float32 partial sums and they
-    are all-reduced once, matrices in `reduce_dtype`. Activation constraints
+    parameter: the replicas hold equal parameters) and automatic over the rest:
+    each replica accumulates its own float32 partial sums and they are
+    all-reduced once, matrices in `reduce_dtype`. Activation constraints
     inside follow `rules` less the manual axes.
+
+    `gathered_axes` (config.gradcache_weights="gathered": FSDP's axes, the
+    params already gathered over them, their own split `param_shardings`)
+    are manual too: every device sums whole gradients of its own rows, and
+    each is reduce-scattered onto its parameter's split once, where left
+    automatic FSDP reduce-scatters every micro-batch's.
     """
-    if not replica_axes:
+    # In the batch's own order, so that each device group's rows are one block.
+    manual = tuple(axis for axis in sharding.BATCH_AXES
+                   if axis in replica_axes or axis in gathered_axes)
+    if not manual:
         return backward
-    local_rules = sharding.rules_without(rules, replica_axes)
+    local_rules = sharding.rules_without(rules, manual)
+    # Per gradient: the manual axes of its parameter's split (its out_spec).
+    others = [axis for axis in sharding.MESH_AXES if axis not in gathered_axes]
+    out_specs = (jax.P() if not gathered_axes else jax.tree.map(
+        lambda shard: sharding.spec_without(shard.spec, others), param_shardings))
+
+    def reduced(grad, out_spec):
+        wire = grad.astype(_reduced_in(grad, reduce_dtype))
+        pending = list(manual)
+        for dim, entry in enumerate(out_spec):
+            for axis in spec_axes(entry):  # major to minor, as PartitionSpec splits
+                wire = jax.lax.psum_scatter(wire, axis, scatter_dimension=dim, tiled=True)
+                pending.remove(axis)
+        return jax.lax.psum(wire, tuple(pending)).astype(grad.dtype)
 
     def local(params, microbatches, embedding_grads):
         with nn.logical_axis_rules(local_rules):
             grads, sums = backward(params, microbatches, embedding_grads)
-        grads = jax.tree.map(
-            lambda grad: jax.lax.psum(grad.astype(_reduced_in(grad, reduce_dtype)),
-                                      replica_axes).astype(grad.dtype), grads)
-        return grads, jax.lax.psum(sums, replica_axes)
+        specs = out_specs if gathered_axes else jax.tree.map(lambda _: jax.P(), grads)
+        grads = jax.tree.map(reduced, grads, specs)
+        return grads, jax.lax.psum(sums, manual)
 
-    rows = jax.P(None, replica_axes)  # [k, B/k, ...]: each replica's own rows
+    rows = jax.P(None, manual)  # [k, B/k, ...]: each device group's own rows
     # Unchecked: Pallas kernels inside (splash attention) declare no varying
     # axes. The outputs are psums, equal on every replica.
     return jax.shard_map(local, mesh=mesh, in_specs=(jax.P(), rows, rows),
-                         out_specs=jax.P(), axis_names=set(replica_axes), check_vma=False)
+                         out_specs=(out_specs, jax.P()), axis_names=set(manual),
+                         check_vma=False)
 
 
 def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None, *,
-                     replica_axes=(), rules=(), reduce_dtype=jnp.float32):
+                     replica_axes=(), rules=(), reduce_dtype=jnp.float32, gathered_axes=(),
+                     param_shardings=None):
     """grads(state, batch) -> (grads, metrics, model_state) with GradCache (Gao et al.
     2021): activations of one micro-batch at a time, the loss over the global batch.
 
@@ -172,8 +202,12 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None, 
     An objective's `example_loss` (CoCa's captioning: a sum over examples) is
     computed in step 3's forward pass, its gradient pulled back with the
     embeddings'. Step 3 runs per data-parallel replica (`replica_axes`) and is
-    summed over them once (`_summed_over_replicas`, which `rules` and
-    `reduce_dtype` serve). The gradients equal the full-batch ones.
+    summed over them once (`_reduced_once`, which `rules` and
+    `reduce_dtype` serve). With `gathered_axes` (FSDP's, and the parameters'
+    NamedShardings `param_shardings`) the parameters are gathered over them once,
+    before step 1, and steps 1 and 3 run on the whole weights (their float32
+    gradient sums too), reduce-scattered once after the loop. The gradients
+    equal the full-batch ones.
 
     BatchNorm (ResNet) normalises with per-micro-batch statistics and updates
     its running averages once per micro-batch, in order: inherent to GradCache,
@@ -201,13 +235,21 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None, 
         teacher = teacher_inputs(batch)
         microbatches = {key: _split_microbatches(value, num_microbatches, mesh)
                         for key, value in batch.items() if key not in teacher}  # [k, B/k, ...]
+        params = state.params if not gathered_axes else jax.lax.with_sharding_constraint(
+            state.params, jax.tree.map(
+                lambda shard: shard.update(spec=sharding.spec_without(shard.spec, gathered_axes)),
+                param_shardings))
 
         def embed_microbatch(model_state, microbatch):
-            embeddings, model_state = embed(state.params, model_state, microbatch)
+            embeddings, model_state = embed(params, model_state, microbatch)
             return model_state, embeddings
 
-        model_state, embeddings = jax.lax.scan(
-            embed_microbatch, dict(state.model_state), microbatches)
+        # On gathered weights, nothing re-splits them for the embedding pass.
+        with (nn.logical_axis_rules(sharding.rules_without(rules, gathered_axes,
+                                                           weights_only=True))
+              if gathered_axes else contextlib.nullcontext()):
+            model_state, embeddings = jax.lax.scan(
+                embed_microbatch, dict(state.model_state), microbatches)
         image_embeddings, text_embeddings = (_merge_microbatches(e, mesh) for e in embeddings)
 
         (_, metrics), (image_grads, text_grads, grads) = jax.value_and_grad(
@@ -252,11 +294,12 @@ def _gradcache_grads(model, loss_fn, num_microbatches, mesh, example_loss=None, 
             return grads, jax.tree.map(lambda sums: jnp.sum(sums, axis=0), microbatch_sums)
 
         count = example_loss.count(batch) if example_loss is not None else None
-        # BatchNorm's statistics are the micro-batch's, over every replica.
+        # BatchNorm's statistics are the micro-batch's, over every replica
+        # (config_checks refuses gathered weights with them).
         replicas = () if state.model_state else replica_axes
-        backward_grads, sums = _summed_over_replicas(
-            backward, mesh, replicas, rules, reduce_dtype)(
-                state.params, microbatches, embedding_grads)
+        backward_grads, sums = _reduced_once(
+            backward, mesh, replicas, rules, reduce_dtype, gathered_axes, param_shardings)(
+                params, microbatches, embedding_grads)
         grads = jax.tree.map(jnp.add, grads, backward_grads)
         if example_loss is not None:
             means, term = example_loss.metrics(sums, count)
@@ -354,21 +397,26 @@ def make_train_step(compute_grads, optimizer, schedule):
     return step
 
 
-def gradients(objective, model, mesh, config, teacher_scale=None):
+def gradients(objective, model, mesh, config, teacher_scale=None, param_shardings=None):
     """compute_grads(state, batch) of `objective` for make_train_step: one forward and
     backward over the batch, or GradCache over config.microbatches micro-batches
     (objectives with an embedding loss only; config_checks says so in one line).
-    teacher_scale: the teacher's temperature when distilling (contrastive only)."""
+    teacher_scale: the teacher's temperature when distilling (contrastive only);
+    param_shardings: the parameters' NamedShardings (config.gradcache_weights
+    "gathered" needs them)."""
     distilling = {} if teacher_scale is None else {"teacher_scale": teacher_scale}
     if config.microbatches == 1:
         return _full_batch_grads(objective.batch_loss(model, mesh, config, **distilling))
     example_loss = objective.example_loss and objective.example_loss(model, config)
     reduce_dtype = (jnp.float32 if config.model.get("grad_reduce_dtype") == "float32"
                     else jnp.dtype(config.model.dtype))
+    gathered_axes = (sharding.weight_batch_axes(mesh, config.sharding_rules)
+                     if config.get("gradcache_weights") == "gathered" else ())
     return _gradcache_grads(model, objective.embedding_loss(mesh, config, **distilling),
                             config.microbatches, mesh, example_loss,
                             replica_axes=sharding.replica_axes(mesh, config.sharding_rules),
-                            rules=config.sharding_rules, reduce_dtype=reduce_dtype)
+                            rules=config.sharding_rules, reduce_dtype=reduce_dtype,
+                            gathered_axes=gathered_axes, param_shardings=param_shardings)
 
 
 def jit_train_step(step, shardings, mesh, batch_keys=("images", "tokens")):
@@ -434,7 +482,7 @@ def setup_training(config, devices=None, optimizer=None) -> Training:
     teacher = (teacher_lib.load(config, mesh) if config.get("distill") and config.distill.teacher
                else None)
     compute_grads = gradients(objective, model, mesh, config,
-                              None if teacher is None else teacher.logit_scale)
+                              None if teacher is None else teacher.logit_scale, shardings.params)
     batch_keys = ("images", "tokens", *(TEACHER_INPUTS if teacher else ()))
     run_phases = phases.parse(config.phases, config.total_steps, config.model)
 

@@ -81,6 +81,11 @@ def _base():
     # GradCache: the step holds activations of batch_size / microbatches examples at a
     # time; loss and gradients stay those of the global batch (BatchNorm excepted).
     config.microbatches = 1
+    # With microbatches > 1 under FSDP: "sharded" gathers the weights and
+    # reduce-scatters their gradients in every micro-batch's passes; "gathered"
+    # gathers them once per step and reduce-scatters once, at the cost of whole
+    # float32 weights and gradient sums on every device (docs/scaling.md).
+    config.gradcache_weights = "sharded"
     config.total_steps = 1000
     config.log_every = 50
     config.eval_every = 500  # 0 disables in-training evaluation (the final one still runs)

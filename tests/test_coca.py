@@ -182,12 +182,17 @@ def test_an_adamw_step_on_8_devices_equals_one_device():
     assert_same_step(params_8, metrics_8, params_1, metrics_1, atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=2, tensor=2)])
-def test_gradcache_equals_one_microbatch(mesh):
+@pytest.mark.parametrize("mesh, weights", [(dict(data=8), "sharded"),
+                                           (dict(data=2, fsdp=2, tensor=2), "sharded"),
+                                           (dict(data=2, fsdp=2, tensor=2), "gathered")])
+def test_gradcache_equals_one_microbatch(mesh, weights):
     """k=4 micro-batches: the loss, its parts and the update of k=1; the caption
-    term is computed in each micro-batch's second forward pass. Batch 32: each
-    micro-batch splits over the 8 devices (config_checks requires it)."""
-    overrides = {f"mesh.{axis}": size for axis, size in mesh.items()} | {"batch_size": 32}
+    term is computed in each micro-batch's second forward pass, on FSDP's
+    weights as they are split or gathered once (config.gradcache_weights).
+    Batch 32: each micro-batch splits over the 8 devices (config_checks
+    requires it)."""
+    overrides = ({f"mesh.{axis}": size for axis, size in mesh.items()}
+                 | {"batch_size": 32, "gradcache_weights": weights})
     params_1, metrics_1 = one_step(small_coca_config(**overrides))
     params_4, metrics_4 = one_step(small_coca_config(microbatches=4, **overrides))
     assert_same_step(params_4, metrics_4, params_1, metrics_1)

@@ -64,6 +64,11 @@ def test_knobs_in_the_config_argument():
     ({"microbatches": 0}, "config.microbatches=0 must be >= 1"),
     ({"microbatches": 4}, "config.batch_size=16 is not divisible by config.microbatches x "
                           "data-parallel size = 4 x 8"),
+    ({"gradcache_weights": "whole"}, "config.gradcache_weights='whole' is unknown; choose one "
+                                     "of sharded, gathered"),
+    ({"gradcache_weights": "gathered", "model.image": dict(
+        kind="resnet", image_size=32, stage_layers=(1, 1, 1, 1), width=16, heads=2)},
+     "config.gradcache_weights='gathered': a ResNet tower's BatchNorm"),
     ({"model.image.patch_dropout": 1.0}, "patch_dropout=1 must be in [0, 1)"),
     ({"model.attention": "flash"}, "config.model.attention='flash' is unknown; choose one of "
                                    "xla, cudnn, splash, auto"),

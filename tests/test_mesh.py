@@ -60,18 +60,23 @@ def test_dcn_data_meshes_equal_one_device(mesh):
                  params_8, params_1)
 
 
-@pytest.mark.parametrize("mesh, rules, replicas", [
-    (dict(dcn_data=2, data=4), DEFAULT_RULES, ("dcn_data", "data")),
-    (dict(data=2, fsdp=2, tensor=2), DEFAULT_RULES, ("data",)),
-    (dict(fsdp=8), DEFAULT_RULES, ()),  # FSDP splits the weights: no replicas
-    (dict(data=1, fsdp=8), DEFAULT_RULES, ()),
+@pytest.mark.parametrize("mesh, rules, replicas, weight_axes", [
+    (dict(dcn_data=2, data=4), DEFAULT_RULES, ("dcn_data", "data"), ()),
+    (dict(data=2, fsdp=2, tensor=2), DEFAULT_RULES, ("data",), ("fsdp",)),
+    (dict(fsdp=8), DEFAULT_RULES, (), ("fsdp",)),  # FSDP splits the weights: no replicas
+    (dict(data=1, fsdp=8), DEFAULT_RULES, (), ("fsdp",)),
     # Rules that split the weights' embed over data too leave no replica axis.
-    (dict(data=2, fsdp=4), (("embed", ("data", "fsdp")), *DEFAULT_RULES[1:]), ()),
+    (dict(data=2, fsdp=4), (("embed", ("data", "fsdp")), *DEFAULT_RULES[1:]), (),
+     ("data", "fsdp")),
 ])
-def test_replica_axes_are_batch_axes_that_split_no_parameter(mesh, rules, replicas):
+def test_replica_axes_are_batch_axes_that_split_no_parameter(mesh, rules, replicas, weight_axes):
+    """The batch axes of more than one device are the replicas' or the weights'
+    (FSDP's, which GradCache's gathered weights gather over)."""
     sizes = {"dcn_data": 1, "data": 1, "fsdp": 1, "tensor": 1, **mesh}
     devices = np.array(jax.devices()).reshape(tuple(sizes.values()))
-    assert sharding.replica_axes(jax.sharding.Mesh(devices, tuple(sizes)), rules) == replicas
+    mesh = jax.sharding.Mesh(devices, tuple(sizes))
+    assert sharding.replica_axes(mesh, rules) == replicas
+    assert sharding.weight_batch_axes(mesh, rules) == weight_axes
 
 
 def test_rules_without_manual_axes_keep_the_others():
@@ -84,3 +89,6 @@ def test_rules_without_manual_axes_keep_the_others():
                                                            ("dcn_data", "data"))
     assert sharding.rules_without(rules, ("data", "fsdp"))[:2] == (
         ("embed", None), ("activation_batch", "dcn_data"))
+    # Weights gathered over fsdp, activations still split over it.
+    assert sharding.rules_without(rules, ("fsdp",), weights_only=True) == (
+        ("embed", None), *rules[1:])

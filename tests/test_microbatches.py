@@ -29,7 +29,10 @@ def sgd_step(microbatches, mesh, loss, batch_size=32, **overrides):
 @pytest.mark.parametrize("mesh, loss, overrides", [
     (MESHES[0], "softmax_chunked", {}),
     (MESHES[1], "sigmoid", {}),
-    (MESHES[1], "sigmoid", {"model.scan_layers": True, "model.attention": "splash"})])
+    (MESHES[1], "sigmoid", {"model.scan_layers": True, "model.attention": "splash"}),
+    # Weights gathered once per step over fsdp (GradCache's gradcache_weights).
+    (dict(data=2, fsdp=4, tensor=1), "softmax", {"gradcache_weights": "gathered"}),
+    (MESHES[1], "sigmoid", {"gradcache_weights": "gathered", "model.scan_layers": True})])
 def test_four_microbatches_equal_one(mesh, loss, overrides):
     """Same loss, metrics and gradients (exposed by SGD) as the full batch; each
     data-parallel replica sums its micro-batches' gradients before they are

@@ -7,10 +7,10 @@ refuses, which no CPU run shows (three such failures were found this way:
 FSDP's reduce-scatter in GradCache's loop aborting the TPU compiler, splash on
 cross-attention, cuDNN's partitioning on a partly manual mesh).
 
-    python tools/compile_matrix.py --tpu v5e:2x2 [--limit N]
-    python tools/compile_matrix.py --gpu h100 [--limit N]
+    python tools/compile_matrix.py --tpu v5e:2x2 [--limit N] [--match gathered]
+    python tools/compile_matrix.py --gpu h100 [--limit N] [--match gathered]
 
-Exits 1 if any case fails to compile (56 cases; times in docs/benchmarks.md).
+Exits 1 if any case fails to compile (74 cases; times in docs/benchmarks.md).
 """
 
 import argparse
@@ -26,7 +26,8 @@ OBJECTIVES = (
     ("caption_lm", "tiny", ("objective=caption_lm",)),
 )
 MESHES = ("data=4", "fsdp=4", "data=2,fsdp=2", "fsdp=2,tensor=2")
-MICROBATCHES = (1, 2)
+# (microbatches, gradcache_weights): the gathered weights where FSDP splits them.
+GRADCACHE = ((1, "sharded"), (2, "sharded"), (2, "gathered"))
 
 
 def layouts(fast_attention):
@@ -41,14 +42,15 @@ def layouts(fast_attention):
 
 def cases(fast_attention):
     """(label, plan arguments) of every case; caption_lm has no GradCache."""
-    for (objective, variant, extra), mesh, k, (layout, settings) in itertools.product(
-            OBJECTIVES, MESHES, MICROBATCHES, layouts(fast_attention)):
-        if objective == "caption_lm" and k > 1:
+    for (objective, variant, extra), mesh, (k, weights), (layout, settings) in itertools.product(
+            OBJECTIVES, MESHES, GRADCACHE, layouts(fast_attention)):
+        if (objective == "caption_lm" and k > 1) or (weights == "gathered" and "fsdp" not in mesh):
             continue
         # Two image heads (the tiny preset has 3), so that tensor=2 splits them.
         overrides = ("model.dtype=bfloat16", "model.image.heads=2", f"microbatches={k}",
-                     *extra, *settings)
-        label = f"{objective:<10} {mesh:<16} k={k}  {layout}"
+                     f"gradcache_weights={weights}", *extra, *settings)
+        label = (f"{objective:<10} {mesh:<16} k={k}{' gathered' if weights == 'gathered' else ''}"
+                 f"  {layout}")
         yield label, ["--config", variant, "--mesh", mesh, "--batch-size", "64",
                       *(arg for override in overrides for arg in ("--set", override))]
 
@@ -69,9 +71,11 @@ def main(argv=None):
     chip.add_argument("--tpu", metavar="TOPOLOGY", help="a 4-chip slice, e.g. v5e:2x2")
     chip.add_argument("--gpu", metavar="CHIP", help="4 GPUs of this chip, e.g. h100")
     parser.add_argument("--limit", type=int, help="only the first N cases")
+    parser.add_argument("--match", default="", help="only the cases whose label has this text")
     args = parser.parse_args(argv)
     target = ["--tpu", args.tpu] if args.tpu else ["--gpu", args.gpu, "--devices", "4"]
-    selected = list(cases("splash" if args.tpu else "cudnn"))[:args.limit]
+    selected = [case for case in cases("splash" if args.tpu else "cudnn")
+                if args.match in case[0]][:args.limit]
     failed = 0
     for label, arguments in selected:
         error = compile_case(target, arguments)

@@ -25,7 +25,7 @@ attention instead.
 
 JAX partitions the kernel with custom_partitioning, which fails on a mesh that
 is manual over some axes and automatic over others (GradCache's backward pass
-runs per data-parallel replica, train_step._summed_over_replicas). There the
+runs per data-parallel replica, train_step._reduced_once). There the
 kernel runs per device inside a nested shard_map over the remaining axes,
 split over the batch and head axes the activation rules give the queries.
 """

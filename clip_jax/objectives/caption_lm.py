@@ -29,7 +29,7 @@ def _cross_entropy(logits, labels):
     logit picked by a masked sum over the vocabulary instead of a gather. XLA's
     SPMD partitioner aborts on that gather when the vocabulary is split over
     `tensor` inside a shard_map manual over the batch's replica axes (CoCa under
-    GradCache: train_step._summed_over_replicas); the masked sum is a reduction
+    GradCache: train_step._reduced_once); the masked sum is a reduction
     that it splits like the normaliser's."""
     vocab = jnp.arange(logits.shape[-1])
     label_logits = jnp.sum(jnp.where(vocab == labels[..., None], logits, 0), axis=-1)
