@@ -33,7 +33,8 @@ STEPS = {"total_steps": 3}
 def test_trainer_on_two_processes_matches_one_process(tmp_path, shrunk_data_dir):
     """The real CLI: 2 processes x 4 CPU devices (gloo) log the same per-step
     losses, gradient norms and temperatures as 1 process x 8 devices: same global
-    batches, same gradients, same updates; with GradCache's 2 micro-batches too."""
+    batches, same gradients, same updates; with GradCache's 2 micro-batches too,
+    on replicas and with FSDP's weights gathered once."""
     data_dir = shrunk_data_dir
     single, multi = tmp_path / "one_process", tmp_path / "two_processes"
     losses_1, _ = train_losses([launch_trainer(single, data_dir, 8, config=STEPS)], single)
@@ -64,6 +65,19 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, shrunk_data_dir)
     for step in losses_1:
         np.testing.assert_allclose(losses_k2[step], losses_1[step], rtol=1e-5,
                                    err_msg=f"step {step}, 2 micro-batches: {COMPARED}")
+    # FSDP over both processes with the weights gathered once per step: each
+    # device sums whole gradients, reduce-scattered over the 8 devices once.
+    gathered = tmp_path / "two_processes_gathered"
+    port = free_port()
+    processes = [launch_trainer(gathered, data_dir, 4, distributed_flags(port, i),
+                                config={**STEPS, "microbatches": 2, "mesh.data": 1,
+                                        "mesh.fsdp": 8, "gradcache_weights": "gathered"})
+                 for i in range(2)]
+    losses_gathered, _ = train_losses(processes, gathered)
+    assert sorted(losses_gathered) == [1, 2, 3]
+    for step in losses_1:
+        np.testing.assert_allclose(losses_gathered[step], losses_1[step], rtol=1e-5,
+                                   err_msg=f"step {step}, gathered weights: {COMPARED}")
 
 
 # One process of a 2-process run on 2 CPU devices each: joins as the trainer
