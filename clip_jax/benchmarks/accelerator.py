@@ -31,7 +31,9 @@ it compiled (clip_jax/roofline.py): the gap between it and the measured step is
 what the profile has to explain.
 
 The JSON document is rewritten after every row, so a check stopped early keeps
-what it measured; no measurement starts after --budget-s seconds.
+what it measured; no measurement starts after --budget-s seconds. It ends with
+what the rows decide (fastest_settings): each model's fastest variant, the one
+fastest for every model, and each flag set's speed-up.
 """
 
 import json
@@ -215,6 +217,56 @@ def table(rows):
     return "\n".join(lines)
 
 
+def _measured(row):
+    return "error" not in row and "skipped" not in row
+
+
+def fastest_settings(rows):
+    """What the measurements decide, from the rows as measured (each model's
+    first row is its platform defaults): {"models": {model: the fastest
+    variant at the defaults' batch, its samples/s per device and speed-up over
+    the defaults}, "variant": the variant fastest for every model, or None
+    where they disagree, "flag_sets": {name: speed-up of the first model's
+    defaults under it}}: auto's choice, the presets' defaults and the
+    launchers' flags on this platform. Rows at another batch (a variant that
+    did not fit the defaults' batch) are not compared."""
+    by_model, flag_sets = {}, {}
+    for row in rows:
+        by_model.setdefault(row["model"], []).append(row)
+    models = {}
+    for model, model_rows in by_model.items():
+        defaults = model_rows[0]
+        if not _measured(defaults) or defaults.get("flag_set"):
+            continue
+        comparable = [row for row in model_rows if _measured(row) and not row.get("flag_set")
+                      and row["batch_per_device"] == defaults["batch_per_device"]]
+        best = max(comparable, key=lambda row: row["samples_per_sec_per_device"])
+        models[model] = {
+            "variant": [best["attention"], best["lean_backward"], best["layer_loop"]],
+            "batch_per_device": best["batch_per_device"],
+            "samples_per_sec_per_device": best["samples_per_sec_per_device"],
+            "speedup_over_defaults": (best["samples_per_sec_per_device"]
+                                      / defaults["samples_per_sec_per_device"])}
+        for row in model_rows:
+            if row.get("flag_set") and _measured(row) and (
+                    row["batch_per_device"] == defaults["batch_per_device"]):
+                flag_sets[row["flag_set"]] = (row["samples_per_sec_per_device"]
+                                              / defaults["samples_per_sec_per_device"])
+    winners = {tuple(found["variant"]) for found in models.values()}
+    return {"models": models, "variant": list(winners.pop()) if len(winners) == 1 else None,
+            "flag_sets": flag_sets}
+
+
+def _settings_lines(settings):
+    lines = [f"fastest for {model}: attention={found['variant'][0]} "
+             f"lean_backward={found['variant'][1]} layer_loop={found['variant'][2]}, "
+             f"{found['speedup_over_defaults']:.2f}x the defaults"
+             for model, found in settings["models"].items()]
+    lines += [f"XLA flags {name}: {speedup:.2f}x the defaults"
+              for name, speedup in settings["flag_sets"].items()]
+    return "\n".join(lines)
+
+
 def _write(document, path):
     """Replaces `path` whole, so that a reader never sees half a document."""
     partial = f"{path}.partial"
@@ -272,10 +324,11 @@ def run_accelerator(args):
         print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "profile"}),
               file=sys.stderr, flush=True)
     document["seconds"] = time.perf_counter() - started
+    document["fastest"] = fastest_settings(document["rows"])
     _write(document, args.output)
     unmeasured = document["not_measured_within_budget"]
     print(f"{document['device_kind']} x {devices}, jax {document['jax']}, bfloat16\n"
-          + table(document["rows"])
+          + table(document["rows"]) + "\n" + _settings_lines(document["fastest"])
           + (f"\nnot measured within --budget-s {args.budget_s:g}: {', '.join(unmeasured)}"
              if unmeasured else "")
           + f"\nwrote {args.output}", flush=True)
