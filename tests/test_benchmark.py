@@ -156,7 +156,7 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
     assert "| tiny | xla | on | unrolled | default | 32 |" in table
     assert "| tiny | xla | off | unrolled | default | 32 |" in table
     fastest = document["fastest"]["models"]["tiny"]
-    assert fastest["variant"][0] == "xla" and fastest["speedup_over_defaults"] >= 1
+    assert fastest["variant"][0] == "xla" and fastest["speedup_over_auto"] >= 1
     assert "fastest for tiny: attention=xla" in table
 
 
@@ -168,25 +168,25 @@ def _row(model, variant, samples, batch=128, flag_set=""):
 
 
 def test_the_device_check_names_the_fastest_settings_per_model():
-    """Each model's fastest variant at its defaults' batch (a variant that fell
+    """Each model's fastest variant at its auto settings' batch (a variant that fell
     to a smaller batch is not compared), the one variant fastest for every
-    model, and each flag set's speed-up on the first model's defaults."""
-    defaults, unrolled, xla = (("cudnn", "off", "scan"), ("cudnn", "on", "unrolled"),
-                               ("xla", "off", "scan"))
-    rows = [_row("m1", defaults, 100.0), _row("m1", unrolled, 150.0),
-            _row("m2", defaults, 50.0), _row("m2", unrolled, 60.0),
-            _row("m1", defaults, 110.0, flag_set="cuBLAS GEMMs"),
-            {**_row("m1", defaults, 0.0, flag_set="no CUDA graphs"), "error": "crashed"},
+    model, and each flag set's speed-up on the first model's auto settings."""
+    auto, unrolled, xla = (("cudnn", "off", "scan"), ("cudnn", "on", "unrolled"),
+                           ("xla", "off", "scan"))
+    rows = [_row("m1", auto, 100.0), _row("m1", unrolled, 150.0),
+            _row("m2", auto, 50.0), _row("m2", unrolled, 60.0),
+            _row("m1", auto, 110.0, flag_set="cuBLAS GEMMs"),
+            {**_row("m1", auto, 0.0, flag_set="no CUDA graphs"), "error": "crashed"},
             _row("m1", xla, 300.0, batch=64), {**_row("m2", xla, 0.0), "error": "failed"}]
     found = accelerator_bench.fastest_settings(rows)
     assert found["variant"] == list(unrolled)
-    assert found["models"]["m1"]["speedup_over_defaults"] == pytest.approx(1.5)
-    assert found["models"]["m2"]["speedup_over_defaults"] == pytest.approx(1.2)
+    assert found["models"]["m1"]["speedup_over_auto"] == pytest.approx(1.5)
+    assert found["models"]["m2"]["speedup_over_auto"] == pytest.approx(1.2)
     assert found["flag_sets"] == {"cuBLAS GEMMs": pytest.approx(1.1)}
     # Models that disagree leave the shared choice open.
     rows[3]["samples_per_sec_per_device"] = 40.0
     found = accelerator_bench.fastest_settings(rows)
-    assert found["models"]["m2"]["variant"] == list(defaults) and found["variant"] is None
+    assert found["models"]["m2"]["variant"] == list(auto) and found["variant"] is None
 
 
 def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_failures(

@@ -223,35 +223,36 @@ def _measured(row):
 
 def fastest_settings(rows):
     """What the measurements decide, from the rows as measured (each model's
-    first row is its platform defaults): {"models": {model: the fastest
-    variant at the defaults' batch, its samples/s per device and speed-up over
-    the defaults}, "variant": the variant fastest for every model, or None
-    where they disagree, "flag_sets": {name: speed-up of the first model's
-    defaults under it}}: auto's choice, the presets' defaults and the
+    first row is its variant with every setting "auto", as the platform picks
+    it): {"models": {model: the fastest variant at that row's batch, its
+    samples/s per device and speed-up over the auto settings}, "variant": the
+    variant fastest for every model, or None where they disagree,
+    "flag_sets": {name: speed-up of the first model's auto settings under
+    it}}: auto's choice, the presets' defaults and the
     launchers' flags on this platform. Rows at another batch (a variant that
-    did not fit the defaults' batch) are not compared."""
+    did not fit the auto settings' batch) are not compared."""
     by_model, flag_sets = {}, {}
     for row in rows:
         by_model.setdefault(row["model"], []).append(row)
     models = {}
     for model, model_rows in by_model.items():
-        defaults = model_rows[0]
-        if not _measured(defaults) or defaults.get("flag_set"):
+        auto = model_rows[0]
+        if not _measured(auto) or auto.get("flag_set"):
             continue
         comparable = [row for row in model_rows if _measured(row) and not row.get("flag_set")
-                      and row["batch_per_device"] == defaults["batch_per_device"]]
+                      and row["batch_per_device"] == auto["batch_per_device"]]
         best = max(comparable, key=lambda row: row["samples_per_sec_per_device"])
         models[model] = {
             "variant": [best["attention"], best["lean_backward"], best["layer_loop"]],
             "batch_per_device": best["batch_per_device"],
             "samples_per_sec_per_device": best["samples_per_sec_per_device"],
-            "speedup_over_defaults": (best["samples_per_sec_per_device"]
-                                      / defaults["samples_per_sec_per_device"])}
+            "speedup_over_auto": (best["samples_per_sec_per_device"]
+                                  / auto["samples_per_sec_per_device"])}
         for row in model_rows:
             if row.get("flag_set") and _measured(row) and (
-                    row["batch_per_device"] == defaults["batch_per_device"]):
+                    row["batch_per_device"] == auto["batch_per_device"]):
                 flag_sets[row["flag_set"]] = (row["samples_per_sec_per_device"]
-                                              / defaults["samples_per_sec_per_device"])
+                                              / auto["samples_per_sec_per_device"])
     winners = {tuple(found["variant"]) for found in models.values()}
     return {"models": models, "variant": list(winners.pop()) if len(winners) == 1 else None,
             "flag_sets": flag_sets}
@@ -260,9 +261,9 @@ def fastest_settings(rows):
 def _settings_lines(settings):
     lines = [f"fastest for {model}: attention={found['variant'][0]} "
              f"lean_backward={found['variant'][1]} layer_loop={found['variant'][2]}, "
-             f"{found['speedup_over_defaults']:.2f}x the defaults"
+             f"{found['speedup_over_auto']:.2f}x the auto settings"
              for model, found in settings["models"].items()]
-    lines += [f"XLA flags {name}: {speedup:.2f}x the defaults"
+    lines += [f"XLA flags {name}: {speedup:.2f}x XLA's defaults"
               for name, speedup in settings["flag_sets"].items()]
     return "\n".join(lines)
 
