@@ -45,7 +45,7 @@ import time
 # The per-device batches tried for each model, largest first: the largest of
 # each fits the 90% of an 80 GB H100 the check lets JAX take (MEMORY_FRACTION)
 # with the GPU's default variant, as XLA's GPU compiler plans the step
-# (docs/capacity_gpu_table.md: 537, 1,330 and 162 fit the whole GPU, about
+# (docs/capacity_gpu_table.md: 551, 1,319 and 166 fit the whole GPU, about
 # 1.8x that an H200).
 BATCHES_PER_DEVICE = {"ViT-B-16": (384, 256, 128), "ViT-B-32": (1024, 512, 256),
                       "ViT-L-14": (128, 64, 32)}
