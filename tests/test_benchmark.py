@@ -153,17 +153,17 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
     assert sorted(path.name for path in (tmp_path / "traces").iterdir()) == [
         "tiny_xla_lean-off_unrolled_32.xplane.pb", "tiny_xla_lean-on_unrolled_32.xplane.pb"]
     table = capsys.readouterr().out
-    assert "| tiny | xla | on | unrolled | default | 32 |" in table
-    assert "| tiny | xla | off | unrolled | default | 32 |" in table
+    assert "| tiny | xla | on | unrolled | none | default | 32 |" in table
+    assert "| tiny | xla | off | unrolled | none | default | 32 |" in table
     fastest = document["fastest"]["models"]["tiny"]
     assert fastest["variant"][0] == "xla" and fastest["speedup_over_auto"] >= 1
     assert "fastest for tiny: attention=xla" in table
 
 
 def _row(model, variant, samples, batch=128, flag_set=""):
-    attention, lean, loop = variant
+    attention, lean, loop, remat = variant
     return {"model": model, "attention": attention, "lean_backward": lean, "layer_loop": loop,
-            "flag_set": flag_set, "batch_per_device": batch,
+            "remat": remat, "flag_set": flag_set, "batch_per_device": batch,
             "samples_per_sec_per_device": samples}
 
 
@@ -171,8 +171,8 @@ def test_the_device_check_names_the_fastest_settings_per_model():
     """Each model's fastest variant at its auto settings' batch (a variant that fell
     to a smaller batch is not compared), the one variant fastest for every
     model, and each flag set's speed-up on the first model's auto settings."""
-    auto, unrolled, xla = (("cudnn", "off", "scan"), ("cudnn", "on", "unrolled"),
-                           ("xla", "off", "scan"))
+    auto, unrolled, xla = (("cudnn", "off", "scan", "none"), ("cudnn", "on", "unrolled", "none"),
+                           ("xla", "off", "scan", "none"))
     rows = [_row("m1", auto, 100.0), _row("m1", unrolled, 150.0),
             _row("m2", auto, 50.0), _row("m2", unrolled, 60.0),
             _row("m1", auto, 110.0, flag_set="cuBLAS GEMMs"),
@@ -209,7 +209,8 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
             command[command.index("--batch-size") + 1])
         flags = env.get("XLA_FLAGS", "").split()[-1]
         call = (model, sets["model.attention"], sets["model.lean_backward"],
-                sets["model.layer_loop"], batch, flags if flags.startswith("--xla_gpu") else "")
+                sets["model.layer_loop"], sets["model.remat"], batch,
+                flags if flags.startswith("--xla_gpu") else "")
         calls.append(call)
         assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
         if len(calls) > 2:  # what was measured so far is on disk
@@ -218,7 +219,7 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
             return 1, "", "Traceback ...\nclip_jax.benchmarks.train.DoesNotFit: needs 90 GiB\n"
         if call[1:3] == ("cudnn", "on"):
             return 1, "", "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed\n"
-        if call[5] == "--xla_gpu_enable_command_buffer=":
+        if call[6] == "--xla_gpu_enable_command_buffer=":
             return None, "", "step 1\n"
         if call[:3] == ("m2", "xla", "on"):
             return 0, "a library's notice\n", ""
@@ -234,14 +235,17 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     # Every model's defaults (a scan) and the unrolled layer loop with lean
     # backward, then the first model's defaults under each flag set, then every
     # model's other variants: what a budget running out stops is the least needed.
-    others = [("cudnn", "off", "unrolled"), ("xla", "off", "scan"), ("cudnn", "on", "scan"),
-              ("xla", "on", "scan")]
+    others = [("cudnn", "off", "unrolled", "none"), ("xla", "off", "scan", "none"),
+              ("cudnn", "on", "scan", "none"), ("xla", "on", "scan", "none"),
+              ("cudnn", "on", "scan", "dots_saveable")]
     assert calls == [
-        ("m1", "cudnn", "off", "scan", 256, ""), ("m1", "cudnn", "off", "scan", 128, ""),
-        ("m1", "cudnn", "on", "unrolled", 128, ""),
-        ("m2", "cudnn", "off", "scan", 128, ""), ("m2", "cudnn", "on", "unrolled", 128, ""),
-        ("m1", "cudnn", "off", "scan", 128, triton_off),
-        ("m1", "cudnn", "off", "scan", 128, "--xla_gpu_enable_command_buffer="),
+        ("m1", "cudnn", "off", "scan", "none", 256, ""),
+        ("m1", "cudnn", "off", "scan", "none", 128, ""),
+        ("m1", "cudnn", "on", "unrolled", "none", 128, ""),
+        ("m2", "cudnn", "off", "scan", "none", 128, ""),
+        ("m2", "cudnn", "on", "unrolled", "none", 128, ""),
+        ("m1", "cudnn", "off", "scan", "none", 128, triton_off),
+        ("m1", "cudnn", "off", "scan", "none", 128, "--xla_gpu_enable_command_buffer="),
         *[("m1", *variant, 128, "") for variant in others],
         *[("m2", *variant, 128, "") for variant in others]]
     document = json.loads(output.read_text())
@@ -252,9 +256,9 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     assert rows[1]["layer_loop"] == "unrolled" and rows[6]["layer_loop"] == "unrolled"
     assert (rows[4]["flag_set"], rows[4]["flags"]) == ("cuBLAS GEMMs", f"XLA_FLAGS={triton_off}")
     assert rows[5]["error"] == "no result within 600 s"
-    assert rows[-1]["error"] == "no JSON result; its output ends \"a library's notice\""
+    assert rows[-2]["error"] == "no JSON result; its output ends \"a library's notice\""
     table = accelerator_bench.table(rows)
-    assert ("| m1 | cudnn | on | unrolled | default | jax.errors.JaxRuntimeError: INTERNAL: "
-            "cuDNN failed |") in table
-    assert ("| m1 | cudnn | off | scan | cuBLAS GEMMs | 128 | 1.000 | 0.625 | 128.0 | 50.0% |"
-            in table)
+    assert ("| m1 | cudnn | on | unrolled | none | default | jax.errors.JaxRuntimeError: "
+            "INTERNAL: cuDNN failed |") in table
+    assert ("| m1 | cudnn | off | scan | none | cuBLAS GEMMs | 128 | 1.000 | 0.625 | 128.0 | "
+            "50.0% |" in table)

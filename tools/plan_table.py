@@ -44,11 +44,13 @@ TPU_ROWS = (("ViT-B-16", 32, "xla", "none"), ("ViT-B-16", 32, "splash", "none"),
             ("ViT-L-14", 8, "splash", "none"), ("ViT-L-14", 32, "xla", "full"))
 
 # --gpu: (model, per-device batch) on one GPU, for each (attention, lean_backward,
-# layer_loop) of the device check on a GPU (the first is the platform's default,
-# also compiled for an H200); each also at twice the batch.
+# layer_loop, remat) of the device check on a GPU (the first is the platform's
+# default, also compiled for an H200); each also at twice the batch.
 GPU_MODELS = (("ViT-B-32", 256), ("ViT-B-16", 128), ("ViT-L-14", 32))
-GPU_VARIANTS = (("cudnn", "off", "scan"), ("xla", "off", "scan"), ("cudnn", "on", "scan"),
-                ("xla", "on", "scan"), ("cudnn", "off", "unrolled"), ("cudnn", "on", "unrolled"))
+GPU_VARIANTS = (("cudnn", "off", "scan", "none"), ("xla", "off", "scan", "none"),
+                ("cudnn", "on", "scan", "none"), ("xla", "on", "scan", "none"),
+                ("cudnn", "on", "scan", "dots_saveable"), ("cudnn", "off", "unrolled", "none"),
+                ("cudnn", "on", "unrolled", "none"))
 
 
 def plan_row(model, devices, mesh, remat, batch=GLOBAL_BATCH, extra=()):
@@ -153,16 +155,17 @@ def gpu_rows():
     as the device check runs them (stacked blocks in a lax.scan)."""
     rows = []
     for model, per_device in GPU_MODELS:
-        for index, (attention, lean, loop) in enumerate(GPU_VARIANTS):
+        for index, (attention, lean, loop, remat) in enumerate(GPU_VARIANTS):
             for chip in ("h100", "h200") if index == 0 else ("h100",):
                 settings = ("--set", f"model.attention={attention}", "--set",
                             f"model.lean_backward={lean}", "--set", "model.scan_layers=True",
                             "--set", f"model.layer_loop={loop}", "--gpu", chip)
-                row = plan_row(model, 1, "fsdp=1", "none", per_device, settings)
+                row = plan_row(model, 1, "fsdp=1", remat, per_device, settings)
                 rows.append({**row, "chip": chip, "attention": attention, "lean_backward": lean,
-                             "layer_loop": loop, "per_chip": per_device})
+                             "layer_loop": loop, "remat": remat, "per_chip": per_device})
                 print(json.dumps({k: rows[-1].get(k) for k in (
-                    "config", "chip", "attention", "lean_backward", "layer_loop", "per_chip",
+                    "config", "chip", "attention", "lean_backward", "layer_loop", "remat",
+                    "per_chip",
                     "bytes_per_device", "largest_batch_per_device", "roofline", "error",
                     "seconds")}), flush=True)
     return rows
@@ -170,14 +173,15 @@ def gpu_rows():
 
 def gpu_markdown(rows, commit, machine):
     lines = [
-        "| model | GPU | attention | lean backward | layer loop | batch/GPU | temporaries GiB | "
-        "total GiB | largest batch/GPU | roofline: step >= ms (matmul / attention / other) | "
-        "MFU <= |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | GPU | attention | lean backward | layer loop | remat | batch/GPU | "
+        "temporaries GiB | total GiB | largest batch/GPU | roofline: step >= ms (matmul / "
+        "attention / other) | MFU <= |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         head = (f"| {row['config']} | {row['chip'].upper()} | {row['attention']} | "
-                f"{row['lean_backward']} | {row['layer_loop']} | {row['per_chip']} |")
+                f"{row['lean_backward']} | {row['layer_loop']} | {row['remat']} | "
+                f"{row['per_chip']} |")
         if "error" in row:
             lines.append(f"{head} not compiled: {row['error'][:160]} | | | | |")
             continue

@@ -1,8 +1,8 @@
 """The device check: train-step speed, MFU, where the step's time goes, and peak
 memory of the zoo's ViT-B/16, ViT-B/32 and ViT-L/14 in bfloat16 on one
 accelerator host, for each attention implementation the platform offers, with
-the hand-written backward passes off and on, and under the XLA flags worth
-comparing there.
+the hand-written backward passes off and on, with the layer loops and remat
+policies and under the XLA flags worth comparing there.
 
   python -m clip_jax.benchmark accelerator [--output accelerator.json] [--budget-s 420] \
       [--trace-dir traces/]
@@ -65,20 +65,30 @@ def attention_choices(platform):
     return {"gpu": ("cudnn", "xla"), "tpu": ("xla", "splash")}.get(platform, ("xla",))
 
 
+# The config.model keys a variant sets, in a variant tuple's order.
+VARIANT_KEYS = ("attention", "lean_backward", "layer_loop", "remat")
+
+
 def variants(platform):
-    """(attention, lean_backward, layer_loop) to measure, the platform's defaults
-    first: lean_backward=auto is off on accelerators and on on CPUs, layer_loop
-    auto a scan on accelerators and unrolled on CPUs. On GPUs the unrolled loop
-    comes right after the defaults: the roofline of the steps compiled for an
-    H100 (docs/capacity.md, "Compiled by the GPU compiler") bounds the scanned
-    ViT-B/16's MFU far below the unrolled one's, above all with lean backward."""
+    """(attention, lean_backward, layer_loop, remat) to measure, the platform's
+    defaults first: lean_backward=auto is off on accelerators and on on CPUs,
+    layer_loop auto a scan on accelerators and unrolled on CPUs, no remat. On
+    GPUs the unrolled loop comes right after the defaults: the roofline of the
+    steps compiled for an H100 (docs/capacity.md, "Compiled by the GPU
+    compiler") bounds the scanned ViT-B/16's MFU far below the unrolled one's,
+    above all with lean backward; last, the scan keeping only its matmuls'
+    outputs (remat="dots_saveable"), which that roofline puts both faster and
+    in less memory than the scan keeping everything (a scan writes every kept
+    array into a stack and reads it back out)."""
     default_lean = "on" if platform == "cpu" else "off"
     leans = (default_lean, "off" if default_lean == "on" else "on")
     loop = "unrolled" if platform == "cpu" else "scan"
-    found = [(attention, lean, loop) for lean in leans for attention in attention_choices(platform)]
+    found = [(attention, lean, loop, "none") for lean in leans
+             for attention in attention_choices(platform)]
     if platform == "gpu":
         first = attention_choices(platform)[0]
-        found[1:1] = [(first, "on", "unrolled"), (first, default_lean, "unrolled")]
+        found[1:1] = [(first, "on", "unrolled", "none"), (first, default_lean, "unrolled", "none")]
+        found.append((first, "on", "scan", "dots_saveable"))
     return found
 
 
@@ -134,12 +144,11 @@ def run_child(command, env, timeout_s):
 
 
 def row_command(model, per_device, devices, variant, plan, trace_path):
-    attention, lean_backward, layer_loop = variant
+    settings = [part for key, value in zip(VARIANT_KEYS, variant)
+                for part in ("--set", f"model.{key}={value}")]
     return [sys.executable, "-m", "clip_jax.benchmark", "train", "--config", model,
             "--batch-size", str(per_device * devices), "--devices", str(devices),
-            "--dtype", "bfloat16", "--set", f"model.attention={attention}",
-            "--set", f"model.lean_backward={lean_backward}", "--set", "model.scan_layers=True",
-            "--set", f"model.layer_loop={layer_loop}",
+            "--dtype", "bfloat16", *settings, "--set", "model.scan_layers=True",
             "--steps", str(plan["steps"]), "--warmup", str(plan["warmup"]),
             "--profile-steps", str(plan["profile_steps"]), "--json",
             *(["--trace", trace_path] if trace_path else [])]
@@ -151,19 +160,19 @@ def _out_of_memory(message):
 
 
 def measure(model, variant, batches, devices, plan, flags=None, trace_dir=None, timeout_s=600):
-    """The train benchmark's row of `variant` (attention, lean_backward,
-    layer_loop) at the first per-device batch of `batches` that fits;
-    {"skipped": why} when none does, {"error": why} when the step fails for
-    another reason. `flags`: (name, (variable, flags)) to run under."""
-    attention, lean_backward, layer_loop = variant
+    """The train benchmark's row of `variant` (VARIANT_KEYS' values) at the
+    first per-device batch of `batches` that fits; {"skipped": why} when none
+    does, {"error": why} when the step fails for another reason. `flags`:
+    (name, (variable, flags)) to run under."""
+    attention, lean_backward, layer_loop, remat = variant
     name, flag_set = flags or ("", None)
-    label = {"model": model, "attention": attention, "lean_backward": lean_backward,
-             "layer_loop": layer_loop, "flag_set": name,
+    label = {"model": model, **dict(zip(VARIANT_KEYS, variant)), "flag_set": name,
              "flags": flag_set and f"{flag_set[0]}={flag_set[1]}"}
     tried = []
     for per_device in batches:
         trace_path = trace_dir and os.path.join(trace_dir, "_".join(filter(None, (
-            model, attention, f"lean-{lean_backward}", layer_loop, str(per_device),
+            model, attention, f"lean-{lean_backward}", layer_loop,
+            "" if remat == "none" else f"remat-{remat}", str(per_device),
             name.replace(" ", "-")))) + ".xplane.pb")
         command = row_command(model, per_device, devices, variant, plan, trace_path)
         code, stdout, stderr = run_child(command, environment(flag_set), timeout_s)
@@ -191,13 +200,13 @@ def table(rows):
     the same program's step (clip_jax/roofline.py), MFU, and from the profile the share of
     the step in matmul and attention kernels, their FLOP/s against peak, and
     the device's idle share."""
-    lines = ["| model | attention | lean backward | layer loop | XLA flags | batch / device "
-             "| step s | roofline: step >= s | samples/s / device | MFU "
+    lines = ["| model | attention | lean backward | layer loop | remat | XLA flags "
+             "| batch / device | step s | roofline: step >= s | samples/s / device | MFU "
              "| matmul + attention kernels | their FLOP/s / peak | device idle | peak GiB |",
-             "|" + " --- |" * 14]
+             "|" + " --- |" * 15]
     for row in rows:
         head = (f"| {row['model']} | {row['attention']} | {row['lean_backward']} | "
-                f"{row.get('layer_loop', '')} | {row.get('flag_set') or 'default'} |")
+                f"{row['layer_loop']} | {row['remat']} | {row.get('flag_set') or 'default'} |")
         if "skipped" in row or "error" in row:
             lines.append(f"{head} {row.get('skipped') or row['error']} |" + " |" * 8)
             continue
@@ -243,7 +252,7 @@ def fastest_settings(rows):
                       and row["batch_per_device"] == auto["batch_per_device"]]
         best = max(comparable, key=lambda row: row["samples_per_sec_per_device"])
         models[model] = {
-            "variant": [best["attention"], best["lean_backward"], best["layer_loop"]],
+            "variant": [best[key] for key in VARIANT_KEYS],
             "batch_per_device": best["batch_per_device"],
             "samples_per_sec_per_device": best["samples_per_sec_per_device"],
             "speedup_over_auto": (best["samples_per_sec_per_device"]
@@ -259,9 +268,9 @@ def fastest_settings(rows):
 
 
 def _settings_lines(settings):
-    lines = [f"fastest for {model}: attention={found['variant'][0]} "
-             f"lean_backward={found['variant'][1]} layer_loop={found['variant'][2]}, "
-             f"{found['speedup_over_auto']:.2f}x the auto settings"
+    lines = [f"fastest for {model}: "
+             + " ".join(f"{key}={value}" for key, value in zip(VARIANT_KEYS, found["variant"]))
+             + f", {found['speedup_over_auto']:.2f}x the auto settings"
              for model, found in settings["models"].items()]
     lines += [f"XLA flags {name}: {speedup:.2f}x XLA's defaults"
               for name, speedup in settings["flag_sets"].items()]
@@ -308,8 +317,9 @@ def run_accelerator(args):
                 "seconds": 0.0}
     batches = dict(plan["batches"])
     for model, variant, flags in measurements(platform, devices, batches):
-        attention, lean_backward, layer_loop = variant
+        attention, lean_backward, layer_loop, remat = variant
         name = (f"{model} {attention} lean={lean_backward} {layer_loop}"
+                + ("" if remat == "none" else f" remat={remat}")
                 + (f" {flags[0]}" if flags else ""))
         if time.perf_counter() - started > args.budget_s:
             document["not_measured_within_budget"].append(name)
