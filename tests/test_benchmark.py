@@ -160,6 +160,19 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
     assert "fastest for tiny: attention=xla" in table
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_the_device_check_starts_from_the_defaults_and_tries_each_loop_and_remat(platform):
+    """An accelerator's first variant is what its presets run (a scan, autodiff's
+    backward passes, no remat, auto's attention); the unrolled loop and the scan
+    keeping only matmul outputs are among the rest, each variant once."""
+    found = accelerator_bench.variants(platform)
+    auto = "cudnn" if platform == "gpu" else "xla"
+    assert found[0] == (auto, "off", "scan", "none")
+    assert len(set(found)) == len(found)
+    assert {(loop, remat) for _, _, loop, remat in found} == {
+        ("scan", "none"), ("unrolled", "none"), ("scan", "dots_saveable")}
+
+
 def _row(model, variant, samples, batch=128, flag_set=""):
     attention, lean, loop, remat = variant
     return {"model": model, "attention": attention, "lean_backward": lean, "layer_loop": loop,

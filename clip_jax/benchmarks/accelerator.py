@@ -79,7 +79,9 @@ def variants(platform):
     above all with lean backward; last, the scan keeping only its matmuls'
     outputs (remat="dots_saveable"), which that roofline puts both faster and
     in less memory than the scan keeping everything (a scan writes every kept
-    array into a stack and reads it back out)."""
+    array into a stack and reads it back out). On TPUs the same two come last:
+    the TPU compiler plans ViT-B/16 at 32 per v5e chip in 6.7 GiB of
+    temporaries scanned, 3.6 unrolled and 2.6 scanned with dots_saveable."""
     default_lean = "on" if platform == "cpu" else "off"
     leans = (default_lean, "off" if default_lean == "on" else "on")
     loop = "unrolled" if platform == "cpu" else "scan"
@@ -89,6 +91,10 @@ def variants(platform):
         first = attention_choices(platform)[0]
         found[1:1] = [(first, "on", "unrolled", "none"), (first, default_lean, "unrolled", "none")]
         found.append((first, "on", "scan", "dots_saveable"))
+    if platform == "tpu":
+        first = attention_choices(platform)[0]
+        found += [(first, default_lean, "unrolled", "none"),
+                  (first, default_lean, "scan", "dots_saveable")]
     return found
 
 
