@@ -121,6 +121,25 @@ def test_lean_layer_norm_keeps_its_input_in_its_own_dtype_for_the_backward_pass(
                     ((3, 5, 16), "bfloat16"), ((16,), "float32")]
 
 
+def test_lean_layer_norm_backward_sums_over_batch_and_tokens_on_cpu_and_rows_elsewhere():
+    """On CPU the parameters' gradients are summed over [B, T] as they always
+    were (CPU-trained figures reproduce bitwise); the rows form other backends
+    take ([M, D] views, one summed axis) gives the same values up to rounding."""
+    from clip_jax.models import lean_ops  # noqa: PLC0415
+
+    x = jax.random.normal(jax.random.key(0), (32, 50, 64), jnp.float32)
+    scale = 1 + 0.1 * jax.random.normal(jax.random.key(1), (64,))
+    grad = jax.random.normal(jax.random.key(2), (32, 50, 64), jnp.float32)
+    _, residuals = lean_ops._layer_norm_fwd(x, scale, jnp.zeros(64), 1e-5)
+    on_cpu = jax.jit(lambda r, g: lean_ops._layer_norm_bwd(1e-5, r, g))(residuals, grad)
+    summed_over_batch_and_tokens = jax.jit(lean_ops._layer_norm_grads)(*residuals, grad)
+    on_rows = jax.jit(lean_ops._layer_norm_grads_on_rows)(*residuals, grad)
+    for mine, expected, rows in zip(on_cpu, summed_over_batch_and_tokens, on_rows):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(expected))
+        assert rows.shape == mine.shape
+        np.testing.assert_allclose(np.asarray(rows), np.asarray(mine), rtol=1e-5, atol=1e-5)
+
+
 def _assert_equal_values_and_gradients(ours, reference, args, weights, tolerance):
     """ours(*args) equals reference(*args), and so do the gradients of their
     `weights`-weighted sums w.r.t. every arg, in dtype and shape too."""

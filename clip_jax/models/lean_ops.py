@@ -100,25 +100,39 @@ def _layer_norm_fwd(x, scale, bias, epsilon):
     return output, (x, mean, inverse_std, scale)
 
 
-def _layer_norm_bwd(epsilon, residuals, grad):
-    del epsilon
-    x, mean, inverse_std, scale = residuals
-    # On rows [M, D]: the scale and bias gradients then sum over one axis. Summed
-    # over [B, T] of a [B, T, D] array, XLA's GPU layout assignment laid the
-    # residual stream out batch-minor and transposed every LayerNorm's gradient
-    # into float32 partial products (ViT-B/16 at 128 on an H100, unrolled:
-    # 31.6 -> 28.6 ms by the roofline, docs/capacity.md).
-    shape, width = x.shape, x.shape[-1]
-    x, grad = x.reshape(-1, width), grad.reshape(-1, width)
-    mean, inverse_std = mean.reshape(-1, 1), inverse_std.reshape(-1, 1)
+def _layer_norm_grads(x, mean, inverse_std, scale, grad):
+    """(x, scale, bias) gradients of the LayerNorm from its kept input and
+    statistics; the parameters' summed over every leading axis."""
     normalised = _normalised(x, mean, inverse_std)
     grad32 = grad.astype(jnp.float32)  # grad has the output's dtype, x's
+    leading = tuple(range(grad.ndim - 1))
     scaled = grad32 * scale
     x_grad = inverse_std * (scaled - scaled.mean(axis=-1, keepdims=True)
                             - normalised * (scaled * normalised).mean(axis=-1, keepdims=True))
-    return (x_grad.astype(grad.dtype).reshape(shape),
-            (grad32 * normalised).sum(axis=0).astype(scale.dtype),
-            grad32.sum(axis=0).astype(scale.dtype))
+    return (x_grad.astype(grad.dtype), (grad32 * normalised).sum(axis=leading).astype(scale.dtype),
+            grad32.sum(axis=leading).astype(scale.dtype))
+
+
+def _layer_norm_grads_on_rows(x, mean, inverse_std, scale, grad):
+    """_layer_norm_grads on [M, D] views, so the parameters' gradients sum over
+    one axis. Summed over [B, T] of a [B, T, D] array, XLA's GPU layout
+    assignment laid the residual stream out batch-minor and transposed every
+    LayerNorm's gradient into float32 partial products (ViT-B/16 at 128 on an
+    H100, unrolled: 31.6 -> 28.6 ms by the roofline, docs/capacity.md)."""
+    width = x.shape[-1]
+    x_grad, scale_grad, bias_grad = _layer_norm_grads(
+        x.reshape(-1, width), mean.reshape(-1, 1), inverse_std.reshape(-1, 1), scale,
+        grad.reshape(-1, width))
+    return x_grad.reshape(x.shape), scale_grad, bias_grad
+
+
+def _layer_norm_bwd(epsilon, residuals, grad):
+    del epsilon
+    # XLA:CPU has no such layout problem, and there the rows' sums would run in
+    # another order than the [B, T] sums every CPU-trained figure in the docs
+    # was measured with (same speed either way).
+    return jax.lax.platform_dependent(*residuals, grad, cpu=_layer_norm_grads,
+                                      default=_layer_norm_grads_on_rows)
 
 
 lean_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
