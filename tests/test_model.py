@@ -140,6 +140,28 @@ def test_lean_layer_norm_backward_sums_over_batch_and_tokens_on_cpu_and_rows_els
         np.testing.assert_allclose(np.asarray(rows), np.asarray(mine), rtol=1e-5, atol=1e-5)
 
 
+def test_text_positions_have_autodiffs_gradients_on_cpu_and_a_matmuls_on_gpus():
+    """add_positions' gradients are autodiff's on CPU, bitwise and in their dtypes
+    (bfloat16 tokens, float32 positions); the matmul by ones GPUs take gives
+    the positions' gradient to float32 rounding."""
+    from clip_jax.models import text  # noqa: PLC0415
+
+    embedded = jax.random.normal(jax.random.key(0), (8, 77, 64), jnp.bfloat16)
+    positions = jax.random.normal(jax.random.key(1), (77, 64), jnp.float32)
+    weights = jax.random.normal(jax.random.key(2), (8, 77, 64), jnp.float32)
+
+    def loss(add):
+        return lambda e, p: (add(e, p) * weights).sum()
+
+    mine = jax.jit(jax.grad(loss(text.add_positions), (0, 1)))(embedded, positions)
+    autodiff = jax.jit(jax.grad(loss(jnp.add), (0, 1)))(embedded, positions)
+    for ours, expected in zip(mine, autodiff):
+        assert ours.dtype == expected.dtype and ours.shape == expected.shape
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))
+    by_matmul = jax.jit(text._positions_grad_by_matmul)(weights)
+    np.testing.assert_allclose(np.asarray(by_matmul), np.asarray(mine[1]), rtol=1e-5, atol=1e-5)
+
+
 def _assert_equal_values_and_gradients(ours, reference, args, weights, tolerance):
     """ours(*args) equals reference(*args), and so do the gradients of their
     `weights`-weighted sums w.r.t. every arg, in dtype and shape too."""

@@ -13,6 +13,47 @@ from clip_jax.models.transformer import (TOKEN_TABLE, LayerNorm, Transformer, de
 CLS_MASKS = ("legacy", "correct")
 
 
+@jax.custom_vjp
+def add_positions(embedded, positions):
+    """embedded [B, L, D] + positional embeddings [L, D] (promoted as `+` does).
+
+    Only the backward pass is written here: the positions' gradient, a sum over
+    the batch, is taken on GPUs as a matmul by ones. As a reduction it made XLA's
+    GPU layout assignment lay the whole text stream out batch-minor ([L, D, B])
+    and transpose it around every matmul: 1.1 ms of ViT-B/16's 28.6 ms H100
+    roofline bound at 128 (docs/capacity.md); a GEMM's operand keeps the stream
+    batch-major, as the image tower's is. XLA:CPU and TPUs keep the reduction
+    (CPU-trained figures keep their numbers)."""
+    return embedded + positions
+
+
+def _add_positions_fwd(embedded, positions):
+    # Empty arrays carry the two dtypes the gradients must have.
+    return embedded + positions, (jnp.zeros((0,), embedded.dtype), jnp.zeros((0,), positions.dtype))
+
+
+def _positions_grad_by_reduction(grad):
+    return grad.sum(0)
+
+
+def _positions_grad_by_matmul(grad):
+    # Two rows of ones, not one: XLA rewrites a matrix-vector product into the
+    # reduction this avoids.
+    ones = jnp.ones((2, grad.shape[0]), grad.dtype)
+    return jnp.einsum("kb,bld->kld", ones, grad, precision=jax.lax.Precision.HIGHEST)[0]
+
+
+def _add_positions_bwd(dtypes, grad):
+    embedded_dtype, positions_dtype = (empty.dtype for empty in dtypes)
+    positions_grad = jax.lax.platform_dependent(
+        grad, cuda=_positions_grad_by_matmul, rocm=_positions_grad_by_matmul,
+        default=_positions_grad_by_reduction)
+    return grad.astype(embedded_dtype), positions_grad.astype(positions_dtype)
+
+
+add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
+
+
 class TextTransformer(nn.Module):
     """Token ids [B, L] (int32, zero-padded, L <= context_length: shorter
     captions use the first L positional embeddings, as CLIPA trains) ->
@@ -61,9 +102,8 @@ class TextTransformer(nn.Module):
                                      (self.vocab_size, self.width))
         positions = self.param("positional_embedding", normal(0.01, (None, "embed")),
                                (self.context_length, self.width))
-        x = constrain((embed_tokens(token_embedding, tokens, self.dtype) + positions[:length]).astype(
-            self.dtype),
-                      TOKENS)  # [B, L, D]
+        x = constrain(add_positions(embed_tokens(token_embedding, tokens, self.dtype),
+                                    positions[:length]).astype(self.dtype), TOKENS)  # [B, L, D]
         end_positions = jnp.argmax(tokens, axis=-1)  # [B]
         end_outputs = Transformer(  # [B, D]
             self.layers, self.heads, causal=True, activation=self.activation,
@@ -87,7 +127,8 @@ class TextTransformer(nn.Module):
         rows = jax.lax.dynamic_slice_in_dim(positions, start, tokens.shape[1])
         if ready:
             position.value = start + tokens.shape[1]
-        x = (embed_tokens(token_embedding, tokens, self.dtype) + rows).astype(self.dtype)
+        x = add_positions(embed_tokens(token_embedding, tokens, self.dtype), rows).astype(
+            self.dtype)
         outputs = Transformer(
             self.layers, self.heads, causal=True, activation=self.activation,
             mlp_ratio=self.mlp_ratio, dtype=self.dtype, scan_layers=self.scan_layers,
@@ -110,7 +151,7 @@ class TextTransformer(nn.Module):
         batch = tokens.shape[0]
         x = jnp.concatenate([embed_tokens(token_embedding, tokens, self.dtype),
                              jnp.broadcast_to(class_embedding, (batch, 1, self.width))], axis=1)
-        x = constrain((x + positions).astype(self.dtype), TOKENS)  # [B, L+1, D]
+        x = constrain(add_positions(x, positions).astype(self.dtype), TOKENS)  # [B, L+1, D]
         present, always = tokens != 0, jnp.ones((batch, 1), bool)
         key_mask = jnp.concatenate([always, present] if self.cls_mask == "legacy"
                                    else [present, always], axis=1)  # [B, L+1]
