@@ -21,12 +21,13 @@ Byte figures are XLA:CPU's buffer assignment, which fuses and schedules
 differently from the TPU and GPU compilers, with bfloat16 results rounded
 where an accelerator rounds them (DEVICE_NUMERICS); collectives are counted at
 the width a bfloat16 run moves (see hlo_stats._wire_dtype). Settings that "auto"
-resolves by platform are planned as the accelerators run them: stacked blocks
-in one lax.scan (model.layer_loop), autodiff's backward passes
-(model.lean_backward) and the attention kernel of the platform compiled for
-(model.attention), where the CPU doing the planning would unroll the blocks,
-take its hand-written passes and XLA's attention; a config that names any of
-them is planned as it says.
+resolves by platform are planned as the accelerators run them: the layer loop
+of the platform compiled for (model.layer_loop: unrolled on GPUs without remat,
+else one lax.scan, as on TPUs and in plans on simulated CPU devices),
+autodiff's backward passes (model.lean_backward) and the platform's attention
+kernel (model.attention), where the CPU doing the planning would take its
+hand-written passes and XLA's attention; a config that names any of them is
+planned as it says.
 """
 
 import math
@@ -39,7 +40,7 @@ from jax.sharding import NamedSharding
 from clip_jax import (flops, gpu_target, hlo_stats, phases, roofline, sharding, tpu_topology,
                       variables)
 from clip_jax.config_checks import check_config
-from clip_jax.models.transformer import attention_implementation
+from clip_jax.models.transformer import attention_implementation, unrolled_layer_loop
 from clip_jax.train_step import setup_training
 
 # Memory per chip (GiB), from the vendors' spec sheets.
@@ -99,10 +100,15 @@ def ideal_collective_bytes(abstract_params, param_shardings, mesh):
 def abstract_train_step(config, devices):
     """(jitted train step, abstract state, abstract batch, Training) for `config`
     on a mesh over `devices`; shapes and shardings only, nothing allocated."""
-    # What "auto" resolves to on a TPU or GPU, not on the CPU doing the planning.
+    # What "auto" resolves to on a TPU or GPU, not on the CPU doing the planning,
+    # which plans what a TPU runs.
     platform = devices[0].platform
+    accelerator = "gpu" if platform == "gpu" else "tpu"
     accelerator_choices = {
-        "layer_loop": "scan", "lean_backward": "off",
+        "layer_loop": ("unrolled" if unrolled_layer_loop("auto", accelerator,
+                                                         config.model.get("remat", "none"))
+                       else "scan"),
+        "lean_backward": "off",
         "attention": attention_implementation("auto", config.model.dtype, platform)}
     unresolved = {key: value for key, value in accelerator_choices.items()
                   if config.model.get(key, "auto") == "auto"}

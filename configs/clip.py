@@ -67,8 +67,9 @@ def _variant(name):
     lr = _PAPER_LR.get(name.removesuffix(zoo.QUICKGELU_SUFFIX), 5e-4)
     model = zoo.model_config(name)
     # Stacked blocks: one checkpoint layout on every platform, run in a lax.scan
-    # (compile time flat in depth) except on CPU, where model.layer_loop="auto"
-    # unrolls them for a faster step (models/transformer.py).
+    # (compile time flat in depth) on TPUs; on CPUs, and GPUs without remat,
+    # model.layer_loop="auto" unrolls them: a faster step in less memory
+    # (models/transformer.py).
     model.scan_layers = True
     objective = {"objective": "coca"} if name in zoo.COCA_NAMES else {}
     return model, dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000), **objective)

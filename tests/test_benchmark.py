@@ -13,6 +13,7 @@ from clip_jax import benchmark, huge_pages, references
 from clip_jax.benchmarks import accelerator as accelerator_bench
 from clip_jax.benchmarks import memory as memory_bench
 from clip_jax.benchmarks import train as train_bench
+from clip_jax.models import transformer
 from configs.clip import get_config
 
 
@@ -162,12 +163,15 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_the_device_check_starts_from_the_defaults_and_tries_each_loop_and_remat(platform):
-    """An accelerator's first variant is what its presets run (a scan, autodiff's
-    backward passes, no remat, auto's attention); the unrolled loop and the scan
-    keeping only matmul outputs are among the rest, each variant once."""
+    """An accelerator's first variant is what its presets run there (auto's
+    layer loop and attention, autodiff's backward passes, no remat); the other
+    layer loop and the scan keeping only matmul outputs are among the rest,
+    each variant once."""
     found = accelerator_bench.variants(platform)
-    auto = "cudnn" if platform == "gpu" else "xla"
-    assert found[0] == (auto, "off", "scan", "none")
+    auto = transformer.attention_implementation("auto", "bfloat16", platform)
+    loop = "unrolled" if transformer.unrolled_layer_loop("auto", platform) else "scan"
+    assert found[0] == (auto, "off", loop, "none")
+    assert loop == ("scan" if platform == "tpu" else "unrolled")
     assert len(set(found)) == len(found)
     assert {(loop, remat) for _, _, loop, remat in found} == {
         ("scan", "none"), ("unrolled", "none"), ("scan", "dots_saveable")}
@@ -245,20 +249,19 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     monkeypatch.setitem(accelerator_bench.TINY, "batches", {"m1": (256, 128), "m2": (128,)})
     benchmark.main(["accelerator", "--tiny", "--output", str(output)])
     triton_off = "--xla_gpu_enable_triton_gemm=false"
-    # Every model's defaults (a scan) and the unrolled layer loop with lean
-    # backward, then the first model's defaults under each flag set, then every
-    # model's other variants: what a budget running out stops is the least needed.
-    others = [("cudnn", "off", "unrolled", "none"), ("xla", "off", "scan", "none"),
-              ("cudnn", "on", "scan", "none"), ("xla", "on", "scan", "none"),
-              ("cudnn", "on", "scan", "dots_saveable")]
+    # Every model's defaults (unrolled) and the same with lean backward, then the
+    # first model's defaults under each flag set, then every model's other
+    # variants: what a budget running out stops is the least needed.
+    others = [("xla", "off", "unrolled", "none"), ("xla", "on", "unrolled", "none"),
+              ("cudnn", "off", "scan", "none"), ("cudnn", "on", "scan", "dots_saveable")]
     assert calls == [
-        ("m1", "cudnn", "off", "scan", "none", 256, ""),
-        ("m1", "cudnn", "off", "scan", "none", 128, ""),
+        ("m1", "cudnn", "off", "unrolled", "none", 256, ""),
+        ("m1", "cudnn", "off", "unrolled", "none", 128, ""),
         ("m1", "cudnn", "on", "unrolled", "none", 128, ""),
-        ("m2", "cudnn", "off", "scan", "none", 128, ""),
+        ("m2", "cudnn", "off", "unrolled", "none", 128, ""),
         ("m2", "cudnn", "on", "unrolled", "none", 128, ""),
-        ("m1", "cudnn", "off", "scan", "none", 128, triton_off),
-        ("m1", "cudnn", "off", "scan", "none", 128, "--xla_gpu_enable_command_buffer="),
+        ("m1", "cudnn", "off", "unrolled", "none", 128, triton_off),
+        ("m1", "cudnn", "off", "unrolled", "none", 128, "--xla_gpu_enable_command_buffer="),
         *[("m1", *variant, 128, "") for variant in others],
         *[("m2", *variant, 128, "") for variant in others]]
     document = json.loads(output.read_text())
@@ -266,12 +269,12 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     rows = document["rows"]
     assert rows[0]["batches_not_fitting"] == [256] and rows[0]["batch_per_device"] == 128
     assert rows[1]["error"] == "jax.errors.JaxRuntimeError: INTERNAL: cuDNN failed"
-    assert rows[1]["layer_loop"] == "unrolled" and rows[6]["layer_loop"] == "unrolled"
+    assert rows[1]["layer_loop"] == "unrolled" and rows[8]["layer_loop"] == "scan"
     assert (rows[4]["flag_set"], rows[4]["flags"]) == ("cuBLAS GEMMs", f"XLA_FLAGS={triton_off}")
     assert rows[5]["error"] == "no result within 600 s"
-    assert rows[-2]["error"] == "no JSON result; its output ends \"a library's notice\""
+    assert rows[-3]["error"] == "no JSON result; its output ends \"a library's notice\""
     table = accelerator_bench.table(rows)
     assert ("| m1 | cudnn | on | unrolled | none | default | jax.errors.JaxRuntimeError: "
             "INTERNAL: cuDNN failed |") in table
-    assert ("| m1 | cudnn | off | scan | none | cuBLAS GEMMs | 128 | 1.000 | 0.625 | 128.0 | "
+    assert ("| m1 | cudnn | off | unrolled | none | cuBLAS GEMMs | 128 | 1.000 | 0.625 | 128.0 | "
             "50.0% |" in table)

@@ -48,6 +48,23 @@ def test_a_bad_gpu_target_is_one_line(compile_only_process, chip, count, message
     assert str(raised.value) == message
 
 
+def _planned_loops(remat):
+    """How many while loops the planner's lowered train step of the test model
+    (two-block towers, stacked, layer_loop auto) runs on one H100 under `remat`."""
+    config = _small_bf16_config()
+    with config.unlocked():
+        config.model.update(scan_layers=True, remat=remat)
+    step, state, batch, _ = capacity.abstract_train_step(config, gpu_target.devices("h100", 1))
+    return step.lower(state, batch).as_text().count("stablehlo.while")
+
+
+def test_the_gpu_plan_unrolls_the_blocks_unless_they_are_rematerialised(compile_only_process):
+    """layer_loop=auto, as a GPU resolves it: unrolled without remat (no loop),
+    a scan per tower (forward and backward) under remat."""
+    assert compile_only_process(_planned_loops, "none") == 0
+    assert compile_only_process(_planned_loops, "full") >= 4
+
+
 def _kernels(text):
     return sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
 

@@ -102,10 +102,14 @@ def test_unrolled_loop_gives_the_scans_gradients():
                        embedding_loss_grads(scanned, params))
 
 
-@pytest.mark.parametrize("backend, unrolled", [("cpu", True), ("gpu", False), ("tpu", False)])
-def test_auto_layer_loop_unrolls_on_cpu_only(backend, unrolled, monkeypatch):
+@pytest.mark.parametrize("backend, remat, unrolled", [
+    ("cpu", "none", True), ("cpu", "full", True), ("gpu", "none", True),
+    ("gpu", "dots_saveable", False), ("gpu", "full", False), ("tpu", "none", False)])
+def test_auto_layer_loop_unrolls_on_cpus_and_on_gpus_without_remat(
+        backend, remat, unrolled, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert unrolled_layer_loop("auto") == unrolled
+    assert unrolled_layer_loop("auto", remat=remat) == unrolled
+    assert unrolled_layer_loop("auto", backend, remat) == unrolled
     assert unrolled_layer_loop("scan") is False and unrolled_layer_loop("unrolled") is True
 
 

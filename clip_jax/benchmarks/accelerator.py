@@ -72,27 +72,28 @@ VARIANT_KEYS = ("attention", "lean_backward", "layer_loop", "remat")
 def variants(platform):
     """(attention, lean_backward, layer_loop, remat) to measure, the platform's
     defaults first: lean_backward=auto is off on accelerators and on on CPUs,
-    layer_loop auto a scan on accelerators and unrolled on CPUs, no remat. On
-    GPUs the unrolled loop comes right after the defaults: the roofline of the
-    steps compiled for an H100 (docs/capacity.md, "Compiled by the GPU
-    compiler") bounds the scanned ViT-B/16's MFU far below the unrolled one's,
-    above all with lean backward; last, the scan keeping only its matmuls'
-    outputs (remat="dots_saveable"), which that roofline puts both faster and
-    in less memory than the scan keeping everything (a scan writes every kept
-    array into a stack and reads it back out). On TPUs the same two come last:
-    the TPU compiler plans ViT-B/16 at 32 per v5e chip in 6.7 GiB of
+    layer_loop auto a scan on TPUs and unrolled elsewhere
+    (models.transformer.unrolled_layer_loop), no remat.
+
+    On GPUs the lean backward passes come right after the defaults: the
+    roofline of the steps compiled for an H100 (docs/capacity.md, "Compiled by
+    the GPU compiler") bounds the unrolled, lean ViT-B/16 at 52% MFU against
+    42% with autodiff's passes; then XLA's attention, then the scan, with and
+    without remat="dots_saveable" (keeping only matmul outputs, what fits the
+    largest batch). On TPUs the unrolled loop and the scan with dots_saveable
+    come last: the TPU compiler plans ViT-B/16 at 32 per v5e chip in 6.7 GiB of
     temporaries scanned, 3.6 unrolled and 2.6 scanned with dots_saveable."""
     default_lean = "on" if platform == "cpu" else "off"
     leans = (default_lean, "off" if default_lean == "on" else "on")
-    loop = "unrolled" if platform == "cpu" else "scan"
+    loop = "scan" if platform == "tpu" else "unrolled"
+    first = attention_choices(platform)[0]
+    if platform == "gpu":
+        return [*((attention, lean, loop, "none") for attention in attention_choices(platform)
+                  for lean in leans),
+                (first, default_lean, "scan", "none"), (first, "on", "scan", "dots_saveable")]
     found = [(attention, lean, loop, "none") for lean in leans
              for attention in attention_choices(platform)]
-    if platform == "gpu":
-        first = attention_choices(platform)[0]
-        found[1:1] = [(first, "on", "unrolled", "none"), (first, default_lean, "unrolled", "none")]
-        found.append((first, "on", "scan", "dots_saveable"))
     if platform == "tpu":
-        first = attention_choices(platform)[0]
         found += [(first, default_lean, "unrolled", "none"),
                   (first, default_lean, "scan", "dots_saveable")]
     return found
