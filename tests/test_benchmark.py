@@ -163,8 +163,8 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_the_device_check_starts_from_the_defaults_and_tries_each_loop_and_remat(platform):
-    """An accelerator's first variant is what its presets run there (auto's
-    layer loop and attention, autodiff's backward passes, no remat); the other
+    """An accelerator's first variant is what `auto` resolves to there (layer
+    loop, attention, autodiff's backward passes) without remat; the other
     layer loop and the scan keeping only matmul outputs are among the rest,
     each variant once."""
     found = accelerator_bench.variants(platform)

@@ -31,10 +31,11 @@ GRADCACHE = ((1, "sharded"), (2, "sharded"), (2, "gathered"))
 
 
 def layouts(fast_attention):
-    """(name, overrides): XLA's attention with scanned blocks (the presets'
-    default), and the platform's fused kernel with unrolled blocks, lean
-    backward passes and full remat."""
-    return (("xla, scan", ("model.attention=xla", "model.scan_layers=True")),
+    """(name, overrides): XLA's attention with stacked blocks in the layer loop
+    `auto` picks (the presets' default: a scan on TPUs, unrolled on GPUs), and
+    the platform's fused kernel with one block per layer, lean backward passes
+    and full remat."""
+    return (("xla, stacked", ("model.attention=xla", "model.scan_layers=True")),
             (f"{fast_attention}, unrolled, lean, remat",
              (f"model.attention={fast_attention}", "model.scan_layers=False",
               "model.lean_backward=on", "model.remat=full")))

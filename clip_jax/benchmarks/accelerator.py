@@ -44,9 +44,10 @@ import time
 
 # The per-device batches tried for each model, largest first: the largest of
 # each fits the 90% of an 80 GB H100 the check lets JAX take (MEMORY_FRACTION)
-# with the GPU's default variant, as XLA's GPU compiler plans the step
-# (docs/capacity_gpu_table.md: 551, 1,319 and 166 fit the whole GPU, about
-# 1.8x that an H200).
+# with every GPU variant, so that all compare at it, as XLA's GPU compiler
+# plans the step (docs/capacity_gpu_table.md: the scan without remat fits the
+# least, 551, 1,319 and 166 on the whole GPU; the default, unrolled, 1,070,
+# 2,397 and 281; an H200 about 1.8x).
 BATCHES_PER_DEVICE = {"ViT-B-16": (384, 256, 128), "ViT-B-32": (1024, 512, 256),
                       "ViT-L-14": (128, 64, 32)}
 TINY = dict(batches={"tiny": (32,)}, steps=1, warmup=1, profile_steps=1)
@@ -77,8 +78,8 @@ def variants(platform):
 
     On GPUs the lean backward passes come right after the defaults: the
     roofline of the steps compiled for an H100 (docs/capacity.md, "Compiled by
-    the GPU compiler") bounds the unrolled, lean ViT-B/16 at 52% MFU against
-    42% with autodiff's passes; then XLA's attention, then the scan, with and
+    the GPU compiler") bounds the unrolled, lean ViT-B/16 at 54% MFU against
+    44% with autodiff's passes; then XLA's attention, then the scan, with and
     without remat="dots_saveable" (keeping only matmul outputs, what fits the
     largest batch). On TPUs the unrolled loop and the scan with dots_saveable
     come last: the TPU compiler plans ViT-B/16 at 32 per v5e chip in 6.7 GiB of
