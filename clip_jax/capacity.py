@@ -214,6 +214,7 @@ def summarize(config, compiled, training):
         "fits": {name: device.platform == "tpu" or total <= gib * 2**30
                  for name, gib in accelerators(device).items()},
         "roofline": gpu_roofline(hlo_text, device, model_flops / num_devices),
+        "tpu_estimate": tpu_estimate(hlo_text, device, model_flops / num_devices),
         "largest_collectives": [
             {"kind": c.kind, "bytes": int(c.bytes_moved), "executions": c.executions,
              "group_size": c.group_size, "op": c.op_name}
@@ -233,6 +234,23 @@ def gpu_roofline(hlo_text, device, model_flops_per_device):
     return {"step_seconds_at_least": bound["seconds"], "seconds_by_kind": bound["by_kind"],
             "kernel_flops": bound["flops"], "kernel_bytes": bound["bytes"],
             "mfu_at_most": model_flops_per_device / (bound["seconds"] * peak)}
+
+
+def tpu_estimate(hlo_text, device, model_flops_per_device):
+    """For a step compiled for a TPU: the TPU compiler's own estimate of its
+    time (clip_jax/roofline.estimated_cycles), in cycles by kind of kernel, and
+    where the chip's clock is known (tpu_topology.CLOCK_HZ) in seconds and the
+    MFU they make; `mosaic_kernels` counts the Pallas kernels (splash) it leaves
+    out. None for other devices and programs without estimates."""
+    estimate = roofline.estimated_cycles(hlo_text)
+    if device.platform != "tpu" or not estimate["cycles"]:
+        return None
+    clock = tpu_topology.clock_hz(device)
+    peak = flops.peak_flops_per_device(device.device_kind)
+    seconds = estimate["cycles"] / clock if clock else None
+    return {"cycles": estimate["cycles"], "cycles_by_kind": estimate["by_kind"],
+            "mosaic_kernels": estimate["mosaic_kernels"], "step_seconds": seconds,
+            "mfu": model_flops_per_device / (seconds * peak) if seconds and peak else None}
 
 
 def accelerators(device):

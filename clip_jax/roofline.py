@@ -20,6 +20,15 @@ also where it reaches the buffer through a bitcast (a free change of layout).
 Collectives are left out (clip_jax/hlo_stats.py counts them); so is the GEMM
 workspace. XLA keeps no cost analysis for a program compiled without a GPU,
 so this reads the HLO itself, with the parser of hlo_stats.
+
+The TPU compiler writes its own cost model's figure into each kernel it
+emits (`estimated_cycles` in the kernel's backend config): `estimated_cycles`
+sums them the same way, each loop body's once per trip. That is an estimate
+of the step, not a bound: the compiler's model of its own kernels (MXU,
+vector unit and memory together), which a TPU's profile can check. A roofline
+like the GPU's does not fit a TPU program: its kernels stage operands in the
+chip's on-core memory (VMEM) by asynchronous copies the HLO shows as
+separate instructions, so operand bytes are not HBM traffic.
 """
 
 import dataclasses
@@ -38,6 +47,10 @@ _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
 _SLICES = ("dynamic-slice", "slice")
 _CUDNN_ATTENTION = re.compile(r'custom_call_target="__cudnn\$fmha[^"]*"')
 _GEMM = re.compile(r'custom_call_target="__cublas\$[^"]*"')
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+# A Pallas kernel compiled by Mosaic, for which the TPU compiler gives no estimate.
+_MOSAIC = "tpu_custom_call"
+_ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _CONTRACTING = re.compile(r'lhs_contracting_dim(?:ension)?s"?[=:]\s*[{\[]([^}\]]*)[}\]]')
 KINDS = ("matmul", "attention", "other")
 
@@ -49,6 +62,8 @@ class Kernel:
     bytes: float  # read and written by one execution
     executions: int  # per run of the program
     op_name: str
+    estimated_cycles: int | None = None  # of one execution, the TPU compiler's estimate
+    custom_call: str = ""  # a custom call's target
 
 
 def _array_bytes(shapes):
@@ -68,6 +83,66 @@ def _dot_flops(instruction, by_name):
     return 2.0 * math.prod(result_dims) * contracted
 
 
+def _window(attributes):
+    """{size, stride, pad, lhs_dilate, rhs_dilate}: per spatial dimension, of a
+    convolution's window attribute (XLA's defaults where one is not written)."""
+    text = re.search(r"window=\{([^}]*)\}", attributes)
+    fields = dict(part.split("=") for part in text.group(1).split()) if text else {}
+    sizes = [int(n) for n in fields.get("size", "").split("x") if n]
+    spatial = len(sizes)
+
+    def numbers(key, default):
+        return [int(n) for n in fields[key].split("x")] if key in fields else [default] * spatial
+
+    pads = ([tuple(int(n) for n in pair.split("_")) for pair in fields["pad"].split("x")]
+            if "pad" in fields else [(0, 0)] * spatial)
+    return {"size": sizes, "stride": numbers("stride", 1), "pad": pads,
+            "lhs_dilate": numbers("lhs_dilate", 1), "rhs_dilate": numbers("rhs_dilate", 1)}
+
+
+def _taps_on_input(inputs, outputs, size, stride, pad, lhs_dilate, rhs_dilate):
+    """Mean over one spatial dimension's output positions of the window taps
+    that land on an input element (not on padding or a dilation's hole)."""
+    last = (inputs - 1) * lhs_dilate
+    taps = sum(1 for out in range(outputs) for tap in range(size)
+               if 0 <= (at := out * stride + tap * rhs_dilate - pad[0]) <= last
+               and at % lhs_dilate == 0)
+    return taps / max(outputs, 1)
+
+
+def _convolution_flops(instruction, by_name):
+    """2 x result elements x the multiply-adds of each: the kernel's input
+    features times the window taps that land on input. The TPU compiler writes
+    a step's matmuls as convolutions: plain ones with 1-wide windows, batched
+    ones (attention's) with the batch dimensions as windows dilated so that
+    one tap in each lands on input."""
+    lhs, kernel = (by_name.get(name) for name in (instruction.operands() + [None, None])[:2])
+    labels = re.search(r"dim_labels=([^_]*)_([^-]*)->(\S*?)[,\s]", instruction.attributes + " ")
+    if lhs is None or kernel is None or labels is None:
+        return 0.0
+    lhs_labels, kernel_labels, result_labels = labels.groups()
+    lhs_dims = hlo_stats.array_shapes(lhs.type_text)[0][1]
+    kernel_dims = hlo_stats.array_shapes(kernel.type_text)[0][1]
+    result_dims = hlo_stats.array_shapes(instruction.type_text)[0][1]
+    window = _window(instruction.attributes)
+    per_result = kernel_dims[kernel_labels.index("i")]
+    for d, size in enumerate(window["size"]):
+        per_result *= _taps_on_input(
+            lhs_dims[lhs_labels.index(str(d))], result_dims[result_labels.index(str(d))], size,
+            window["stride"][d], window["pad"][d], window["lhs_dilate"][d],
+            window["rhs_dilate"][d])
+    return 2.0 * math.prod(result_dims) * per_result
+
+
+def _matmul_flops(instruction, by_name):
+    """FLOPs of a dot or convolution instruction; 0 for any other."""
+    if instruction.opcode == "dot":
+        return _dot_flops(instruction, by_name)
+    if instruction.opcode == "convolution":
+        return _convolution_flops(instruction, by_name)
+    return 0.0
+
+
 def _attention_flops(instruction, by_name):
     """cuDNN attention of [B, T, N, H] queries over [B, S, N, H] keys: 2 B N T S H
     per matmul, two forward (scores, weighted values), five backward (the scores
@@ -82,12 +157,12 @@ def _attention_flops(instruction, by_name):
 
 
 def _fusion_flops(name, computations):
-    """FLOPs of the dots inside a fused computation (nested ones included)."""
+    """FLOPs of the dots and convolutions inside a fused computation (nested
+    ones included)."""
     body = {i.name: i for i in computations.get(name, ())}
     total = 0.0
     for instruction in body.values():
-        if instruction.opcode == "dot":
-            total += _dot_flops(instruction, body)
+        total += _matmul_flops(instruction, body)
         for called in re.findall(r"calls=%([^\s,]+)", instruction.attributes):
             total += _fusion_flops(called, computations)
     return total
@@ -163,6 +238,15 @@ def _fusion_bytes(instruction, by_name, computations):
 def _kernel(instruction, by_name, computations, executions):
     op_name = hlo_stats._OP_NAME.search(instruction.attributes)
     op_name = op_name.group(1) if op_name else ""
+    cycles = _ESTIMATED_CYCLES.search(instruction.attributes)
+    target = _CUSTOM_CALL_TARGET.search(instruction.attributes)
+    return dataclasses.replace(_kernel_cost(instruction, by_name, computations, executions,
+                                            op_name),
+                               estimated_cycles=int(cycles.group(1)) if cycles else None,
+                               custom_call=target.group(1) if target else "")
+
+
+def _kernel_cost(instruction, by_name, computations, executions, op_name):
     operands_bytes = sum(_array_bytes(hlo_stats.array_shapes(by_name[name].type_text))
                          for name in instruction.operands() if name in by_name)
     if instruction.opcode == "custom-call":
@@ -179,7 +263,7 @@ def _kernel(instruction, by_name, computations, executions):
         flops = _fusion_flops(called.group(1), computations) if called else 0.0
         return Kernel("matmul" if flops else "other", flops,
                       _fusion_bytes(instruction, by_name, computations), executions, op_name)
-    flops = _dot_flops(instruction, by_name) if instruction.opcode == "dot" else 0.0
+    flops = _matmul_flops(instruction, by_name)
     written = _array_bytes(hlo_stats.array_shapes(instruction.type_text))
     return Kernel("matmul" if flops else "other", flops, operands_bytes + written, executions,
                   op_name)
@@ -195,6 +279,11 @@ def kernels(hlo_text, peak_flops, bandwidth):
     body's counted trips (as hlo_stats counts them), and of a conditional's
     branches the slowest at the roofline (a train step's guard applies its
     update, the heavier branch, on every good step)."""
+    return _launches(hlo_text, lambda branch: _seconds(branch, peak_flops, bandwidth))
+
+
+def _launches(hlo_text, branch_cost):
+    """kernels' list, taking of each conditional the branch of highest branch_cost."""
     computations, entry = hlo_stats._computations(hlo_text)
 
     def walk(name, executions):
@@ -207,14 +296,34 @@ def kernels(hlo_text, peak_flops, bandwidth):
                 called = [walk(callee, executions * times) for callee, times, _
                           in hlo_stats._callees(instruction, computations, by_name)]
                 if instruction.opcode == "conditional":
-                    called = [max(called, default=[],
-                                  key=lambda branch: _seconds(branch, peak_flops, bandwidth))]
+                    called = [max(called, default=[], key=branch_cost)]
                 found.extend(kernel for branch in called for kernel in branch)
             elif instruction.opcode not in _NO_KERNEL and kind not in hlo_stats.COLLECTIVES:
                 found.append(_kernel(instruction, by_name, computations, executions))
         return found
 
     return walk(entry, 1)
+
+
+def _cycles(kernels_found):
+    return sum((kernel.estimated_cycles or 0) * kernel.executions for kernel in kernels_found)
+
+
+def estimated_cycles(hlo_text):
+    """{cycles, by_kind: {kind: cycles}, mosaic_kernels}: the TPU compiler's
+    estimate of one run of the program, its kernels' estimated cycles times
+    their executions (of a conditional, the costlier branch), and the executions
+    of Pallas (Mosaic) kernels, which it does not estimate and the cycles leave
+    out; zeros for a program without estimates (XLA's GPU and CPU compilers
+    write none)."""
+    by_kind = dict.fromkeys(KINDS, 0)
+    mosaic_kernels = 0
+    for kernel in _launches(hlo_text, _cycles):
+        by_kind[kernel.kind] += (kernel.estimated_cycles or 0) * kernel.executions
+        if kernel.custom_call == _MOSAIC and kernel.estimated_cycles is None:
+            mosaic_kernels += kernel.executions
+    return {"cycles": sum(by_kind.values()), "by_kind": by_kind,
+            "mosaic_kernels": mosaic_kernels}
 
 
 def step_bound(hlo_text, peak_flops, bandwidth):

@@ -21,6 +21,15 @@ CHIP_NAMES = {"TPU v4": "TPU v4", "TPU v5 lite": "TPU v5e", "TPU v5": "TPU v5p",
               "TPU v6 lite": "TPU v6e"}
 EXAMPLE = "v5e:4x4, v5p:2x2x2 or v6e:2x2"
 
+# Clock (Hz) of the chips whose Google Cloud page fixes it: the bf16 peak over
+# the MXUs' multiply-adds per cycle (four 128x128 MXUs per TensorCore; v5e: one
+# TensorCore, 197 TFLOP/s; v5p: two, 459 TFLOP/s). v6e's page (one TensorCore
+# of two 256x256 MXUs, 918 TFLOP/s) would put it at 3.5 GHz, which the
+# compiler contradicts (it estimates an 8192^3 matmul at 369k FLOPs a cycle,
+# more than two such MXUs do), and the compile-only v4 device is one of a
+# chip's two TensorCores: their estimates stay in cycles.
+CLOCK_HZ = {"TPU v5e": 197e12 / (4 * 128 * 128 * 2), "TPU v5p": 459e12 / (2 * 4 * 128 * 128 * 2)}
+
 
 def devices(topology, slices=1):
     """The compile-only devices of `slices` TPU slices of `topology` (libtpu's
@@ -52,6 +61,11 @@ def devices(topology, slices=1):
 def chip_name(device):
     """capacity.ACCELERATOR_MEMORY_GIB's name of a TPU device's chip, else None."""
     return CHIP_NAMES.get(getattr(device, "device_kind", ""))
+
+
+def clock_hz(device):
+    """The clock of a TPU device's chip (CLOCK_HZ), else None."""
+    return CLOCK_HZ.get(chip_name(device))
 
 
 def libtpu_version():

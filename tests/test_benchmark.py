@@ -276,5 +276,17 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     table = accelerator_bench.table(rows)
     assert ("| m1 | cudnn | on | unrolled | none | default | jax.errors.JaxRuntimeError: "
             "INTERNAL: cuDNN failed |") in table
-    assert ("| m1 | cudnn | off | unrolled | none | cuBLAS GEMMs | 128 | 1.000 | 0.625 | 128.0 | "
+    assert ("| m1 | cudnn | off | unrolled | none | cuBLAS GEMMs | 128 | 1.000 | >= 0.625 | 128.0 | "
             "50.0% |" in table)
+
+
+def test_the_device_check_table_puts_a_tpus_own_estimate_beside_its_step():
+    """On a TPU the bound column holds the compiler's estimate of the same step
+    (approximate, not a bound); without either it stays empty."""
+    measured = {**_row("m1", ("xla", "off", "unrolled", "none"), 100.0), "step_time_s": 0.8,
+                "mfu": 0.25, "peak_memory_bytes": 2**30}
+    table = accelerator_bench.table([
+        {**measured, "tpu_estimate": {"step_seconds": 0.5, "cycles": 7.5e8}},
+        {**measured, "model": "m2"}])
+    assert "| m1 | xla | off | unrolled | none | default | 128 | 0.800 | ~0.500 | 100.0 |" in table
+    assert "| m2 | xla | off | unrolled | none | default | 128 | 0.800 |  | 100.0 |" in table

@@ -156,3 +156,69 @@ def test_the_step_bound_sums_each_kernels_roof():
     assert bound["seconds"] == pytest.approx(expected)
     assert bound["flops"] == 2 * 64 * 256 * 128 + 4 * 2 * 8 * 32 * 16
     assert set(bound["by_kind"]) == {"matmul", "attention", "other"}
+
+
+# The TPU compiler's forms: each kernel carries its cost model's estimate; a
+# plain matmul is a convolution with a 1-wide window, a batched one (here 4
+# batches of [8, 16] x [16, 32]) a convolution whose batch is a window dilated so
+# that one tap lands on input; a Pallas kernel (Mosaic) has no estimate.
+_TPU_HLO = """
+HloModule tpu_forms
+
+%fused_matmul (a: bf16[2,32,128], b: bf16[128,256,1]) -> bf16[2,32,256] {
+  %a = bf16[2,32,128]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %b = bf16[128,256,1]{1,0,2:T(8,128)(2,1)} parameter(1)
+  ROOT %product = bf16[2,32,256]{2,1,0:T(8,128)(2,1)} convolution(%a, %b), window={size=1}, \
+dim_labels=0bf_io0->0bf
+}
+
+%body (loop: (s32[], bf16[4,8,16], bf16[4,16,32])) -> (s32[], bf16[4,8,16], bf16[4,16,32]) {
+  %loop = (s32[], bf16[4,8,16], bf16[4,16,32]) parameter(0)
+  %i = s32[] get-tuple-element(%loop), index=0
+  %x = bf16[4,8,16]{2,1,0} get-tuple-element(%loop), index=1
+  %w = bf16[4,16,32]{2,1,0} get-tuple-element(%loop), index=2
+  %batched = bf16[4,8,32]{2,1,0} convolution(%x, %w), window={size=4 stride=3 lhs_dilate=4}, \
+dim_labels=0bf_0io->0bf, backend_config={"window_config":{"estimated_cycles":"700"}}
+  %kernel = bf16[4,8,16]{2,1,0} custom-call(%x), custom_call_target="tpu_custom_call"
+  %step = s32[] constant(1)
+  %next = s32[] add(%i, %step)
+  ROOT %carry = (s32[], bf16[4,8,16], bf16[4,16,32]) tuple(%next, %kernel, %w)
+}
+
+%condition (c: (s32[], bf16[4,8,16], bf16[4,16,32])) -> pred[] {
+  %c = (s32[], bf16[4,8,16], bf16[4,16,32]) parameter(0)
+  %ci = s32[] get-tuple-element(%c), index=0
+  %limit = s32[] constant(3)
+  ROOT %more = pred[] compare(%ci, %limit), direction=LT
+}
+
+ENTRY %main (lhs: bf16[2,32,128], rhs: bf16[128,256,1], x: bf16[4,8,16], w: bf16[4,16,32]) -> \
+(bf16[2,32,256], (s32[], bf16[4,8,16], bf16[4,16,32])) {
+  %lhs = bf16[2,32,128]{2,1,0} parameter(0)
+  %rhs = bf16[128,256,1]{1,0,2} parameter(1)
+  %x.1 = bf16[4,8,16]{2,1,0} parameter(2)
+  %w.1 = bf16[4,16,32]{2,1,0} parameter(3)
+  %matmul = bf16[2,32,256]{2,1,0} fusion(%lhs, %rhs), kind=kOutput, calls=%fused_matmul, \
+backend_config={"window_config":{"estimated_cycles":"5000"}}
+  %start = s32[] constant(0)
+  %init = (s32[], bf16[4,8,16], bf16[4,16,32]) tuple(%start, %x.1, %w.1)
+  %loop.1 = (s32[], bf16[4,8,16], bf16[4,16,32]) while(%init), condition=%condition, body=%body, \
+backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = (bf16[2,32,256], (s32[], bf16[4,8,16], bf16[4,16,32])) tuple(%matmul, %loop.1)
+}
+"""
+
+
+def test_convolutions_count_as_the_matmuls_they_are():
+    matmuls = sorted((k.flops, k.executions) for k in roofline.kernels(_TPU_HLO, PEAK, BANDWIDTH)
+                     if k.kind == "matmul")
+    assert matmuls == [(2 * 4 * 8 * 32 * 16, 3), (2 * 64 * 256 * 128, 1)]
+
+
+def test_the_tpu_compilers_estimates_are_summed_over_executions():
+    estimate = roofline.estimated_cycles(_TPU_HLO)
+    assert estimate["by_kind"] == {"matmul": 5000 + 3 * 700, "attention": 0, "other": 0}
+    assert estimate["cycles"] == 7100
+    assert estimate["mosaic_kernels"] == 3  # the Pallas kernel, left out, once per trip
+    assert roofline.estimated_cycles(_HLO) == {  # the GPU compiler's: no estimates
+        "cycles": 0, "by_kind": {"matmul": 0, "attention": 0, "other": 0}, "mosaic_kernels": 0}

@@ -21,7 +21,7 @@ import ml_collections
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import benchmark, capacity, hlo_stats, sharding, tpu_topology
+from clip_jax import benchmark, capacity, flops, hlo_stats, roofline, sharding, tpu_topology
 from clip_jax.models.splash import splash_attention
 from tests.conftest import small_config
 from tests.trainer_process import REPO
@@ -89,6 +89,41 @@ def test_splash_lowers_to_the_mosaic_kernel_for_tpu(compile_only_process, tokens
     assert "splash" in text
 
 
+def _on_tpu_estimates():
+    """The TPU compiler's estimates of one large matmul, of a loop of 5 and 10
+    matmuls, and the FLOPs read from attention's batched matmul."""
+    device = tpu_topology.devices(SLICE)[0]
+    placed = jax.sharding.SingleDeviceSharding(device)
+
+    def compiled(function, *shapes):
+        abstract = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=placed) for shape in shapes]
+        return jax.jit(function).lower(*abstract).compile().as_text()
+
+    def matmuls(trips):
+        return lambda x, w: jax.lax.fori_loop(0, trips, lambda _, y: y @ w, x)
+
+    large = compiled(lambda a, b: a @ b, (4096, 4096), (4096, 4096))
+    seconds = roofline.estimated_cycles(large)["cycles"] / tpu_topology.clock_hz(device)
+    at_peak = 2 * 4096**3 / flops.peak_flops_per_device(device.device_kind)
+    loops = [roofline.estimated_cycles(compiled(matmuls(trips), (1024, 1024), (1024, 1024)))
+             for trips in (5, 10)]
+    attention = compiled(lambda p, v: jnp.einsum("bnts,bsnh->btnh", p, v),
+                         (8, 12, 197, 197), (8, 197, 12, 64))
+    return (seconds / at_peak, [loop["by_kind"]["matmul"] for loop in loops],
+            roofline.step_bound(attention, 1e15, 1e12)["flops"])
+
+
+def test_the_tpu_compilers_estimates_are_summed_per_trip_at_the_chips_clock(compile_only_process):
+    """A 4096^3 matmul is estimated at no less than the chip's peak allows (else
+    the clock would be wrong) and near it; a loop's matmuls count once per trip;
+    a batched matmul, which the TPU compiler writes as a convolution with dilated
+    windows, counts 2 B N T S H FLOPs."""
+    large_vs_peak, loop_matmul_cycles, attention_flops = compile_only_process(_on_tpu_estimates)
+    assert 1.0 <= large_vs_peak < 1.5
+    assert loop_matmul_cycles[1] == 2 * loop_matmul_cycles[0] > 0
+    assert attention_flops == 2 * 8 * 12 * 197 * 197 * 64
+
+
 def _small_bf16_config(**mesh):
     config = small_config()
     with config.unlocked():
@@ -115,6 +150,11 @@ def test_the_tpu_plan_is_the_chips_own_program(compile_only_process):
     # FSDP as the TPU compiler decomposes it stays within 1.5x of ideal FSDP's bytes.
     assert 0 < row["collective_bytes_total"] <= 1.5 * row["ideal_collective_bytes"]
     assert 0 < row["temp_bytes"] < row["bytes_per_device"]
+    # The compiler's estimate of the step, less splash's kernels (Mosaic's).
+    estimate = row["tpu_estimate"]
+    assert estimate["cycles"] == sum(estimate["cycles_by_kind"].values()) > 0
+    assert estimate["mosaic_kernels"] > 0 and 0 < estimate["mfu"] < 1
+    assert estimate["step_seconds"] == estimate["cycles"] / tpu_topology.CLOCK_HZ["TPU v5e"]
 
 
 def _on_tpu_two_slice_collectives(microbatches=1):
@@ -164,6 +204,11 @@ def test_plan_command_compiles_for_a_tpu_topology(compile_only_process):
     assert row["compiled_for"] == "TPU v5 lite" and row["devices"] == 4
     assert row["libtpu"] == tpu_topology.libtpu_version() is not None
     assert row["fits"] == {"TPU v5e": True} and row["bytes_per_device"] > 0
+    printed = compile_only_process(
+        plan_command_output, "--config", "tiny", "--tpu", SLICE, "--mesh", "fsdp=4",
+        "--batch-size", "32", "--dtype", "bfloat16")
+    estimate = next(line for line in printed.splitlines() if "TPU estimate" in line)
+    assert " M cycles = " in estimate and "MFU" in estimate and "not a measurement" in estimate
 
 
 def test_plan_command_bad_topology_is_one_line(compile_only_process):

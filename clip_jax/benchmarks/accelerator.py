@@ -205,11 +205,13 @@ def _percent(fraction):
 
 def table(rows):
     """Markdown table of the rows: speed, on GPUs the roofline's lower bound on
-    the same program's step (clip_jax/roofline.py), MFU, and from the profile the share of
+    the same program's step (clip_jax/roofline.py) and on TPUs the compiler's
+    own estimate of it (capacity.tpu_estimate), MFU, and from the profile the share of
     the step in matmul and attention kernels, their FLOP/s against peak, and
     the device's idle share."""
     lines = ["| model | attention | lean backward | layer loop | remat | XLA flags "
-             "| batch / device | step s | roofline: step >= s | samples/s / device | MFU "
+             "| batch / device | step s | GPU roofline: step >= s, TPU compiler: ~s "
+             "| samples/s / device | MFU "
              "| matmul + attention kernels | their FLOP/s / peak | device idle | peak GiB |",
              "|" + " --- |" * 15]
     for row in rows:
@@ -225,8 +227,9 @@ def table(rows):
             share = (kinds["matmul"] + kinds["attention"]) / profile["wall_s_per_step"]
             idle = max(0.0, 1 - profile["busy_fraction"])
         mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        bound = row.get("roofline")
-        bound = f"{bound['step_seconds_at_least']:.3f}" if bound else ""
+        bound, estimate = row.get("roofline"), row.get("tpu_estimate") or {}
+        bound = (f">= {bound['step_seconds_at_least']:.3f}" if bound
+                 else f"~{estimate['step_seconds']:.3f}" if estimate.get("step_seconds") else "")
         lines.append(f"{head} {row['batch_per_device']} | {row['step_time_s']:.3f} | {bound} | "
                      f"{row['samples_per_sec_per_device']:.1f} | {mfu} | {_percent(share)} | "
                      f"{_percent(profile.get('kernel_flops_fraction'))} | {_percent(idle)} | "

@@ -101,6 +101,17 @@ def run_plan(args):
         print(f"  roofline         step >= {1e3 * bound['step_seconds_at_least']:.1f} ms "
               f"({kinds} ms; {bound['kernel_bytes'] / 1e9:.0f} GB through memory), "
               f"MFU <= {100 * bound['mfu_at_most']:.0f}%", flush=True)
+    estimate = row["tpu_estimate"]
+    if estimate:
+        cycles = estimate["cycles"]
+        kinds = ", ".join(f"{kind} {100 * n / cycles:.0f}%"
+                          for kind, n in estimate["cycles_by_kind"].items() if n)
+        timed = (f" = {1e3 * estimate['step_seconds']:.1f} ms, MFU {100 * estimate['mfu']:.0f}%"
+                 if estimate["step_seconds"] else " (this chip's clock is not known here)")
+        left_out = (f"; leaves out {estimate['mosaic_kernels']} Pallas kernel runs"
+                    if estimate["mosaic_kernels"] else "")
+        print(f"  TPU estimate     {cycles / 1e6:.1f} M cycles{timed} ({kinds}{left_out}): "
+              "the compiler's cost model, not a measurement", flush=True)
     for collective in row["largest_collectives"]:
         print(f"    {collective['kind']:<18} {_gib(collective['bytes']):>12}  "
               f"{collective['executions']:>4} x over {collective['group_size']} devices  "

@@ -112,12 +112,15 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, 
     else:
         peak_memory, memory_source = planned_bytes, "memory_analysis"
     measured = phases.first_phase_model(config)
-    on_gpu = devices[0].platform == "gpu"
-    hlo_text = compiled.as_text() if on_gpu or profile_steps else None  # seconds for a large model
-    # On a GPU, the roofline's lower bound on this very program's step: what the
-    # measured step time is to be compared with (None on other devices).
+    on_accelerator = devices[0].platform in ("gpu", "tpu")
+    hlo_text = (compiled.as_text() if on_accelerator or profile_steps
+                else None)  # seconds for a large model
+    # What the measured step time is to be compared with: on a GPU the roofline's
+    # lower bound on this very program's step, on a TPU its compiler's estimate.
     bound = capacity.gpu_roofline(hlo_text, devices[0], model_flops / num_devices) \
-        if on_gpu else None
+        if on_accelerator else None
+    estimate = capacity.tpu_estimate(hlo_text, devices[0], model_flops / num_devices) \
+        if on_accelerator else None
     row = {"benchmark": "train", "device_kind": kind, "devices": num_devices,
            "global_batch": config.batch_size, "dtype": config.model.dtype,
            "image_size": measured.image.image_size,
@@ -133,7 +136,7 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, 
            "mfu": None if peak is None else achieved / (peak * num_devices),
            "peak_memory_bytes": int(peak_memory), "peak_memory_source": memory_source,
            "loss": float(metrics["loss"]), "huge_pages": huge_pages.requested(),
-           "roofline": bound}
+           "roofline": bound, "tpu_estimate": estimate}
     if profile_steps:
         row["profile"] = _profile(hlo_text, run, profile_steps, trace_path,
                                   model_flops / num_devices, peak)
@@ -212,6 +215,10 @@ def run_train(args):
           + (f"  roofline bound     {row['roofline']['step_seconds_at_least']:10.3f} s  "
              f"(this program's kernels at peak FLOP/s or memory bandwidth: MFU at most "
              f"{100 * row['roofline']['mfu_at_most']:.0f}%)\n" if row["roofline"] else "")
+          + (f"  TPU compiler       {row['tpu_estimate']['step_seconds']:10.3f} s  "
+             f"(its cost model's estimate of this program's step: MFU "
+             f"{100 * row['tpu_estimate']['mfu']:.0f}%)\n"
+             if (row["tpu_estimate"] or {}).get("step_seconds") else "")
           + f"  final loss         {row['loss']:10.4f}\n"
           f"  host pages         {'transparent huge pages' if row['huge_pages'] else '4 KiB'} "
           f"(clip_jax/huge_pages.py)", flush=True)
