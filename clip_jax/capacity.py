@@ -22,8 +22,9 @@ differently from the TPU and GPU compilers, with bfloat16 results rounded
 where an accelerator rounds them (DEVICE_NUMERICS); collectives are counted at
 the width a bfloat16 run moves (see hlo_stats._wire_dtype). Settings that "auto"
 resolves by platform are planned as the accelerators run them: the layer loop
-of the platform compiled for (model.layer_loop: unrolled on GPUs without remat,
-else one lax.scan, as on TPUs and in plans on simulated CPU devices),
+of the platform compiled for (model.layer_loop: unrolled on GPUs and TPUs
+without remat, else one lax.scan; simulated CPU devices plan the scan, an
+upper estimate of memory without remat),
 autodiff's backward passes (model.lean_backward) and the platform's attention
 kernel (model.attention), where the CPU doing the planning would take its
 hand-written passes and XLA's attention; a config that names any of them is
@@ -100,14 +101,15 @@ def ideal_collective_bytes(abstract_params, param_shardings, mesh):
 def abstract_train_step(config, devices):
     """(jitted train step, abstract state, abstract batch, Training) for `config`
     on a mesh over `devices`; shapes and shardings only, nothing allocated."""
-    # What "auto" resolves to on a TPU or GPU, not on the CPU doing the planning,
-    # which plans what a TPU runs.
+    # What "auto" resolves to on the TPU or GPU compiled for, not on the CPU doing
+    # the planning. Simulated CPU devices plan the scanned loop, whose compile
+    # time stays flat in depth on hundreds of them: without remat an accelerator
+    # unrolls, and holds less (see models.transformer.Transformer).
     platform = devices[0].platform
-    accelerator = "gpu" if platform == "gpu" else "tpu"
-    accelerator_choices = {
-        "layer_loop": ("unrolled" if unrolled_layer_loop("auto", accelerator,
+    unrolled = platform != "cpu" and unrolled_layer_loop("auto", platform,
                                                          config.model.get("remat", "none"))
-                       else "scan"),
+    accelerator_choices = {
+        "layer_loop": "unrolled" if unrolled else "scan",
         "lean_backward": "off",
         "attention": attention_implementation("auto", config.model.dtype, platform)}
     unresolved = {key: value for key, value in accelerator_choices.items()

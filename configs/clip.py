@@ -66,10 +66,10 @@ def _variant(name):
         return zoo.build_model_config(**_TINY_COCA_MODEL), dict(_TINY_RUN, objective="coca")
     lr = _PAPER_LR.get(name.removesuffix(zoo.QUICKGELU_SUFFIX), 5e-4)
     model = zoo.model_config(name)
-    # Stacked blocks: one checkpoint layout on every platform, run in a lax.scan
-    # (compile time flat in depth) on TPUs; on CPUs, and GPUs without remat,
-    # model.layer_loop="auto" unrolls them: a faster step in less memory
-    # (models/transformer.py).
+    # Stacked blocks: one checkpoint layout on every platform; model.layer_loop
+    # "auto" unrolls them on CPUs, and on GPUs and TPUs without remat (a faster
+    # step in less memory), and runs them in a lax.scan under remat, where the
+    # scan keeps less (models/transformer.py).
     model.scan_layers = True
     objective = {"objective": "coca"} if name in zoo.COCA_NAMES else {}
     return model, dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000), **objective)

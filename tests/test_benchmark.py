@@ -171,7 +171,7 @@ def test_the_device_check_starts_from_the_defaults_and_tries_each_loop_and_remat
     auto = transformer.attention_implementation("auto", "bfloat16", platform)
     loop = "unrolled" if transformer.unrolled_layer_loop("auto", platform) else "scan"
     assert found[0] == (auto, "off", loop, "none")
-    assert loop == ("scan" if platform == "tpu" else "unrolled")
+    assert loop == "unrolled"
     assert len(set(found)) == len(found)
     assert {(loop, remat) for _, _, loop, remat in found} == {
         ("scan", "none"), ("unrolled", "none"), ("scan", "dots_saveable")}

@@ -245,8 +245,10 @@ def test_each_device_draws_only_its_own_rows_patch_masks(name):
 
 def test_the_plan_compiles_what_auto_resolves_to_on_accelerators():
     """On CPU layer_loop="auto" unrolls the blocks and lean_backward="auto" takes the
-    hand-written backward passes; the planner compiles the scan and autodiff's
-    passes a TPU or GPU runs, unless the config names a setting itself."""
+    hand-written backward passes; on simulated devices the planner compiles
+    autodiff's passes, which a TPU or GPU runs, and the scan (an accelerator
+    unrolls without remat: the plans compiled for TPUs and GPUs test that),
+    unless the config names a setting itself."""
     def lowered(**model):
         config = small_config(**{"mesh.data": 1, "model.scan_layers": True,
                                  **{f"model.{key}": value for key, value in model.items()}})

@@ -20,7 +20,7 @@ import numpy as np
 
 from clip_jax import capacity, config_files, gpu_target, hlo_stats, roofline
 from clip_jax.models import transformer
-from tests.test_tpu_topology import _small_bf16_config, plan_command_output
+from tests.test_tpu_topology import _small_bf16_config, plan_command_output, planned_loops
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="JAX's CUDA plugin is Linux's")
 
@@ -49,13 +49,7 @@ def test_a_bad_gpu_target_is_one_line(compile_only_process, chip, count, message
 
 
 def _planned_loops(remat):
-    """How many while loops the planner's lowered train step of the test model
-    (two-block towers, stacked, layer_loop auto) runs on one H100 under `remat`."""
-    config = _small_bf16_config()
-    with config.unlocked():
-        config.model.update(scan_layers=True, remat=remat)
-    step, state, batch, _ = capacity.abstract_train_step(config, gpu_target.devices("h100", 1))
-    return step.lower(state, batch).as_text().count("stablehlo.while")
+    return planned_loops(gpu_target.devices("h100", 1), remat)
 
 
 def test_the_gpu_plan_unrolls_the_blocks_unless_they_are_rematerialised(compile_only_process):

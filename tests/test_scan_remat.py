@@ -104,8 +104,9 @@ def test_unrolled_loop_gives_the_scans_gradients():
 
 @pytest.mark.parametrize("backend, remat, unrolled", [
     ("cpu", "none", True), ("cpu", "full", True), ("gpu", "none", True),
-    ("gpu", "dots_saveable", False), ("gpu", "full", False), ("tpu", "none", False)])
-def test_auto_layer_loop_unrolls_on_cpus_and_on_gpus_without_remat(
+    ("gpu", "dots_saveable", False), ("gpu", "full", False), ("tpu", "none", True),
+    ("tpu", "dots_saveable", False), ("tpu", "full", False)])
+def test_auto_layer_loop_unrolls_on_cpus_and_on_accelerators_without_remat(
         backend, remat, unrolled, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert unrolled_layer_loop("auto", remat=remat) == unrolled

@@ -133,6 +133,29 @@ def _small_bf16_config(**mesh):
     return config
 
 
+def planned_loops(devices, remat):
+    """How many while loops the planner's lowered train step of the test model
+    (two-block towers, stacked, layer_loop auto) runs on `devices` under `remat`."""
+    config = _small_bf16_config()
+    with config.unlocked():
+        config.model.update(scan_layers=True, remat=remat)
+    step, state, batch, _ = capacity.abstract_train_step(config, devices)
+    return step.lower(state, batch).as_text().count("stablehlo.while")
+
+
+def _planned_tpu_loops(remat):
+    return planned_loops(tpu_topology.devices(SLICE)[:1], remat)
+
+
+def test_the_tpu_plan_unrolls_the_blocks_unless_they_are_rematerialised(compile_only_process):
+    """layer_loop=auto, as a TPU resolves it: unrolled without remat (no loop),
+    a scan per tower (forward and backward) under remat; simulated CPU devices
+    plan the scan either way."""
+    assert compile_only_process(_planned_tpu_loops, "none") == 0
+    assert compile_only_process(_planned_tpu_loops, "full") >= 4
+    assert planned_loops(jax.devices()[:1], "none") >= 4
+
+
 def _on_tpu_slice_plan():
     """The test model's bf16 train step with splash attention, FSDP over one slice."""
     config = _small_bf16_config(fsdp=4)
