@@ -26,8 +26,8 @@ EXAMPLE = "v5e:4x4, v5p:2x2x2 or v6e:2x2"
 # TensorCore, 197 TFLOP/s; v5p: two, 459 TFLOP/s). v6e's page (one TensorCore
 # of two 256x256 MXUs, 918 TFLOP/s) would put it at 3.5 GHz, which the
 # compiler contradicts (it estimates an 8192^3 matmul at 369k FLOPs a cycle,
-# more than two such MXUs do), and the compile-only v4 device is one of a
-# chip's two TensorCores: their estimates stay in cycles.
+# more than two such MXUs do), and the compile-only v4 device reports one
+# core (num_cores) where a v4 chip has two: their estimates stay in cycles.
 CLOCK_HZ = {"TPU v5e": 197e12 / (4 * 128 * 128 * 2), "TPU v5p": 459e12 / (2 * 4 * 128 * 128 * 2)}
 
 
