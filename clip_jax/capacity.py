@@ -244,8 +244,10 @@ def tpu_estimate(hlo_text, device, model_flops_per_device):
     where the chip's clock is known (tpu_topology.CLOCK_HZ) in seconds and the
     MFU they make; `mosaic_kernels` counts the Pallas kernels (splash) it leaves
     out. None for other devices and programs without estimates."""
+    if device.platform != "tpu":
+        return None
     estimate = roofline.estimated_cycles(hlo_text)
-    if device.platform != "tpu" or not estimate["cycles"]:
+    if not estimate["cycles"]:
         return None
     clock = tpu_topology.clock_hz(device)
     peak = flops.peak_flops_per_device(device.device_kind)
