@@ -23,8 +23,8 @@ where an accelerator rounds them (DEVICE_NUMERICS); collectives are counted at
 the width a bfloat16 run moves (see hlo_stats._wire_dtype). Settings that "auto"
 resolves by platform are planned as the accelerators run them: the layer loop
 of the platform compiled for (model.layer_loop: unrolled on GPUs and TPUs
-without remat, else one lax.scan; simulated CPU devices plan the scan, an
-upper estimate of memory without remat),
+unless remat keeps nothing, else one lax.scan; simulated CPU devices plan the
+scan, an upper estimate of memory without remat),
 autodiff's backward passes (model.lean_backward) and the platform's attention
 kernel (model.attention), where the CPU doing the planning would take its
 hand-written passes and XLA's attention; a config that names any of them is
@@ -103,8 +103,8 @@ def abstract_train_step(config, devices):
     on a mesh over `devices`; shapes and shardings only, nothing allocated."""
     # What "auto" resolves to on the TPU or GPU compiled for, not on the CPU doing
     # the planning. Simulated CPU devices plan the scanned loop, whose compile
-    # time stays flat in depth on hundreds of them: without remat an accelerator
-    # unrolls, and holds less (see models.transformer.Transformer).
+    # time stays flat in depth on hundreds of them: unless remat keeps nothing an
+    # accelerator unrolls, and holds less (see models.transformer.Transformer).
     platform = devices[0].platform
     unrolled = platform != "cpu" and unrolled_layer_loop("auto", platform,
                                                          config.model.get("remat", "none"))

@@ -67,9 +67,9 @@ def _variant(name):
     lr = _PAPER_LR.get(name.removesuffix(zoo.QUICKGELU_SUFFIX), 5e-4)
     model = zoo.model_config(name)
     # Stacked blocks: one checkpoint layout on every platform; model.layer_loop
-    # "auto" unrolls them on CPUs, and on GPUs and TPUs without remat (a faster
-    # step in less memory), and runs them in a lax.scan under remat, where the
-    # scan keeps less (models/transformer.py).
+    # "auto" unrolls them on CPUs, and on GPUs and TPUs (a faster step in less
+    # memory) unless remat keeps nothing, where a lax.scan keeps less
+    # (models/transformer.py).
     model.scan_layers = True
     objective = {"objective": "coca"} if name in zoo.COCA_NAMES else {}
     return model, dict(_PAPER_RUN, optimizer=dict(lr=lr, warmup_steps=2000), **objective)

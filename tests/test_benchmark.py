@@ -165,7 +165,7 @@ def test_the_device_check_runs_on_cpu_and_writes_its_json(tmp_path, capsys):
 def test_the_device_check_starts_from_the_defaults_and_tries_each_loop_and_remat(platform):
     """An accelerator's first variant is what `auto` resolves to there (layer
     loop, attention, autodiff's backward passes) without remat; the other
-    layer loop and the scan keeping only matmul outputs are among the rest,
+    layer loop, and both loops keeping only matmul outputs, are among the rest,
     each variant once."""
     found = accelerator_bench.variants(platform)
     auto = transformer.attention_implementation("auto", "bfloat16", platform)
@@ -174,7 +174,11 @@ def test_the_device_check_starts_from_the_defaults_and_tries_each_loop_and_remat
     assert loop == "unrolled"
     assert len(set(found)) == len(found)
     assert {(loop, remat) for _, _, loop, remat in found} == {
-        ("scan", "none"), ("unrolled", "none"), ("scan", "dots_saveable")}
+        ("scan", "none"), ("unrolled", "none"), ("unrolled", "dots_saveable"),
+        ("scan", "dots_saveable")}
+    dots_first = [loop for _, _, loop, remat in found if remat == "dots_saveable"][0]
+    assert dots_first == ("unrolled" if transformer.unrolled_layer_loop(
+        "auto", platform, "dots_saveable") else "scan")
 
 
 def _row(model, variant, samples, batch=128, flag_set=""):
@@ -253,7 +257,8 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     # first model's defaults under each flag set, then every model's other
     # variants: what a budget running out stops is the least needed.
     others = [("xla", "off", "unrolled", "none"), ("xla", "on", "unrolled", "none"),
-              ("cudnn", "off", "scan", "none"), ("cudnn", "on", "scan", "dots_saveable")]
+              ("cudnn", "off", "scan", "none"), ("cudnn", "on", "unrolled", "dots_saveable"),
+              ("cudnn", "on", "scan", "dots_saveable")]
     assert calls == [
         ("m1", "cudnn", "off", "unrolled", "none", 256, ""),
         ("m1", "cudnn", "off", "unrolled", "none", 128, ""),
@@ -272,7 +277,7 @@ def test_the_device_check_on_a_gpu_shares_batches_compares_flags_and_survives_fa
     assert rows[1]["layer_loop"] == "unrolled" and rows[8]["layer_loop"] == "scan"
     assert (rows[4]["flag_set"], rows[4]["flags"]) == ("cuBLAS GEMMs", f"XLA_FLAGS={triton_off}")
     assert rows[5]["error"] == "no result within 600 s"
-    assert rows[-3]["error"] == "no JSON result; its output ends \"a library's notice\""
+    assert rows[-4]["error"] == "no JSON result; its output ends \"a library's notice\""
     table = accelerator_bench.table(rows)
     assert ("| m1 | cudnn | on | unrolled | none | default | jax.errors.JaxRuntimeError: "
             "INTERNAL: cuDNN failed |") in table

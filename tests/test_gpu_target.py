@@ -52,10 +52,12 @@ def _planned_loops(remat):
     return planned_loops(gpu_target.devices("h100", 1), remat)
 
 
-def test_the_gpu_plan_unrolls_the_blocks_unless_they_are_rematerialised(compile_only_process):
-    """layer_loop=auto, as a GPU resolves it: unrolled without remat (no loop),
-    a scan per tower (forward and backward) under remat."""
+def test_the_gpu_plan_unrolls_the_blocks_unless_remat_keeps_nothing(compile_only_process):
+    """layer_loop=auto, as a GPU resolves it: unrolled (no loop) without remat
+    and under a policy that keeps the matmuls' outputs, a scan per tower
+    (forward and backward) under full remat."""
     assert compile_only_process(_planned_loops, "none") == 0
+    assert compile_only_process(_planned_loops, "dots_saveable") == 0
     assert compile_only_process(_planned_loops, "full") >= 4
 
 

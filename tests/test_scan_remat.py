@@ -104,9 +104,11 @@ def test_unrolled_loop_gives_the_scans_gradients():
 
 @pytest.mark.parametrize("backend, remat, unrolled", [
     ("cpu", "none", True), ("cpu", "full", True), ("gpu", "none", True),
-    ("gpu", "dots_saveable", False), ("gpu", "full", False), ("tpu", "none", True),
-    ("tpu", "dots_saveable", False), ("tpu", "full", False)])
-def test_auto_layer_loop_unrolls_on_cpus_and_on_accelerators_without_remat(
+    ("gpu", "dots_saveable", True), ("gpu", "dots_with_no_batch_dims_saveable", True),
+    ("gpu", "full", False), ("gpu", "nothing_saveable", False), ("tpu", "none", True),
+    ("tpu", "dots_saveable", True), ("tpu", "everything_saveable", True),
+    ("tpu", "full", False), ("tpu", "nothing_saveable", False)])
+def test_auto_layer_loop_scans_on_accelerators_only_where_remat_keeps_nothing(
         backend, remat, unrolled, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert unrolled_layer_loop("auto", remat=remat) == unrolled

@@ -147,10 +147,10 @@ def _planned_tpu_loops(remat):
     return planned_loops(tpu_topology.devices(SLICE)[:1], remat)
 
 
-def test_the_tpu_plan_unrolls_the_blocks_unless_they_are_rematerialised(compile_only_process):
+def test_the_tpu_plan_unrolls_the_blocks_unless_remat_keeps_nothing(compile_only_process):
     """layer_loop=auto, as a TPU resolves it: unrolled without remat (no loop),
-    a scan per tower (forward and backward) under remat; simulated CPU devices
-    plan the scan either way."""
+    a scan per tower (forward and backward) under full remat; simulated CPU
+    devices plan the scan either way."""
     assert compile_only_process(_planned_tpu_loops, "none") == 0
     assert compile_only_process(_planned_tpu_loops, "full") >= 4
     assert planned_loops(jax.devices()[:1], "none") >= 4

@@ -32,7 +32,7 @@ GRADCACHE = ((1, "sharded"), (2, "sharded"), (2, "gathered"))
 
 def layouts(fast_attention):
     """(name, overrides): XLA's attention with stacked blocks in the layer loop
-    `auto` picks (the presets' default: unrolled on TPUs and GPUs without remat), and
+    `auto` picks (the presets' default: unrolled on TPUs and GPUs, no remat), and
     the platform's fused kernel with one block per layer, lean backward passes
     and full remat."""
     return (("xla, stacked", ("model.attention=xla", "model.scan_layers=True")),

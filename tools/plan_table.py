@@ -52,7 +52,7 @@ GPU_MODELS = (("ViT-B-32", 256), ("ViT-B-16", 128), ("ViT-L-14", 32))
 GPU_VARIANTS = (("cudnn", "off", "unrolled", "none"), ("cudnn", "on", "unrolled", "none"),
                 ("xla", "off", "unrolled", "none"), ("xla", "on", "unrolled", "none"),
                 ("cudnn", "off", "scan", "none"), ("cudnn", "on", "scan", "none"),
-                ("cudnn", "on", "scan", "dots_saveable"))
+                ("cudnn", "on", "unrolled", "dots_saveable"), ("cudnn", "on", "scan", "dots_saveable"))
 
 
 def plan_row(model, devices, mesh, remat, batch=GLOBAL_BATCH, extra=()):

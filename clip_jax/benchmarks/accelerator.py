@@ -73,16 +73,17 @@ VARIANT_KEYS = ("attention", "lean_backward", "layer_loop", "remat")
 def variants(platform):
     """(attention, lean_backward, layer_loop, remat) to measure, the platform's
     defaults first: lean_backward=auto is off on accelerators and on on CPUs,
-    layer_loop auto unrolled without remat (models.transformer.unrolled_layer_loop),
-    no remat.
+    layer_loop auto unrolled unless remat keeps nothing
+    (models.transformer.unrolled_layer_loop), no remat.
 
     On GPUs the lean backward passes come right after the defaults: the
     roofline of the steps compiled for an H100 (docs/capacity.md, "Compiled by
     the GPU compiler") bounds the unrolled, lean ViT-B/16 at 54% MFU against
     44% with autodiff's passes; then XLA's attention. On TPUs splash comes
     second: the TPU compiler leaves its kernels out of its estimates. Last on
-    both, the scan, with and without remat="dots_saveable" (keeping only matmul
-    outputs, what fits the largest batch)."""
+    both, the scan without remat, then remat="dots_saveable" (keeping only
+    matmul outputs, what fits the largest batch) in the loop `auto` runs it in,
+    unrolled, and in the scan, which the compilers' figures put behind it."""
     default_lean = "on" if platform == "cpu" else "off"
     leans = (default_lean, "off" if default_lean == "on" else "on")
     first = attention_choices(platform)[0]
@@ -93,7 +94,8 @@ def variants(platform):
         found = [(attention, lean, "unrolled", "none") for lean in leans
                  for attention in attention_choices(platform)]
     if platform in ("gpu", "tpu"):
-        found += [(first, default_lean, "scan", "none"), (first, "on", "scan", "dots_saveable")]
+        found += [(first, default_lean, "scan", "none"),
+                  (first, "on", "unrolled", "dots_saveable"), (first, "on", "scan", "dots_saveable")]
     return found
 
 

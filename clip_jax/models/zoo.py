@@ -96,7 +96,8 @@ def build_model_config(image, text, embed_dim, activation, decoder=None):
         # stops growing with depth. Convert with models.transformer.stack_layers.
         scan_layers=False,
         # How stacked blocks run: "scan" (lax.scan), "unrolled" (one call per block on
-        # its slice of the stack) or "auto" (unrolled on CPUs, and on GPUs without remat).
+        # its slice of the stack) or "auto" (unrolled on CPUs, and on GPUs and TPUs
+        # unless remat keeps nothing).
         layer_loop="auto",
         # Rematerialise each residual block in the backward pass: "none", "full", or a
         # jax.checkpoint_policies name (models.transformer.REMAT_NAMES).
