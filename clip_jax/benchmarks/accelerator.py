@@ -46,8 +46,8 @@ import time
 # each fits the 90% of an 80 GB H100 the check lets JAX take (MEMORY_FRACTION)
 # with every GPU variant, so that all compare at it, as XLA's GPU compiler
 # plans the step (docs/capacity_gpu_table.md: the scan without remat fits the
-# least, 551, 1,319 and 166 on the whole GPU; the default, unrolled, 1,070,
-# 2,397 and 281; an H200 about 1.8x).
+# least, 552, 1,328 and 166 on the whole GPU; the default, unrolled, 1,189,
+# 2,972 and 366; an H200 about 1.8x).
 BATCHES_PER_DEVICE = {"ViT-B-16": (384, 256, 128), "ViT-B-32": (1024, 512, 256),
                       "ViT-L-14": (128, 64, 32)}
 TINY = dict(batches={"tiny": (32,)}, steps=1, warmup=1, profile_steps=1)
@@ -79,7 +79,7 @@ def variants(platform):
     On GPUs the lean backward passes come right after the defaults: the
     roofline of the steps compiled for an H100 (docs/capacity.md, "Compiled by
     the GPU compiler") bounds the unrolled, lean ViT-B/16 at 54% MFU against
-    44% with autodiff's passes; then XLA's attention. On TPUs splash comes
+    46% with autodiff's passes; then XLA's attention. On TPUs splash comes
     second: the TPU compiler leaves its kernels out of its estimates. Last on
     both, the scan without remat, then remat="dots_saveable" (keeping only
     matmul outputs, what fits the largest batch) in the loop `auto` runs it in,

@@ -543,14 +543,14 @@ class Transformer(nn.Module):
     arrays stay where they were made. XLA:CPU: ViT-B/16 train step at batch 16,
     half the patches, 2-core VM, 5.8 s scanned, 5.0 s unrolled. XLA's GPU
     compiler, bf16, cuDNN (docs/capacity.md): ViT-B/16 at 128 on one H100
-    needs 10.2 GiB of temporaries unrolled against 18.5 scanned, its roofline
-    bound 34.1 ms against 53.9, for 8 s more compile time; ViT-L/14 at 32 per
+    needs 8.7 GiB of temporaries unrolled against 18.4 scanned, its roofline
+    bound 32.5 ms against 53.0, for 8 s more compile time; ViT-L/14 at 32 per
     GPU on 8 (fsdp=8) 10.2 against 14.9 GiB, 33.1 against 47.6 ms. Under
     remat="full" the scan keeps less: there 1.5 GiB scanned against 4.3
     unrolled, and 36.9 against 40.8 ms. The TPU compiler, bf16, XLA's attention
     (its memory analysis and its own estimate of the step, docs/capacity.md):
-    ViT-B/16 at 32 per v5e chip (data=4) 5.1 GiB unrolled against 9.1 scanned,
-    61 against 94 ms, for 4x the compile time; under remat="full", at 128 per
+    ViT-B/16 at 32 per v5e chip (data=4) 4.6 GiB unrolled against 9.1 scanned,
+    57 against 90 ms, for 4x the compile time; under remat="full", at 128 per
     chip, 7.3 against 4.8 GiB at the same 320 ms. A policy that keeps the
     matmuls' outputs (dots_saveable) keeps a little per layer, and there the
     unrolled loop is faster again in no more memory: ViT-B/16 at 128 on an
