@@ -116,11 +116,10 @@ def train_benchmark(config, num_devices=1, steps=10, warmup=2, profile_steps=0, 
     hlo_text = (compiled.as_text() if on_accelerator or profile_steps
                 else None)  # seconds for a large model
     # What the measured step time is to be compared with: on a GPU the roofline's
-    # lower bound on this very program's step, on a TPU its compiler's estimate.
-    bound = capacity.gpu_roofline(hlo_text, devices[0], model_flops / num_devices) \
-        if on_accelerator else None
-    estimate = capacity.tpu_estimate(hlo_text, devices[0], model_flops / num_devices) \
-        if on_accelerator else None
+    # lower bound on this very program's step, on a TPU its compiler's estimate
+    # (each None on other devices).
+    bound = capacity.gpu_roofline(hlo_text, devices[0], model_flops / num_devices)
+    estimate = capacity.tpu_estimate(hlo_text, devices[0], model_flops / num_devices)
     row = {"benchmark": "train", "device_kind": kind, "devices": num_devices,
            "global_batch": config.batch_size, "dtype": config.model.dtype,
            "image_size": measured.image.image_size,
