@@ -9,7 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from clip_jax import image_ops, losses, optim, sharding
 from clip_jax.models import CLIP
-from clip_jax.models.transformer import stack_layers, unrolled_layer_loop, unstack_layers
+from clip_jax.models.transformer import (split_layers, stack_layers, unrolled_layer_loop,
+                                         unstack_layers)
 from clip_jax.train_step import TrainState, setup_training
 from clip_jax.variables import dummy_inputs
 from tests.conftest import small_config
@@ -100,6 +101,29 @@ def test_unrolled_loop_gives_the_scans_gradients():
     unrolled = small_config(**settings, **{"model.layer_loop": "unrolled"})
     assert_grads_close(embedding_loss_grads(unrolled, params),
                        embedding_loss_grads(scanned, params))
+
+
+def test_split_layers_cuts_the_stack_and_concatenates_its_gradient():
+    """Groups of layers, as slicing gives them, and the gradient autodiff's
+    slices would give: each group's gradient in its place along the stack."""
+    stacked = {"kernel": jnp.arange(4 * 3 * 2, dtype=jnp.float32).reshape(4, 3, 2),
+               "bias": jnp.arange(4 * 2, dtype=jnp.float32).reshape(4, 2)}
+    groups = split_layers(stacked, (1, 2, 1))
+    assert [group["kernel"].shape[0] for group in groups] == [1, 2, 1]
+    np.testing.assert_array_equal(groups[1]["bias"], stacked["bias"][1:3])
+
+    def loss(split):
+        def weighted(params):
+            pieces = split(params)
+            return sum((i + 1.0) * jnp.sum(jnp.sin(piece["kernel"]) * jnp.sum(piece["bias"]))
+                       for i, piece in enumerate(pieces))
+        return weighted
+
+    by_slices = lambda p: [jax.tree.map(lambda leaf: leaf[a:b], p)  # noqa: E731
+                           for a, b in ((0, 1), (1, 3), (3, 4))]
+    expected = jax.grad(loss(by_slices))(stacked)
+    got = jax.grad(loss(lambda p: split_layers(p, (1, 2, 1))))(stacked)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
 
 
 @pytest.mark.parametrize("backend, remat, unrolled", [

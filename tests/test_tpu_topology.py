@@ -21,9 +21,11 @@ import ml_collections
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import benchmark, capacity, flops, hlo_stats, roofline, sharding, tpu_topology
+from clip_jax import (benchmark, capacity, flops, hlo_stats, optim, roofline, sharding,
+                      tpu_topology, train_step)
 from clip_jax.models import lean_ops
 from clip_jax.models.splash import splash_attention
+from clip_jax.models.transformer import split_layers
 from tests.conftest import small_config
 from tests.trainer_process import REPO
 
@@ -153,6 +155,57 @@ def test_the_gelu_costs_the_tpus_mlp_matmuls_nothing(compile_only_process):
     plain, with_gelu = compile_only_process(_on_tpu_mlp_matmul_cycles)
     assert plain > 0
     assert with_gelu <= 1.02 * plain
+
+
+def _on_tpu_update_fusions(layers=12, width=256, hidden=1024, rows=512):
+    """How many kernels the TPU compiler writes a stacked [layers, width,
+    hidden] parameter's AdamW update into, in the train step (its non-finite
+    guard included) of a stack run one layer at a time, the layers taken by
+    split_layers and by plain slices."""
+    device = tpu_topology.devices(SLICE)[0]
+    placed = jax.sharding.SingleDeviceSharding(device)
+    opt_config = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=1, b1=0.9, b2=0.98,
+                                                 eps=1e-6, weight_decay=0.1, grad_clip_norm=0.0))
+    optimizer = optim.make_optimizer(opt_config, total_steps=10)
+    abstract = lambda tree: jax.tree.map(  # noqa: E731
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placed), tree)
+
+    def update_kernels(layer_kernels):
+        def loss(params, x):
+            for kernel in layer_kernels(params["stack"]):
+                x = jnp.tanh(x @ kernel.astype(x.dtype))[:, :width]
+            return jnp.sum(x.astype(jnp.float32))
+
+        def compute_grads(state, batch):
+            value, grads = jax.value_and_grad(loss)(state.params, batch)
+            return grads, {"loss": value}, {}
+
+        params = {"stack": jax.ShapeDtypeStruct((layers, width, hidden), jnp.float32)}
+        state = train_step.TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+            opt_state=jax.eval_shape(optimizer.init, params), model_state={},
+            skipped_steps=jax.ShapeDtypeStruct((), jnp.int32),
+            bad_steps_in_a_row=jax.ShapeDtypeStruct((), jnp.int32))
+        step = train_step.make_train_step(compute_grads, optimizer, lambda count: opt_config.lr)
+        x = jax.ShapeDtypeStruct((rows, width), jnp.bfloat16)
+        hlo = jax.jit(step, donate_argnums=0).lower(abstract(state), abstract(x)).compile().as_text()
+        stacked = f"f32[{layers},{width},{hidden}]"
+        return sum(1 for line in hlo.splitlines() if line.startswith("  %")
+                   and " fusion(" in line and stacked in line.split(" fusion(")[0])
+
+    return (update_kernels(lambda stack: [group[0] for group in
+                                          split_layers(stack, (1,) * layers)]),
+            update_kernels(lambda stack: [stack[i] for i in range(layers)]))
+
+
+def test_the_stacks_adamw_update_is_one_tpu_kernel(compile_only_process):
+    """With the layers' gradients concatenated (split_layers), the TPU compiler
+    updates the parameter and both moments in one kernel; summed from the
+    slices' zero-padded gradients, as autodiff transposes slicing, it
+    recomputes the sum in three."""
+    concatenated, summed = compile_only_process(_on_tpu_update_fusions)
+    assert concatenated == 1
+    assert summed > 1
 
 
 def _small_bf16_config(**mesh):
