@@ -578,11 +578,11 @@ class Transformer(nn.Module):
     (its memory analysis and its own estimate of the step, docs/capacity.md):
     ViT-B/16 at 32 per v5e chip (data=4) 4.6 GiB unrolled against 9.1 scanned,
     53 against 90 ms, for 4x the compile time; under remat="full", at 128 per
-    chip, 7.1 against 4.6 GiB in about the same time (303 and 302 ms). A policy that keeps the
+    chip, 7.1 against 4.6 GiB in about the same time (303 and 301 ms). A policy that keeps the
     matmuls' outputs (dots_saveable) keeps a little per layer, and there the
     unrolled loop is faster again in no more memory: ViT-B/16 at 128 on an
     H100 (cuDNN, lean passes) 32.2 against 36.9 ms, 5.5 against 5.6 GiB; at 64
-    per v5e chip 136.3 against 157.7 ms, 7.0 against 7.6 GiB.
+    per v5e chip 136.3 against 157.6 ms, 7.0 against 7.6 GiB.
     remat: a name from REMAT_NAMES; wraps each block in nn.remat with that policy.
     """
 
